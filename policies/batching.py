@@ -1,0 +1,290 @@
+"""Batching policies: at an exit point, which decode rows fix their token, run on, or park.
+
+`decide` sees only the rows still running at an exit point, as parallel 1-D arrays, and returns a
+BatchDecision. The native engine, the simulator and the vLLM backend call the same objects, so
+their step plans cannot drift apart (DESIGN.md §2). The final layer is not an exit point: there the
+engine takes the remaining tokens itself, so `decide` is only called for 1 <= layer < num_layers.
+
+BatchDecision invariants (checked at the end of every `decide`):
+  * take_token only for rows without a token; is_forced is a subset of take_token;
+  * park is disjoint from keep_running, take_token and rows that already have a token;
+  * every row that leaves this exit point without a token (not in keep_running) is in
+    take_token or park, so no row is ever dropped;
+  * stop is True exactly when no row keeps running.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+
+from policies.errors import PolicyConfigError
+
+
+@dataclass(frozen=True)
+class BatchDecision:
+    """What happens to each row at one exit point; every mask is bool [rows]."""
+
+    take_token: np.ndarray  # row fixes its token now, from this exit point's head
+    is_forced: np.ndarray  # subset of take_token that was not confident: involuntary exits
+    keep_running: np.ndarray  # row computes the next layer (consensus: may already hold a token)
+    park: np.ndarray  # row leaves without a token; its deep layers run in a later step (rebatch)
+    stop: bool  # no row runs the next layer
+
+    def check(self, has_token: np.ndarray) -> None:
+        """Raise AssertionError naming the first broken invariant and its rows."""
+        no_token_left = ~has_token & ~self.take_token & ~self.keep_running
+        broken = {
+            "take_token for a row that already has a token": self.take_token & has_token,
+            "is_forced outside take_token": self.is_forced & ~self.take_token,
+            "park overlaps keep_running": self.park & self.keep_running,
+            "park overlaps take_token": self.park & self.take_token,
+            "park for a row that already has a token": self.park & has_token,
+            "row leaves without a token and is not parked": no_token_left & ~self.park,
+        }
+        for what, rows in broken.items():
+            if rows.any():
+                raise AssertionError(f"{what}: rows {np.flatnonzero(rows).tolist()}")
+        if self.stop == bool(self.keep_running.any()):
+            raise AssertionError(f"stop={self.stop} but keep_running={self.keep_running}")
+
+
+def _decision(
+    has_token: np.ndarray,
+    *,
+    take: np.ndarray,
+    keep: np.ndarray,
+    forced: np.ndarray | None = None,
+    park: np.ndarray | None = None,
+) -> BatchDecision:
+    none = np.zeros_like(has_token)
+    return BatchDecision(
+        take_token=take,
+        is_forced=none if forced is None else forced,
+        keep_running=keep,
+        park=none if park is None else park,
+        stop=not keep.any(),
+    )
+
+
+@dataclass(frozen=True)
+class BatchingPolicy:
+    """Base: validates inputs, masks `confident` to rows without a token, checks the result."""
+
+    name: ClassVar[str]  # registry, config and CLI key
+    kind: ClassVar[str] = "batching"
+    is_early_exit: ClassVar[bool] = True  # False: engines may skip exit heads entirely
+    needs_signals: ClassVar[bool] = True  # False: engines may skip computing exit signals
+
+    def decide(
+        self,
+        *,
+        layer: int,
+        num_layers: int,
+        confident: np.ndarray,
+        has_token: np.ndarray,
+        positions: np.ndarray,
+    ) -> BatchDecision:
+        """Decide at exit point `layer` for the rows still running; arrays are [rows]."""
+        if not 1 <= layer < num_layers:
+            raise ValueError(f"decide() needs 1 <= layer < num_layers, got {layer}/{num_layers}")
+        has_token = np.asarray(has_token, dtype=bool)
+        # `confident` means nothing for rows that fixed their token at an earlier exit point.
+        newly_confident = np.asarray(confident, dtype=bool) & ~has_token
+        positions = np.asarray(positions, dtype=np.int64)
+        if (
+            not has_token.ndim == 1
+            or not has_token.shape == newly_confident.shape == positions.shape
+        ):
+            raise ValueError(
+                "confident, has_token and positions must be 1-D arrays of equal length"
+            )
+        decision = self._decide(
+            layer=layer,
+            num_layers=num_layers,
+            confident=newly_confident,
+            has_token=has_token,
+            positions=positions,
+        )
+        decision.check(has_token)
+        return decision
+
+    def _decide(
+        self,
+        *,
+        layer: int,
+        num_layers: int,
+        confident: np.ndarray,
+        has_token: np.ndarray,
+        positions: np.ndarray,
+    ) -> BatchDecision:
+        raise NotImplementedError
+
+    def should_resume(self, *, num_parked: int, oldest_wait_steps: int) -> bool:
+        """Whether parked rows should run their deep layers now; only rebatch ever parks."""
+        return True
+
+
+@dataclass(frozen=True)
+class FullBatching(BatchingPolicy):
+    """No early exit: every row runs every layer (the baseline)."""
+
+    name: ClassVar[str] = "full"
+    is_early_exit: ClassVar[bool] = False
+    needs_signals: ClassVar[bool] = False
+
+    def _decide(self, *, layer, num_layers, confident, has_token, positions) -> BatchDecision:
+        return _decision(has_token, take=np.zeros_like(has_token), keep=np.ones_like(has_token))
+
+
+@dataclass(frozen=True)
+class ConsensusBatching(BatchingPolicy):
+    """Run until every row is confident; exited rows keep computing, which fills their KV.
+
+    Miao et al. 2024 (arXiv 2407.20272): a row keeps the token of the layer where it first became
+    confident, but keeps running so that deeper layers still get its K/V.
+    """
+
+    name: ClassVar[str] = "consensus"
+
+    def _decide(self, *, layer, num_layers, confident, has_token, positions) -> BatchDecision:
+        is_done = has_token | confident
+        return _decision(has_token, take=confident, keep=np.full_like(is_done, not is_done.all()))
+
+
+@dataclass(frozen=True)
+class QuorumBatching(BatchingPolicy):
+    """Consensus that stops once `fraction` of the rows hold a token, forcing out the rest.
+
+    DREX's "grouped exit". fraction=1 is exactly consensus.
+    """
+
+    fraction: float  # in (0, 1]: share of rows with a token that ends the step
+
+    name: ClassVar[str] = "quorum"
+
+    def __post_init__(self) -> None:
+        if not 0 < self.fraction <= 1:
+            raise PolicyConfigError(f"quorum: fraction must be in (0, 1], got {self.fraction}")
+
+    def _decide(self, *, layer, num_layers, confident, has_token, positions) -> BatchDecision:
+        is_done = has_token | confident
+        # A ratio, not count >= fraction * rows: 0.3 * 10 is 3.0000000000000004 in floating point.
+        if is_done.size and np.count_nonzero(is_done) / is_done.size >= self.fraction:
+            forced = ~is_done
+            return _decision(
+                has_token, take=confident | forced, keep=np.zeros_like(is_done), forced=forced
+            )
+        return _decision(has_token, take=confident, keep=np.ones_like(is_done))
+
+
+@dataclass(frozen=True)
+class ShrinkBatching(BatchingPolicy):
+    """Per-sequence exit: confident rows take their token and leave; the batch shrinks."""
+
+    name: ClassVar[str] = "shrink"
+
+    def _decide(self, *, layer, num_layers, confident, has_token, positions) -> BatchDecision:
+        return _decision(has_token, take=confident, keep=~has_token & ~confident)
+
+
+@dataclass(frozen=True)
+class RebatchBatching(BatchingPolicy):
+    """DREX: park a small continuing group and run its deep layers later, with other parked rows.
+
+    Splitting a row's step into a shallow pass (layers 1..ℓ now) and a deep pass (ℓ+1..L later)
+    costs c = t_shallow + t_deep − t_full more than running it straight through. At decode batch
+    sizes a layer's time is dominated by reading its weights once, nearly independent of the rows
+    it serves, so running the deep layers for a handful of rows costs almost as much as for the
+    whole batch. Parking those rows and later running one deep pass for >= min_deep_rows parked
+    rows reads the deep weights once for all of them, which pays when the group is small compared
+    with the batch. max_wait_steps bounds the latency a parked row can accumulate.
+    """
+
+    park_below_fraction: float = 0.5  # park when continuing rows / rows here is below this
+    min_deep_rows: int = 4  # resume once this many rows are parked
+    max_wait_steps: int = 8  # ... or once the oldest parked row has waited this many steps
+
+    name: ClassVar[str] = "rebatch"
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.park_below_fraction <= 1:
+            raise PolicyConfigError(
+                f"rebatch: park_below_fraction must be in [0, 1], got {self.park_below_fraction}"
+            )
+        if self.min_deep_rows < 1:
+            raise PolicyConfigError(
+                f"rebatch: min_deep_rows must be >= 1, got {self.min_deep_rows}"
+            )
+        if self.max_wait_steps < 0:
+            raise PolicyConfigError(
+                f"rebatch: max_wait_steps must be >= 0, got {self.max_wait_steps}"
+            )
+
+    def _decide(self, *, layer, num_layers, confident, has_token, positions) -> BatchDecision:
+        is_continuing = ~has_token & ~confident
+        num_continuing = np.count_nonzero(is_continuing)
+        if num_continuing and num_continuing / is_continuing.size < self.park_below_fraction:
+            return _decision(
+                has_token, take=confident, keep=np.zeros_like(is_continuing), park=is_continuing
+            )
+        return _decision(has_token, take=confident, keep=is_continuing)
+
+    def should_resume(self, *, num_parked: int, oldest_wait_steps: int) -> bool:
+        # With nothing parked there is no deep pass to run, whatever the clock says.
+        if num_parked <= 0:
+            return False
+        return num_parked >= self.min_deep_rows or oldest_wait_steps >= self.max_wait_steps
+
+
+@dataclass(frozen=True)
+class SkipDecodeBatching(BatchingPolicy):
+    """SkipDecode (2023): the whole batch exits at one layer per step, never rising with position.
+
+    target(t) = max(min_layer, L − floor((L − min_layer) · t / N)). Later tokens attend to KV that
+    earlier (deeper) tokens already filled, which is why the schedule must not rise. The batch
+    uses the target of its earliest position, the deepest, so no row exits above its own schedule.
+    """
+
+    max_tokens: int  # N: output length over which the exit layer falls to min_layer
+    min_layer: int  # shallowest exit layer of the schedule
+
+    name: ClassVar[str] = "skipdecode"
+    needs_signals: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise PolicyConfigError(f"skipdecode: max_tokens must be >= 1, got {self.max_tokens}")
+        if self.min_layer < 1:
+            raise PolicyConfigError(f"skipdecode: min_layer must be >= 1, got {self.min_layer}")
+
+    def target_layers(self, positions: np.ndarray, num_layers: int) -> np.ndarray:
+        """int [rows]: each row's own scheduled exit layer, in min_layer..num_layers."""
+        positions = np.asarray(positions, dtype=np.int64)
+        span = max(num_layers - self.min_layer, 0)
+        # Integer floor division keeps the schedule exact (no float rounding at t = N).
+        scheduled = num_layers - (span * positions) // self.max_tokens
+        return np.minimum(np.maximum(scheduled, self.min_layer), num_layers)
+
+    def target_layer(self, positions: np.ndarray, num_layers: int) -> int:
+        """The batch's exit layer: the deepest row target; num_layers for an empty batch."""
+        targets = self.target_layers(positions, num_layers)
+        return int(targets.max()) if targets.size else num_layers
+
+    def _decide(self, *, layer, num_layers, confident, has_token, positions) -> BatchDecision:
+        if layer >= self.target_layer(positions, num_layers):
+            # Scheduled exits, not forced ones: the schedule, not low confidence, ends the step.
+            return _decision(has_token, take=~has_token, keep=np.zeros_like(has_token))
+        return _decision(has_token, take=np.zeros_like(has_token), keep=np.ones_like(has_token))
+
+
+BATCHING_POLICIES: tuple[type[BatchingPolicy], ...] = (
+    FullBatching,
+    ConsensusBatching,
+    QuorumBatching,
+    ShrinkBatching,
+    RebatchBatching,
+    SkipDecodeBatching,
+)

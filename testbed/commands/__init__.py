@@ -1,0 +1,1 @@
+"""One module per ``eetb`` verb, each with ``main(argv) -> int``."""

@@ -1,0 +1,65 @@
+"""Shared pieces of the verbs: typed errors to one line and exit code 2, progress output."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+import time
+from collections.abc import Callable
+
+from policies.errors import PolicyConfigError
+from testbed.core.errors import CoreError
+from testbed.errors import EetbError
+
+USER_ERRORS = (EetbError, PolicyConfigError, CoreError)
+EXIT_BAD_INPUT = 2
+
+
+def parser(verb: str, description: str) -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(prog=f"eetb {verb}", description=description)
+
+
+def add_data_dir(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--data-dir", default=None, help="folder with the data sets (default: $EETB_DATA_DIR)"
+    )
+
+
+def guarded(main: Callable[[list[str]], int]) -> Callable[[list[str]], int]:
+    """Wrap a verb's main: bad input → one line on stderr, exit code 2, no traceback."""
+
+    @functools.wraps(main)
+    def run(argv: list[str]) -> int:
+        try:
+            return main(argv)
+        except USER_ERRORS as exc:
+            print(f"eetb: error: {exc}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        except KeyboardInterrupt:
+            print("eetb: interrupted", file=sys.stderr)
+            return 130
+
+    return run
+
+
+class ProgressLine:
+    """One self-overwriting status line per phase on stderr (a plain line per update when
+    stderr is not a terminal, throttled, so logs stay readable)."""
+
+    def __init__(self, min_interval_s: float = 2.0) -> None:
+        self.min_interval_s = min_interval_s
+        self._last_s = 0.0
+        self._is_tty = sys.stderr.isatty()
+
+    def __call__(self, phase: str, done: int, total: int, note: str = "") -> None:
+        now = time.monotonic()
+        if done < total and now - self._last_s < self.min_interval_s:
+            return
+        self._last_s = now
+        text = f"[{phase}] {done}/{total} {note}".rstrip()
+        if self._is_tty:
+            end = "\n" if done >= total else ""
+            print(f"\r{text}\033[K", end=end, file=sys.stderr, flush=True)
+        else:
+            print(text, file=sys.stderr, flush=True)

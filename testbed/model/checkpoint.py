@@ -1,0 +1,162 @@
+"""HF-format checkpoint directories: config.json, *.safetensors, tokenizer.json, exit heads.
+
+Only safetensors are read: a pickle checkpoint (``*.bin``, ``*.pt``) can run arbitrary code when
+loaded, so it is refused with a message saying how to convert it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer
+
+from testbed.errors import CheckpointError
+from testbed.model.config import LlamaConfig
+from testbed.model.llama import ExitClassifiers, LlamaModel
+
+EXIT_HEADS_FILE = "exit_heads.safetensors"
+WEIGHTS_FILE = "model.safetensors"
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# buffers some exporters write that carry no learned state
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    path: Path
+    model: LlamaModel
+    exit_heads: ExitClassifiers | None  # None when the directory has no exit_heads.safetensors
+    tokenizer: Tokenizer | None  # None when loaded with require_tokenizer=False and absent
+
+    @property
+    def config(self) -> LlamaConfig:
+        return self.model.config
+
+
+def read_config(path: Path) -> LlamaConfig:
+    cfg_file = Path(path) / "config.json"
+    if not Path(path).is_dir():
+        raise CheckpointError(f"checkpoint directory not found: {path}")
+    if not cfg_file.is_file():
+        raise CheckpointError(f"{cfg_file} is missing: not an HF-format checkpoint directory")
+    try:
+        raw = json.loads(cfg_file.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{cfg_file} is not valid JSON: {exc}") from exc
+    return LlamaConfig.from_hf_dict(raw)
+
+
+def _weight_files(path: Path) -> list[Path]:
+    files = sorted(p for p in path.glob("*.safetensors") if p.name != EXIT_HEADS_FILE)
+    if files:
+        return files
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+    if pickles:
+        raise CheckpointError(
+            f"{path} holds only pickle weights ({', '.join(pickles)}); pickle checkpoints are "
+            "refused because loading them can run code: convert them to safetensors first"
+        )
+    raise CheckpointError(f"{path} has no *.safetensors weight file")
+
+
+def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{file} is corrupt or truncated: {exc}") from exc
+
+
+def _check_and_fill(model: torch.nn.Module, tensors: dict[str, torch.Tensor], where: Path) -> None:
+    expected = model.state_dict()
+    tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
+    for name, tensor in tensors.items():
+        if name.endswith(_IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
+            continue
+        if name not in expected:
+            raise CheckpointError(f"{where}: unexpected tensor {name!r} for this architecture")
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise CheckpointError(
+                f"{where}: tensor {name!r} has shape {tuple(tensor.shape)}, "
+                f"config.json implies {tuple(expected[name].shape)}"
+            )
+    missing = sorted(set(expected) - set(tensors))
+    if missing:
+        raise CheckpointError(f"{where}: missing tensor {missing[0]!r} ({len(missing)} missing)")
+    model.load_state_dict({k: v for k, v in tensors.items() if k in expected})
+
+
+def load_tokenizer(path: Path) -> Tokenizer:
+    file = Path(path) / "tokenizer.json"
+    if not file.is_file():
+        raise CheckpointError(f"{file} is missing: the checkpoint has no tokenizer")
+    try:
+        return Tokenizer.from_file(str(file))
+    except Exception as exc:  # tokenizers raises a bare Exception on a bad file
+        raise CheckpointError(f"{file} is not a valid tokenizer: {exc}") from exc
+
+
+def load_checkpoint(
+    path: str | Path, *, dtype: torch.dtype = torch.float32, require_tokenizer: bool = True
+) -> Checkpoint:
+    path = Path(path)
+    cfg = read_config(path)
+    model = LlamaModel(cfg)
+    tensors: dict[str, torch.Tensor] = {}
+    for file in _weight_files(path):
+        tensors.update(_read_tensors(file))
+    _check_and_fill(model, tensors, path)
+    heads = None
+    if (path / EXIT_HEADS_FILE).is_file():
+        heads = ExitClassifiers(cfg.num_hidden_layers, cfg.hidden_size)
+        raw = _read_tensors(path / EXIT_HEADS_FILE)
+        _check_and_fill(heads, {k.removeprefix("exit_heads."): v for k, v in raw.items()}, path)
+        heads = heads.to(dtype).eval()
+    tokenizer = None
+    if require_tokenizer or (path / "tokenizer.json").exists():
+        tokenizer = load_tokenizer(path)
+    return Checkpoint(path, model.to(dtype).eval(), heads, tokenizer)
+
+
+def save_checkpoint(
+    path: str | Path,
+    model: LlamaModel,
+    *,
+    tokenizer: Tokenizer | None = None,
+    exit_heads: ExitClassifiers | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
+    """Write an HF-format directory that transformers' LlamaForCausalLM loads as it is."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    cfg = model.config.to_hf_dict() | {"torch_dtype": str(dtype).removeprefix("torch.")}
+    (path / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    state = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(path / WEIGHTS_FILE), metadata={"format": "pt"})
+    if exit_heads is not None:
+        heads = {f"exit_heads.{k}": v.detach().contiguous() for k, v in exit_heads.state_dict().items()}
+        save_file(heads, str(path / EXIT_HEADS_FILE), metadata={"format": "pt"})
+    if tokenizer is not None:
+        tokenizer.save(str(path / "tokenizer.json"))
+        _write_tokenizer_config(path, model.config)
+    return path
+
+
+def _write_tokenizer_config(path: Path, cfg: LlamaConfig) -> None:
+    tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.max_position_embeddings}
+    tok_cfg.update(bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+    (path / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2) + "\n")
+
+
+def checkpoint_hash(path: str | Path) -> str:
+    """sha256 over config and weight files: identifies the model a trace was captured from."""
+    digest = hashlib.sha256()
+    path = Path(path)
+    for file in [path / "config.json", *_weight_files(path)]:
+        digest.update(file.read_bytes())
+    return digest.hexdigest()[:16]
