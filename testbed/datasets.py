@@ -57,9 +57,11 @@ def _read_jsonl(file: Path) -> list[dict]:
     if not file.is_file():
         raise DataError(f"{file} not found (set --data-dir or {DATA_DIR_ENV} to the data folder)")
     rows = []
+    line_no = 0
     try:
         with file.open(encoding="utf-8") as fh:
-            for line_no, line in enumerate(fh, start=1):
+            for line in fh:
+                line_no += 1
                 if line.strip():
                     rows.append(json.loads(line))
     except json.JSONDecodeError as exc:
@@ -107,7 +109,9 @@ def _seeded_split(examples: list[SummaryExample], split: str) -> list[SummaryExa
     return [ex for i, ex in enumerate(examples) if i in keep]
 
 
-def load_summaries(name: str, split: str, data_dir: str | Path | None = None) -> list[SummaryExample]:
+def load_summaries(
+    name: str, split: str, data_dir: str | Path | None = None
+) -> list[SummaryExample]:
     """Examples of one data set and split ('train' or 'eval'), in file order."""
     if name not in FILES:
         raise DataError(f"unknown data set {name!r} (known: {', '.join(FILES)})")
@@ -115,7 +119,9 @@ def load_summaries(name: str, split: str, data_dir: str | Path | None = None) ->
         raise DataError(f"unknown split {split!r} (known: {', '.join(SPLITS)})")
     root = resolve_data_dir(data_dir)
     if name == "scitldr":  # SciTLDR has its own split; its test part is our evaluation part
-        return _scitldr_examples(root / FILES[name].format(split="train" if split == "train" else "test"))
+        return _scitldr_examples(
+            root / FILES[name].format(split="train" if split == "train" else "test")
+        )
     examples = _seeded_split(_helm_examples(name, root / FILES[name]), split)
     if not examples:
         raise DataError(f"{name} {split} split is empty")

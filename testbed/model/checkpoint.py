@@ -139,7 +139,9 @@ def save_checkpoint(
     state = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(path / WEIGHTS_FILE), metadata={"format": "pt"})
     if exit_heads is not None:
-        heads = {f"exit_heads.{k}": v.detach().contiguous() for k, v in exit_heads.state_dict().items()}
+        heads = {
+            f"exit_heads.{k}": v.detach().contiguous() for k, v in exit_heads.state_dict().items()
+        }
         save_file(heads, str(path / EXIT_HEADS_FILE), metadata={"format": "pt"})
     if tokenizer is not None:
         tokenizer.save(str(path / "tokenizer.json"))
@@ -148,7 +150,10 @@ def save_checkpoint(
 
 
 def _write_tokenizer_config(path: Path, cfg: LlamaConfig) -> None:
-    tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.max_position_embeddings}
+    tok_cfg = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_max_length": cfg.max_position_embeddings,
+    }
     tok_cfg.update(bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
     (path / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2) + "\n")
 

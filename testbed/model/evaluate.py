@@ -51,9 +51,7 @@ def layer_stats(model: LlamaModel, sequences: Sequence[tuple[list[int], int]]) -
             agree[i] += (probs.argmax(-1) == final).sum()
             margin[i] += (top2[:, 0] - top2[:, 1]).sum()
         count += len(final)
-    return [
-        LayerStats(i + 1, float(agree[i] / count), float(margin[i] / count)) for i in range(L)
-    ]
+    return [LayerStats(i + 1, float(agree[i] / count), float(margin[i] / count)) for i in range(L)]
 
 
 def evaluate(

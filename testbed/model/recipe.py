@@ -49,7 +49,9 @@ def build_builtin_model(
     torch.set_num_threads(torch.get_num_threads())  # explicit: thread count affects determinism
     train_ex = [ex for name in TRAIN_SETS for ex in load_summaries(name, "train", data_dir)]
     eval_ex = load_summaries(EVAL_SET, "eval", data_dir)[: cfg.num_eval_articles]
-    tok = train_tokenizer([f"{ex.article}\n{ex.reference}" for ex in train_ex], cfg.train.vocab_size)
+    tok = train_tokenizer(
+        [f"{ex.article}\n{ex.reference}" for ex in train_ex], cfg.train.vocab_size
+    )
     seqs = [encode_example(tok, ex, cfg.train) for ex in train_ex]
     total = cfg.train.num_steps
 

@@ -22,7 +22,9 @@ class _DenseCache:
         self.keys: list[torch.Tensor | None] = [None] * num_layers  # [T, Hkv, D]
         self.values: list[torch.Tensor | None] = [None] * num_layers
 
-    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def append(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if self.keys[layer] is not None:
             k = torch.cat([self.keys[layer], k])
             v = torch.cat([self.values[layer], v])
@@ -65,7 +67,12 @@ def greedy_generate(
             k_all, v_all = cache.append(i, k, v)
             h_prev, h = h, layer.finish(h, _attend(q, k_all, v_all))
             is_decode = start > 0
-            if exit_fn is not None and is_decode and i + 1 < model.num_layers and exit_fn(i + 1, h, h_prev):
+            if (
+                exit_fn is not None
+                and is_decode
+                and i + 1 < model.num_layers
+                and exit_fn(i + 1, h, h_prev)
+            ):
                 exit_layer = i + 1
                 for j in range(i + 1, model.num_layers):  # copy fill from the exit state
                     cache.append(j, *model.layers[j].kv(h, cos, sin))

@@ -95,7 +95,9 @@ def model_config(cfg: TrainConfig, vocab_size: int) -> LlamaConfig:
     )
 
 
-def batches(seqs: list[list[int]], batch_size: int, rng: np.random.Generator) -> Iterator[torch.Tensor]:
+def batches(
+    seqs: list[list[int]], batch_size: int, rng: np.random.Generator
+) -> Iterator[torch.Tensor]:
     """Endless shuffled batches, right-padded with PAD_ID: [B, T]."""
     while True:
         order = rng.permutation(len(seqs))
@@ -119,7 +121,9 @@ def multi_exit_loss(
     targets = targets.masked_fill(targets == PAD_ID, -100)
     states = model.dense_hidden_states(inputs)
     num_pos = targets.numel()
-    sample = torch.randperm(num_pos, generator=generator)[: max(1, int(num_pos * exit_sample_fraction))]
+    sample = torch.randperm(num_pos, generator=generator)[
+        : max(1, int(num_pos * exit_sample_fraction))
+    ]
     loss = torch.zeros(())
     for i, (w, h) in enumerate(zip(weights, states, strict=True)):
         flat = h.flatten(0, 1)  # [B * T, hidden]
@@ -150,7 +154,10 @@ def train_model(
     decay = [p for p in model.parameters() if p.dim() > 1]
     no_decay = [p for p in model.parameters() if p.dim() <= 1]
     opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0}],
+        [
+            {"params": decay, "weight_decay": cfg.weight_decay},
+            {"params": no_decay, "weight_decay": 0},
+        ],
         lr=cfg.lr,
         betas=(0.9, 0.95),
     )

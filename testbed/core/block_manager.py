@@ -1,0 +1,108 @@
+"""Paged KV-cache block allocation: a free list, per-sequence block tables and their invariants.
+
+Blocks are fixed-size pages of `block_size` token slots. A sequence's block table lists its blocks
+in position order, so position p lives in slot block_table[p // block_size] * block_size +
+p % block_size. The manager never touches K/V tensors; runners map slots to memory.
+"""
+
+import heapq
+from collections.abc import Iterable
+from collections.abc import Sequence as SequenceABC
+
+import numpy as np
+
+from testbed.core.errors import OutOfBlocksError
+from testbed.core.sequence import Sequence
+
+
+def slots_for_positions(
+    block_table: SequenceABC[int], block_size: int, start: int, end: int
+) -> np.ndarray:
+    """Cache slot of every position in [start, end) for a block table; int64, shape [end - start].
+
+    A free function so runners can map a `RowPlan`'s block table without a `BlockManager`.
+    """
+    assert 0 <= start <= end <= len(block_table) * block_size, (
+        f"positions [{start}, {end}) outside the {len(block_table)} blocks of the table"
+    )
+    positions = np.arange(start, end, dtype=np.int64)  # [end - start]
+    table = np.asarray(block_table, dtype=np.int64)  # [num_table_blocks]
+    return table[positions // block_size] * block_size + positions % block_size
+
+
+class BlockManager:
+    """Owns the free list; sequences own their block tables.
+
+    The free list is a min-heap, so the lowest free id is always handed out first: allocation
+    order depends only on the order of allocate/free calls, which keeps runs reproducible.
+    """
+
+    def __init__(self, num_blocks: int, block_size: int) -> None:
+        if num_blocks <= 0 or block_size <= 0:
+            raise ValueError(f"num_blocks ({num_blocks}) and block_size ({block_size}) must be > 0")
+        self._num_blocks = num_blocks
+        self._block_size = block_size
+        self._free_heap: list[int] = list(range(num_blocks))  # sorted ⇒ already a heap
+
+    @property
+    def num_blocks(self) -> int:
+        return self._num_blocks
+
+    @property
+    def block_size(self) -> int:
+        return self._block_size
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self._free_heap)
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        """Blocks that hold positions [0, num_tokens)."""
+        assert num_tokens >= 0, f"negative token count {num_tokens}"
+        return -(-num_tokens // self._block_size)
+
+    def _num_missing_blocks(self, seq: Sequence, num_tokens: int) -> int:
+        return max(0, self.blocks_needed(num_tokens) - len(seq.block_table))
+
+    def can_allocate(self, seq: Sequence, num_tokens: int) -> bool:
+        """Whether seq's table can grow to cover positions [0, num_tokens)."""
+        return self._num_missing_blocks(seq, num_tokens) <= self.num_free_blocks
+
+    def allocate(self, seq: Sequence, num_tokens: int) -> None:
+        """Grow seq's block table to cover positions [0, num_tokens); never shrinks it."""
+        num_missing = self._num_missing_blocks(seq, num_tokens)
+        if num_missing > self.num_free_blocks:
+            raise OutOfBlocksError(
+                f"seq {seq.seq_id} needs {num_missing} more blocks, {self.num_free_blocks} free"
+            )
+        seq.block_table.extend(heapq.heappop(self._free_heap) for _ in range(num_missing))
+
+    def free(self, seq: Sequence) -> None:
+        """Return all of seq's blocks to the free list and clear its table."""
+        for block_id in seq.block_table:
+            heapq.heappush(self._free_heap, block_id)
+        seq.block_table.clear()
+
+    def slot_mapping(self, seq: Sequence, start: int, end: int) -> np.ndarray:
+        """Cache slot of each position in [start, end) of seq; int64, shape [end - start]."""
+        return slots_for_positions(seq.block_table, self._block_size, start, end)
+
+    def check_invariants(self, seqs: Iterable[Sequence]) -> None:
+        """Every block is free or owned by exactly one of seqs (all block owners must be passed)."""
+        free_ids = set(self._free_heap)
+        assert len(free_ids) == len(self._free_heap), "a block is on the free list twice"
+        owner_of: dict[int, int] = {}
+        for seq in seqs:
+            for block_id in seq.block_table:
+                assert 0 <= block_id < self._num_blocks, f"seq {seq.seq_id}: bad block {block_id}"
+                assert block_id not in free_ids, (
+                    f"block {block_id} is free and owned by {seq.seq_id}"
+                )
+                # Also catches one table listing a block twice, which would alias two positions.
+                assert block_id not in owner_of, (
+                    f"block {block_id} owned by {owner_of[block_id]} and {seq.seq_id}"
+                )
+                owner_of[block_id] = seq.seq_id
+        assert len(owner_of) + len(free_ids) == self._num_blocks, (
+            f"{len(owner_of)} owned + {len(free_ids)} free != {self._num_blocks} blocks (leak)"
+        )

@@ -1,0 +1,302 @@
+"""Iteration-level continuous batching with a token budget and preemption by recompute.
+
+Modelled on nano-vllm and vLLM v1. Each `schedule()` builds one step, in this order:
+
+  (a) resume rows: parked rebatch rows, all together, when the resume policy says so;
+  (b) running sequences, FCFS: decode rows first (one token each), then continuing prefill chunks;
+      a row short of KV blocks preempts the newest running sequence not yet in the step, or itself;
+  (c) waiting sequences, FCFS, while max_num_seqs, the token budget and free blocks allow
+      (skipped in a step that preempted, so a freed block is not handed straight to a newcomer).
+
+A preempted sequence keeps its outputs and re-enters the waiting queue at the front. Its recompute
+prefill feeds *all* its tokens (prompt + outputs) and its final chunk samples the next token,
+exactly like an original prompt prefill; no special "last token as decode" case exists.
+
+The token budget counts fed tokens: a prefill chunk its length, a decode or resume row one.
+"""
+
+import logging
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from testbed.core.admission import SchedulerConfig, validate_request
+from testbed.core.block_manager import BlockManager
+from testbed.core.errors import InvalidRequestError, SchedulerStateError
+from testbed.core.queues import SequenceQueues
+from testbed.core.sequence import Sequence, SequenceStatus
+from testbed.core.step import RowPlan, RowResult, StepPlan, StepResult
+
+__all__ = ["ResumePolicy", "Scheduler", "SchedulerConfig"]
+
+logger = logging.getLogger(__name__)
+
+
+class ResumePolicy(Protocol):
+    """Decides when parked rebatch rows resume together as one deep batch."""
+
+    def should_resume(self, *, num_parked: int, oldest_wait_steps: int) -> bool: ...
+
+
+@dataclass
+class _StepDraft:
+    """Scratch state of one schedule() call."""
+
+    token_budget: int
+    rows: list[RowPlan] = field(default_factory=list)
+    scheduled_ids: set[int] = field(default_factory=set)
+    num_preempted: int = 0
+
+    def add(self, row: RowPlan) -> None:
+        assert row.num_tokens <= self.token_budget, "row exceeds the token budget"
+        self.rows.append(row)
+        self.scheduled_ids.add(row.seq_id)
+        self.token_budget -= row.num_tokens
+
+
+class Scheduler:
+    """Shared by the engine and the simulator: same add/update calls ⇒ same plans."""
+
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        block_manager: BlockManager,
+        *,
+        resume_policy: ResumePolicy | None = None,
+    ) -> None:
+        self._config = config
+        self._blocks = block_manager
+        self._resume_policy = resume_policy  # None: parked rows resume at the next step
+        self._queues = SequenceQueues()
+        self._next_step_id = 0
+        self._in_flight: StepPlan | None = None  # the non-empty plan awaiting update()
+        self._last_seq_id: int | None = None  # seq_ids must increase with add() calls
+
+    @property
+    def config(self) -> SchedulerConfig:
+        return self._config
+
+    @property
+    def block_manager(self) -> BlockManager:
+        return self._blocks
+
+    @property
+    def num_waiting(self) -> int:
+        return self._queues.num_waiting
+
+    @property
+    def num_running(self) -> int:
+        return self._queues.num_running
+
+    @property
+    def num_parked(self) -> int:
+        return self._queues.num_parked
+
+    @property
+    def num_finished(self) -> int:
+        return self._queues.num_finished
+
+    def has_unfinished(self) -> bool:
+        return self._queues.num_in_flight > 0 or self.num_waiting > 0
+
+    def get(self, seq_id: int) -> Sequence:
+        """Any sequence ever added, finished ones included; KeyError if unknown."""
+        return self._queues.get(seq_id)
+
+    # ---- admission -------------------------------------------------------------------------
+
+    def add(self, seq: Sequence) -> None:
+        """Queue a fresh request (FCFS); raises without touching the queue if it is invalid."""
+        if self._last_seq_id is not None and seq.seq_id <= self._last_seq_id:
+            raise InvalidRequestError(
+                f"seq {seq.seq_id}: seq_id must exceed the previous one ({self._last_seq_id})"
+            )
+        validate_request(seq, self._config, self._blocks)
+        self._last_seq_id = seq.seq_id
+        self._queues.add_waiting(seq)
+
+    # ---- one iteration ---------------------------------------------------------------------
+
+    def schedule(self) -> StepPlan:
+        """Build the next step. An empty plan means nothing can run (or nothing is left)."""
+        if self._in_flight is not None:
+            raise SchedulerStateError(f"step {self._in_flight.step_id} was never update()d")
+        step_id = self._next_step_id
+        self._next_step_id += 1
+        draft = _StepDraft(token_budget=self._config.max_num_batched_tokens)
+        if self._queues.parked and self._should_resume(step_id):
+            self._schedule_resumes(draft)
+        self._schedule_running(draft, is_decode_pass=True)
+        self._schedule_running(draft, is_decode_pass=False)
+        if draft.num_preempted == 0 or not draft.rows:
+            self._schedule_waiting(draft)
+        # The gate trades waiting for a fuller deep batch, but an idle step gains nothing and,
+        # with every block held by parked rows, would deadlock: resume them anyway.
+        if not draft.rows and self._queues.parked:
+            self._schedule_resumes(draft)
+        plan = StepPlan(step_id=step_id, rows=tuple(draft.rows), num_preempted=draft.num_preempted)
+        self._in_flight = None if plan.is_empty else plan
+        self._check_invariants()
+        return plan
+
+    def _should_resume(self, step_id: int) -> bool:
+        if self._resume_policy is None:
+            return True
+        parked = self._queues.parked
+        oldest_since = min(
+            seq.parked_since_step for seq in parked if seq.parked_since_step is not None
+        )
+        return self._resume_policy.should_resume(
+            num_parked=len(parked), oldest_wait_steps=step_id - oldest_since
+        )
+
+    def _schedule_resumes(self, draft: _StepDraft) -> None:
+        """All parked rows continue from their exit point with the token they were fed."""
+        for seq in self._queues.parked:
+            assert seq.parked_layer is not None and seq.num_computed_tokens == seq.num_tokens
+            row = RowPlan(
+                seq_id=seq.seq_id,
+                token_ids=(seq.last_token_id,),
+                start_position=seq.num_tokens - 1,
+                is_prefill=False,
+                is_sampling=True,
+                start_layer=seq.parked_layer,
+                block_table=tuple(seq.block_table),
+            )
+            seq.parked_layer = None
+            seq.parked_since_step = None
+            self._queues.resume(seq)
+            draft.add(row)
+
+    def _schedule_running(self, draft: _StepDraft, *, is_decode_pass: bool) -> None:
+        # Snapshot: preemption removes sequences from the running list while we walk it.
+        for seq in self._queues.running:
+            if seq.is_prefill_done != is_decode_pass or seq.seq_id in draft.scheduled_ids:
+                continue
+            if seq.status is not SequenceStatus.RUNNING:  # preempted earlier in this walk
+                continue
+            num_new = self._num_new_tokens(seq, draft.token_budget)
+            if num_new == 0:
+                continue
+            if self._reserve_blocks(seq, seq.num_computed_tokens + num_new, draft):
+                draft.add(self._make_row(seq, num_new))
+
+    def _reserve_blocks(self, seq: Sequence, num_tokens: int, draft: _StepDraft) -> bool:
+        """Allocate seq's blocks for [0, num_tokens), preempting newer sequences while short.
+        Returns False when seq itself had to be preempted."""
+        while not self._blocks.can_allocate(seq, num_tokens):
+            victim = self._pick_victim(seq, draft)
+            self._preempt(victim, draft)
+            if victim is seq:
+                return False
+        self._blocks.allocate(seq, num_tokens)
+        return True
+
+    def _pick_victim(self, seq: Sequence, draft: _StepDraft) -> Sequence:
+        """The newest running sequence that is newer than seq and not in this step; else seq.
+        Parked rows are never victims: the runner holds their exit-point hidden state."""
+        for candidate in reversed(self._queues.running):
+            if candidate.seq_id <= seq.seq_id:
+                break
+            if candidate.seq_id not in draft.scheduled_ids:
+                return candidate
+        return seq
+
+    def _preempt(self, seq: Sequence, draft: _StepDraft) -> None:
+        self._blocks.free(seq)
+        seq.num_computed_tokens = 0
+        seq.is_prefill_done = False
+        seq.num_preemptions += 1
+        self._queues.preempt(seq)
+        draft.num_preempted += 1
+        logger.debug("preempted seq %d (%d tokens to recompute)", seq.seq_id, seq.num_tokens)
+
+    def _schedule_waiting(self, draft: _StepDraft) -> None:
+        """Admit FCFS; stop at the first sequence that does not fit (no overtaking)."""
+        while (seq := self._queues.next_waiting) is not None:
+            if self._queues.num_in_flight >= self._config.max_num_seqs:
+                return
+            num_new = self._num_new_tokens(seq, draft.token_budget)
+            if num_new == 0 or not self._blocks.can_allocate(seq, num_new):
+                return
+            self._blocks.allocate(seq, num_new)
+            self._queues.admit_next()
+            draft.add(self._make_row(seq, num_new))
+
+    def _num_new_tokens(self, seq: Sequence, token_budget: int) -> int:
+        """Tokens seq would feed this step; 0 when it has to wait for a later step."""
+        num_remaining = seq.num_tokens - seq.num_computed_tokens
+        assert num_remaining >= 1, f"seq {seq.seq_id} has nothing to feed"
+        if self._config.enable_chunked_prefill:
+            return min(num_remaining, token_budget)
+        return num_remaining if num_remaining <= token_budget else 0
+
+    def _make_row(self, seq: Sequence, num_new: int) -> RowPlan:
+        start = seq.num_computed_tokens
+        end = start + num_new
+        return RowPlan(
+            seq_id=seq.seq_id,
+            token_ids=seq.all_token_ids[start:end],
+            start_position=start,
+            is_prefill=not seq.is_prefill_done,
+            is_sampling=end == seq.num_tokens,
+            start_layer=0,
+            block_table=tuple(seq.block_table),
+        )
+
+    # ---- applying a step's result ------------------------------------------------------------
+
+    def update(self, plan: StepPlan, result: StepResult) -> list[Sequence]:
+        """Apply a runner's result to the plan last scheduled; returns the sequences it finished."""
+        if plan.is_empty:
+            assert not result.rows, "an empty plan cannot have results"
+            return []
+        if plan is not self._in_flight:
+            raise SchedulerStateError(f"step {plan.step_id} is not the plan awaiting update()")
+        assert result.step_id == plan.step_id, f"result of step {result.step_id} for {plan.step_id}"
+        assert [r.seq_id for r in result.rows] == [r.seq_id for r in plan.rows], "rows differ"
+        self._in_flight = None
+        finished = [
+            seq
+            for row, row_result in zip(plan.rows, result.rows, strict=True)
+            if (seq := self._apply_row(row, row_result, plan.step_id)).is_finished
+        ]
+        self._check_invariants()
+        return finished
+
+    def _apply_row(self, row: RowPlan, row_result: RowResult, step_id: int) -> Sequence:
+        seq = self._queues.get(row.seq_id)
+        assert seq.status is SequenceStatus.RUNNING, f"seq {seq.seq_id} is {seq.status.name}"
+        if not row.is_resume:  # a resume row's position was counted when it was parked
+            assert seq.num_computed_tokens == row.start_position, f"seq {seq.seq_id}: gap"
+            seq.num_computed_tokens += row.num_tokens
+        if row.is_prefill and row.is_sampling:
+            seq.is_prefill_done = True
+        if row_result.is_parked:
+            self._park(seq, row, row_result, step_id)
+        elif row.is_sampling:
+            assert row_result.token_id is not None, f"seq {seq.seq_id}: sampling row lacks a token"
+            seq.append_token(row_result.token_id)
+            if seq.is_finished:
+                self._blocks.free(seq)
+                self._queues.finish(seq)
+        else:
+            assert row_result.token_id is None, f"seq {seq.seq_id}: token from a mid-prefill chunk"
+        return seq
+
+    def _park(self, seq: Sequence, row: RowPlan, row_result: RowResult, step_id: int) -> None:
+        assert not row.is_prefill, f"seq {seq.seq_id}: prefill rows run every layer"
+        assert row_result.parked_layer is not None and row_result.parked_layer > row.start_layer, (
+            f"seq {seq.seq_id}: parked at {row_result.parked_layer}, started at {row.start_layer}"
+        )
+        seq.parked_layer = row_result.parked_layer
+        seq.parked_since_step = step_id
+        self._queues.park(seq)
+
+    def _check_invariants(self) -> None:
+        self._queues.check_invariants()
+        self._blocks.check_invariants(self._queues.block_owners())
+        for seq in self._queues.waiting:
+            assert seq.num_computed_tokens == 0 and not seq.block_table, f"seq {seq.seq_id} waits"
+        for seq in self._queues.parked:
+            assert seq.num_computed_tokens == seq.num_tokens, f"seq {seq.seq_id} parked early"
+            assert seq.parked_layer is not None and seq.parked_since_step is not None

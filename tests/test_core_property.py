@@ -1,0 +1,240 @@
+"""Whole-run properties of the scheduler under random workloads, driven by a fake model.
+
+The fake model emits a token that depends only on (seq_id, position), so any schedule (chunking,
+preemption, parking) must reproduce the outputs of an unconstrained run. It also keeps a fake KV
+cache (slot → (seq_id, position)) and checks that every row's context is intact when it runs:
+that is what a block-table bug or a missed preemption would break.
+"""
+
+from dataclasses import dataclass, field
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from testbed.core import (
+    BlockManager,
+    RequestNeverFitsError,
+    RequestTooLongError,
+    RowPlan,
+    RowResult,
+    Scheduler,
+    SchedulerConfig,
+    Sequence,
+    StepPlan,
+    StepResult,
+    slots_for_positions,
+)
+
+NUM_LAYERS = 6
+PARK_LAYER = 2
+EOS_TOKEN_ID = 0
+MAX_STEPS = 5_000
+
+
+def token_for(seq_id: int, position: int) -> int:
+    return (seq_id * 7 + position * 3) % 13  # hits EOS_TOKEN_ID now and then
+
+
+@dataclass(frozen=True)
+class Request:
+    arrival_step: int  # step before which it is added
+    num_prompt_tokens: int
+    max_tokens: int
+    has_eos: bool
+
+
+@dataclass(frozen=True)
+class Workload:
+    num_blocks: int
+    block_size: int
+    config: SchedulerConfig
+    requests: tuple[Request, ...]
+    park_every: int | None  # park decode rows whose position is a multiple; None: never park
+    resume_min_parked: int | None  # gate: resume at this many parked rows; None: no policy
+    resume_max_wait_steps: int
+
+
+@dataclass(frozen=True)
+class GatePolicy:
+    min_parked: int
+    max_wait_steps: int
+
+    def should_resume(self, *, num_parked: int, oldest_wait_steps: int) -> bool:
+        return num_parked >= self.min_parked or oldest_wait_steps >= self.max_wait_steps
+
+
+@dataclass
+class FakeModel:
+    """Checks what it is fed against the true token streams and its own fake KV cache."""
+
+    block_size: int
+    park_every: int | None
+    tokens: dict[int, list[int]] = field(default_factory=dict)  # seq_id → known token stream
+    cache: dict[int, tuple[int, int]] = field(default_factory=dict)  # slot → (seq_id, position)
+
+    def run(self, plan: StepPlan) -> StepResult:
+        rows = tuple(self._run_row(row) for row in plan.rows)
+        return StepResult(
+            step_id=plan.step_id,
+            rows=rows,
+            num_row_layers_executed=0,
+            num_kv_only_row_layers=0,
+            num_rule_evals=0,
+            num_forced_exits=0,
+            duration_s=0.0,
+        )
+
+    def _run_row(self, row: RowPlan) -> RowResult:
+        stream = self.tokens[row.seq_id]
+        assert list(row.token_ids) == stream[row.start_position : row.end_position]
+        self._check_and_write_cache(row)
+        is_parked = (
+            self.park_every is not None
+            and not row.is_prefill
+            and not row.is_resume
+            and row.start_position % self.park_every == 0
+        )
+        token_id = None
+        if row.is_sampling and not is_parked:
+            token_id = token_for(row.seq_id, row.end_position)
+            if len(stream) == row.end_position:  # a recompute re-derives a known token
+                stream.append(token_id)
+        return RowResult(
+            seq_id=row.seq_id,
+            token_id=token_id,
+            exit_layer=None if token_id is None else NUM_LAYERS,
+            is_forced=False,
+            is_parked=is_parked,
+            parked_layer=PARK_LAYER if is_parked else None,
+        )
+
+    def _check_and_write_cache(self, row: RowPlan) -> None:
+        """The context a row attends to must still hold its own K/V; then write the fed ones."""
+        slots = slots_for_positions(row.block_table, self.block_size, 0, row.end_position)
+        # A resume row's K/V up to the parked position were written when it parked.
+        num_context = row.end_position if row.is_resume else row.start_position
+        for pos in range(num_context):
+            assert self.cache.get(int(slots[pos])) == (row.seq_id, pos), "context lost"
+        if not row.is_resume:
+            for pos in row.positions:
+                self.cache[int(slots[pos])] = (row.seq_id, pos)
+
+
+def make_sequence(seq_id: int, request: Request) -> Sequence:
+    return Sequence(
+        seq_id=seq_id,
+        prompt_token_ids=tuple((seq_id + i) % 13 for i in range(request.num_prompt_tokens)),
+        max_tokens=request.max_tokens,
+        eos_token_id=EOS_TOKEN_ID if request.has_eos else None,
+    )
+
+
+def run_workload(workload: Workload) -> tuple[dict[int, list[int]], list[StepPlan]]:
+    """Run to completion; returns outputs per accepted seq_id and every plan."""
+    policy = None
+    if workload.resume_min_parked is not None:
+        policy = GatePolicy(workload.resume_min_parked, workload.resume_max_wait_steps)
+    blocks = BlockManager(workload.num_blocks, workload.block_size)
+    scheduler = Scheduler(workload.config, blocks, resume_policy=policy)
+    model = FakeModel(block_size=workload.block_size, park_every=workload.park_every)
+    pending = list(enumerate(workload.requests))
+    accepted: list[int] = []
+    plans: list[StepPlan] = []
+    for step_index in range(MAX_STEPS):
+        while pending and (
+            pending[0][1].arrival_step <= step_index or not scheduler.has_unfinished()
+        ):
+            seq_id, request = pending.pop(0)
+            sequence = make_sequence(seq_id, request)
+            try:
+                scheduler.add(sequence)
+            except (RequestTooLongError, RequestNeverFitsError):
+                continue
+            accepted.append(seq_id)
+            model.tokens[seq_id] = list(sequence.prompt_token_ids)
+        if not scheduler.has_unfinished() and not pending:
+            break
+        plan = scheduler.schedule()
+        assert not plan.is_empty, "idle step with unfinished work"
+        check_plan_limits(plan, scheduler)
+        plans.append(plan)
+        scheduler.update(plan, model.run(plan))
+    assert not scheduler.has_unfinished() and not pending, "did not finish in time"
+    assert blocks.num_free_blocks == workload.num_blocks
+    return {seq_id: scheduler.get(seq_id).output_token_ids for seq_id in accepted}, plans
+
+
+def check_plan_limits(plan: StepPlan, scheduler: Scheduler) -> None:
+    config = scheduler.config
+    assert plan.num_fed_tokens <= config.max_num_batched_tokens
+    assert scheduler.num_running + scheduler.num_parked <= config.max_num_seqs
+    assert len({row.seq_id for row in plan.rows}) == len(plan.rows)
+    if not config.enable_chunked_prefill:
+        for row in plan.rows:
+            assert not row.is_prefill or (row.start_position == 0 and row.is_sampling)
+
+
+def expected_outputs(seq_id: int, request: Request) -> list[int]:
+    outputs: list[int] = []
+    position = request.num_prompt_tokens
+    while len(outputs) < request.max_tokens:
+        outputs.append(token_for(seq_id, position))
+        position += 1
+        if request.has_eos and outputs[-1] == EOS_TOKEN_ID:
+            break
+    return outputs
+
+
+@st.composite
+def requests(draw: st.DrawFn, max_model_len: int) -> Request:
+    # Mostly within max_model_len; sometimes one over, to exercise rejection mid-stream.
+    num_prompt_tokens = draw(st.integers(1, max_model_len - 1))
+    max_tokens = draw(st.integers(1, max_model_len - num_prompt_tokens + 1))
+    return Request(draw(st.integers(0, 6)), num_prompt_tokens, max_tokens, draw(st.booleans()))
+
+
+@st.composite
+def workloads(draw: st.DrawFn) -> Workload:
+    max_num_seqs = draw(st.integers(1, 5))
+    max_model_len = draw(st.integers(2, 40))
+    is_chunked = draw(st.booleans())
+    min_budget = max_num_seqs if is_chunked else max(max_num_seqs, max_model_len)
+    config = SchedulerConfig(
+        max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=draw(st.integers(min_budget, min_budget + 24)),
+        max_model_len=max_model_len,
+        enable_chunked_prefill=is_chunked,
+    )
+    block_size = draw(st.integers(1, 6))
+    # Around the blocks one longest request needs: tight enough to preempt, sometimes too few.
+    num_blocks_longest = -(-max_model_len // block_size)
+    num_requests = st.lists(requests(max_model_len), min_size=1, max_size=8)
+    return Workload(
+        num_blocks=draw(st.integers(max(1, num_blocks_longest - 2), 2 * num_blocks_longest)),
+        block_size=block_size,
+        config=config,
+        requests=tuple(sorted(draw(num_requests), key=lambda r: r.arrival_step)),
+        park_every=draw(st.sampled_from([None, 2, 3])),
+        resume_min_parked=draw(st.sampled_from([None, 1, 2, 4])),
+        resume_max_wait_steps=draw(st.integers(1, 6)),
+    )
+
+
+@settings(max_examples=150, deadline=None)
+@given(workloads())
+def test_random_workloads_finish_and_match_an_unconstrained_run(workload: Workload) -> None:
+    outputs, plans = run_workload(workload)
+    huge = Workload(
+        num_blocks=10_000,
+        block_size=workload.block_size,
+        config=SchedulerConfig(max_num_seqs=64, max_num_batched_tokens=4096, max_model_len=40),
+        requests=workload.requests,
+        park_every=None,
+        resume_min_parked=None,
+        resume_max_wait_steps=1,
+    )
+    reference, _ = run_workload(huge)
+    for seq_id, tokens in outputs.items():
+        assert tokens == reference[seq_id]
+        assert tokens == expected_outputs(seq_id, workload.requests[seq_id])
+    assert run_workload(workload)[1] == plans  # deterministic: same calls ⇒ same plans
