@@ -10,7 +10,8 @@ from collections.abc import Callable
 
 from policies.errors import PolicyConfigError
 from testbed.core.errors import CoreError
-from testbed.errors import EetbError
+from testbed.core.policy_set import PolicyConfig
+from testbed.errors import ConfigError, EetbError
 
 USER_ERRORS = (EetbError, PolicyConfigError, CoreError)
 EXIT_BAD_INPUT = 2
@@ -63,3 +64,52 @@ class ProgressLine:
             print(f"\r{text}\033[K", end=end, file=sys.stderr, flush=True)
         else:
             print(text, file=sys.stderr, flush=True)
+
+
+def add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="builtin", help="checkpoint directory or 'builtin'")
+
+
+def add_policy_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("early exit (DESIGN §4)")
+    g.add_argument(
+        "--batching", default="full", help="full|consensus|quorum|shrink|rebatch|skipdecode"
+    )
+    g.add_argument(
+        "--batching-param", action="append", default=[], metavar="KEY=VALUE",
+        help="a batching policy parameter, e.g. fraction=0.75 (repeatable)",
+    )  # fmt: skip
+    g.add_argument("--rule", default="hidden", help="exit rule: softmax|hidden|classifier")
+    g.add_argument("--threshold", type=float, default=0.9, help="λ of the exit rule")
+    g.add_argument("--decay-tau", type=float, default=None, help="CALM's decaying threshold τ")
+    g.add_argument("--min-exit-layer", type=int, default=1)
+    g.add_argument("--exit-stride", type=int, default=1)
+    g.add_argument("--fill", default="copy", help="KV fill: copy|lazy|recompute|skip")
+
+
+def _number(text: str) -> int | float | str:
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def policy_from_args(args: argparse.Namespace) -> PolicyConfig:
+    params = []
+    for item in args.batching_param:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--batching-param {item!r} is not KEY=VALUE")
+        params.append((key, _number(value)))
+    return PolicyConfig(
+        batching=args.batching,
+        batching_params=tuple(params),
+        exit_rule=args.rule,
+        threshold=args.threshold,
+        decay_tau=args.decay_tau,
+        min_exit_layer=args.min_exit_layer,
+        exit_stride=args.exit_stride,
+        kv_fill=args.fill,
+    )

@@ -1,0 +1,193 @@
+"""Benchmarks of the native engine, side by side in one process (ratios, not absolute times).
+
+``throughput``: full-depth output tokens/s of the engine against transformers' ``generate`` on
+static batches, same checkpoint, prompts and lengths (and vLLM when it is installed).
+``early_exit``: a grid of policy × rule × λ on CNN/DM prompts against ``full`` in the same run.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from testbed.core import SchedulerConfig
+from testbed.core.policy_set import PolicyConfig
+from testbed.engine.engine import EngineConfig, LLMEngine, RequestOutput
+from testbed.engine.sampler import SamplingParams
+from testbed.model.checkpoint import Checkpoint
+from testbed.model.config import LlamaConfig
+from testbed.quality import rouge, token_agreement
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ThroughputConfig:
+    num_requests: int = 64
+    min_prompt_tokens: int = 64
+    max_prompt_tokens: int = 512
+    max_new_tokens: int = 128
+    hf_batch_size: int = 16
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 4096
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ThroughputRow:
+    system: str
+    num_output_tokens: int
+    wall_s: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.num_output_tokens / self.wall_s
+
+
+def random_prompts(cfg: ThroughputConfig, vocab_size: int) -> list[list[int]]:
+    rng = np.random.default_rng(cfg.seed)
+    lengths = rng.integers(cfg.min_prompt_tokens, cfg.max_prompt_tokens + 1, cfg.num_requests)
+    return [rng.integers(3, vocab_size, n).tolist() for n in lengths]
+
+
+def run_engine(ckpt: Checkpoint, prompts, cfg: ThroughputConfig) -> ThroughputRow:
+    sched = SchedulerConfig(
+        max_num_seqs=cfg.max_num_seqs,
+        max_num_batched_tokens=cfg.max_num_batched_tokens,
+        max_model_len=ckpt.config.max_position_embeddings,
+    )
+    engine = LLMEngine(ckpt, EngineConfig(scheduler=sched, kv_cache_mb=512))
+    params = SamplingParams(max_tokens=cfg.max_new_tokens, ignore_eos=True)
+    start = time.perf_counter()
+    outs = engine.generate(prompts, params)
+    wall = time.perf_counter() - start
+    return ThroughputRow("eetb engine", sum(len(o.token_ids) for o in outs), wall)
+
+
+@torch.inference_mode()
+def run_transformers(ckpt: Checkpoint, prompts, cfg: ThroughputConfig) -> ThroughputRow:
+    import transformers  # noqa: PLC0415  (an optional comparison, not a dependency)
+
+    hf = transformers.LlamaForCausalLM.from_pretrained(ckpt.path, dtype=torch.float32).eval()
+    total, start = 0, time.perf_counter()
+    for i in range(0, len(prompts), cfg.hf_batch_size):
+        chunk = prompts[i : i + cfg.hf_batch_size]
+        width = max(map(len, chunk))
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in chunk])  # left padding
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
+        out = hf.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=cfg.max_new_tokens,
+            min_new_tokens=cfg.max_new_tokens, do_sample=False, pad_token_id=0,
+        )  # fmt: skip
+        total += (out.shape[1] - width) * len(chunk)
+    return ThroughputRow(
+        f"transformers (static {cfg.hf_batch_size})", total, time.perf_counter() - start
+    )
+
+
+def run_vllm(ckpt: Checkpoint, prompts, cfg: ThroughputConfig) -> ThroughputRow | None:
+    if importlib.util.find_spec("vllm") is None:
+        return None
+    import vllm  # noqa: PLC0415  (optional third column)
+
+    llm = vllm.LLM(model=str(ckpt.path), enforce_eager=True, dtype="float32", seed=cfg.seed)
+    params = vllm.SamplingParams(max_tokens=cfg.max_new_tokens, ignore_eos=True, temperature=0)
+    start = time.perf_counter()
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    wall = time.perf_counter() - start
+    return ThroughputRow("vllm", sum(len(o.outputs[0].token_ids) for o in outs), wall)
+
+
+def kv_only_cost_fraction(cfg: LlamaConfig) -> float:
+    """FLOPs of a K/V-only layer (K and V projections) over those of a full layer."""
+    d, kv = cfg.hidden_size, cfg.num_key_value_heads * cfg.head_size
+    q_o = 2 * d * cfg.num_attention_heads * cfg.head_size
+    full = q_o + 2 * d * kv + 3 * d * cfg.intermediate_size
+    return 2 * d * kv / full
+
+
+@dataclass(frozen=True)
+class EarlyExitRow:
+    label: str
+    wall_s: float
+    num_output_tokens: int
+    mean_exit_layer: float  # over decode tokens
+    row_layers: int  # executed row-layers (prefill included)
+    kv_only_row_layers: int
+    rouge_l: float
+    agreement: float  # token agreement with the full-depth output
+    speedup: float = 0.0  # tokens/s relative to full, same run
+    ideal_speedup: float = 0.0  # from row-layers (+ fill cost) relative to full
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.num_output_tokens / self.wall_s
+
+
+def run_policy(
+    ckpt: Checkpoint,
+    prompts: Sequence[str],
+    references: Sequence[str],
+    policy: PolicyConfig,
+    params: SamplingParams,
+    max_num_seqs: int,
+) -> tuple[EarlyExitRow, list[RequestOutput]]:
+    sched = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=4096)
+    engine = LLMEngine(ckpt, EngineConfig(policy=policy, scheduler=sched, kv_cache_mb=256))
+    counts = {"rl": 0, "kv": 0}
+
+    def hook(plan, result) -> None:
+        counts["rl"] += result.num_row_layers_executed
+        counts["kv"] += result.num_kv_only_row_layers
+
+    engine.step_hooks.append(hook)
+    start = time.perf_counter()
+    outs = engine.generate(prompts, params)
+    wall = time.perf_counter() - start
+    exits = [e for o in outs for e in o.exit_layers[1:]]  # the first token comes from prefill
+    row = EarlyExitRow(
+        label=policy.label(),
+        wall_s=wall,
+        num_output_tokens=sum(len(o.token_ids) for o in outs),
+        mean_exit_layer=float(np.mean(exits)) if exits else float(engine.num_layers),
+        row_layers=counts["rl"],
+        kv_only_row_layers=counts["kv"],
+        rouge_l=rouge([o.text.strip() for o in outs], list(references)).rougeL,
+        agreement=0.0,
+    )
+    return row, outs
+
+
+def relative_to_full(
+    rows: list[EarlyExitRow], outs: list[list[RequestOutput]], fill_cost: float
+) -> list[EarlyExitRow]:
+    """Speedups and agreement against the first row, which must be ``full``."""
+    base, base_outs = rows[0], outs[0]
+    done = []
+    for row, o in zip(rows, outs, strict=True):
+        per_tok_full = base.row_layers / base.num_output_tokens
+        per_tok = (row.row_layers + fill_cost * row.kv_only_row_layers) / row.num_output_tokens
+        agree = np.mean(
+            [token_agreement(a.token_ids, b.token_ids) for a, b in zip(o, base_outs, strict=True)]
+        )
+        done.append(
+            EarlyExitRow(
+                **{
+                    **row.__dict__,
+                    "speedup": row.tokens_per_s / base.tokens_per_s,
+                    "ideal_speedup": per_tok_full / per_tok,
+                    "agreement": float(agree),
+                }
+            )  # fmt: skip
+        )
+    return done
+
+
+ProgressFn = Callable[[str, int, int, str], None]
