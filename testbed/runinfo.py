@@ -61,7 +61,7 @@ def run_info(config: Any, *, seed: int, **extra: Any) -> dict[str, Any]:
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "torch": _torch_version(),
-        "argv": sys.argv,
+        "argv": [Path(sys.argv[0]).name, *sys.argv[1:]],  # no install path
         **to_jsonable(extra),
     }
 
