@@ -139,7 +139,7 @@ class ModelRunner:
         out = torch.empty_like(q)
         if bool(is_single.any()):
             sel = is_single.nonzero().squeeze(1)
-            out[sel] = decode_attention(self.cache, i, q[sel], batch.decode_ctx.select(rows[sel]))
+            out[sel] = decode_attention(self.cache, i, q[sel], batch.decode_ctx, rows[sel])
         for r in torch.unique(rows[~is_single]).tolist():
             sel = (rows == r).nonzero().squeeze(1)
             positions = batch.unit_position[units[sel]]

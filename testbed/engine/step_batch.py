@@ -97,6 +97,8 @@ def build_step_batch(
         main_unit=torch.tensor(main_unit),
         row_start_layer=torch.tensor([row.start_layer for row in plan.rows]),
         ctx_slots=ctx_slots,
-        decode_ctx=DecodeContext.build(ctx_slots),
+        decode_ctx=DecodeContext.build(
+            [row.block_table for row in plan.rows], [row.end_position for row in plan.rows]
+        ),
         deferred_units=deferred_units,
     )
