@@ -7,11 +7,12 @@ static batches, same checkpoint, prompts and lengths (and vLLM when it is instal
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -117,14 +118,15 @@ class EarlyExitRow:
     label: str
     wall_s: float
     num_output_tokens: int
-    mean_exit_layer: float  # over decode tokens
-    row_layers: int  # executed row-layers (prefill included)
+    mean_exit_layer: float  # over decode tokens (the first token comes from the prefill)
+    decode_row_layers: int  # executed row-layers of decode rows (prefill rows run every layer)
     kv_only_row_layers: int
+    prefill_s: float  # step time apportioned to prefill tokens by their share of row-layers
+    decode_s: float  # the rest of the step time
     rouge_l: float
-    agreement: float  # token agreement with the full-depth output
+    agreement: float = 0.0  # token agreement with the full-depth output
     speedup: float = 0.0  # tokens/s relative to full, same run
-    ideal_speedup: float = 0.0  # from row-layers (+ fill cost) relative to full
-    extra: dict = field(default_factory=dict)
+    ideal_speedup: float = 0.0  # if decode time scaled with the work done (see relative_to_full)
 
     @property
     def tokens_per_s(self) -> float:
@@ -141,11 +143,17 @@ def run_policy(
 ) -> tuple[EarlyExitRow, list[RequestOutput]]:
     sched = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=4096)
     engine = LLMEngine(ckpt, EngineConfig(policy=policy, scheduler=sched, kv_cache_mb=256))
-    counts = {"rl": 0, "kv": 0}
+    L = engine.num_layers
+    acc = {"decode_rl": 0, "kv": 0, "prefill_s": 0.0, "decode_s": 0.0}
 
     def hook(plan, result) -> None:
-        counts["rl"] += result.num_row_layers_executed
-        counts["kv"] += result.num_kv_only_row_layers
+        prefill_rl = plan.num_prefill_tokens * L
+        decode_rl = result.num_row_layers_executed - prefill_rl
+        share = prefill_rl / max(1, result.num_row_layers_executed)
+        acc["decode_rl"] += decode_rl
+        acc["kv"] += result.num_kv_only_row_layers
+        acc["prefill_s"] += share * result.duration_s
+        acc["decode_s"] += (1 - share) * result.duration_s
 
     engine.step_hooks.append(hook)
     start = time.perf_counter()
@@ -156,11 +164,12 @@ def run_policy(
         label=policy.label(),
         wall_s=wall,
         num_output_tokens=sum(len(o.token_ids) for o in outs),
-        mean_exit_layer=float(np.mean(exits)) if exits else float(engine.num_layers),
-        row_layers=counts["rl"],
-        kv_only_row_layers=counts["kv"],
+        mean_exit_layer=float(np.mean(exits)) if exits else float(L),
+        decode_row_layers=acc["decode_rl"],
+        kv_only_row_layers=acc["kv"],
+        prefill_s=acc["prefill_s"],
+        decode_s=acc["decode_s"],
         rouge_l=rouge([o.text.strip() for o in outs], list(references)).rougeL,
-        agreement=0.0,
     )
     return row, outs
 
@@ -168,24 +177,28 @@ def run_policy(
 def relative_to_full(
     rows: list[EarlyExitRow], outs: list[list[RequestOutput]], fill_cost: float
 ) -> list[EarlyExitRow]:
-    """Speedups and agreement against the first row, which must be ``full``."""
+    """Speedup, ideal speedup and agreement against the first row, which must be ``full``.
+
+    Ideal: the full run's prefill time, plus its decode time scaled by this run's decode work
+    (executed row-layers + fill_cost × K/V-only row-layers, per output token) over full's. It is
+    what the engine would reach if exit decisions, signals and fills cost nothing beyond that.
+    """
     base, base_outs = rows[0], outs[0]
+    base_work = base.decode_row_layers / base.num_output_tokens
     done = []
     for row, o in zip(rows, outs, strict=True):
-        per_tok_full = base.row_layers / base.num_output_tokens
-        per_tok = (row.row_layers + fill_cost * row.kv_only_row_layers) / row.num_output_tokens
+        work = (row.decode_row_layers + fill_cost * row.kv_only_row_layers) / row.num_output_tokens
+        ideal_s = (base.prefill_s + base.decode_s * work / base_work) / base.num_output_tokens
         agree = np.mean(
             [token_agreement(a.token_ids, b.token_ids) for a, b in zip(o, base_outs, strict=True)]
         )
         done.append(
-            EarlyExitRow(
-                **{
-                    **row.__dict__,
-                    "speedup": row.tokens_per_s / base.tokens_per_s,
-                    "ideal_speedup": per_tok_full / per_tok,
-                    "agreement": float(agree),
-                }
-            )  # fmt: skip
+            dataclasses.replace(
+                row,
+                speedup=row.tokens_per_s / base.tokens_per_s,
+                ideal_speedup=((base.prefill_s + base.decode_s) / base.num_output_tokens) / ideal_s,
+                agreement=float(agree),
+            )
         )
     return done
 

@@ -117,3 +117,17 @@ def test_bad_requests_rejected_and_batch_survives(ckpt):
 def test_bad_policy_config(ckpt, policy, error):
     with pytest.raises(error):
         _engine(ckpt, kv_mb=1.0, policy=policy)
+
+
+def test_arrival_paced_run_reports_latencies(ckpt):
+    eng = _engine(ckpt, kv_mb=4.0)
+    params = SamplingParams(max_tokens=5, ignore_eos=True)
+    requests = [(0.0, [3, 4, 5], params), (0.05, [6, 7], params), (0.02, [8, 9, 10, 11], params)]
+    outs = eng.run(requests)
+    assert [o.prompt_token_ids for o in outs] == [tuple(r[1]) for r in requests]
+    for (arrival, _, _), out in zip(requests, outs, strict=True):
+        assert out.arrival_s == arrival
+        assert len(out.token_ids) == 5
+        assert out.first_token_s >= arrival, "no token before its request arrived"
+        assert 0 <= out.ttft_s <= out.latency_s
+        assert out.tpot_s > 0

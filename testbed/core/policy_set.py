@@ -25,12 +25,14 @@ class PolicyConfig:
     kv_fill_params: tuple[tuple[str, Any], ...] = field(default=())
 
     def label(self) -> str:
-        """Short name for tables: 'consensus/hidden@0.95/copy'."""
+        """Short name for tables: 'consensus/hidden@0.95≥4/copy'."""
         params = ",".join(f"{k}={v}" for k, v in self.batching_params)
         batching = f"{self.batching}({params})" if params else self.batching
         if self.batching == "full":
             return "full"
-        return f"{batching}/{self.exit_rule}@{self.threshold:g}/{self.kv_fill}"
+        layers = f"≥{self.min_exit_layer}" if self.min_exit_layer > 1 else ""
+        stride = f"/{self.exit_stride}" if self.exit_stride > 1 else ""
+        return f"{batching}/{self.exit_rule}@{self.threshold:g}{layers}{stride}/{self.kv_fill}"
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,60 @@
+"""``eetb generate`` on the built-in model, and its bad input: one line, exit code 2."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from testbed.cli import main
+
+
+def _run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(["generate", *argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_generate_early_exit_json(capsys):
+    code, out, _ = _run(
+        capsys, "--prompt", "The court said on Tuesday that", "--max-tokens", "6",
+        "--batching", "shrink", "--rule", "hidden", "--threshold", "0.9", "--json",
+    )  # fmt: skip
+    assert code == 0
+    record = json.loads(out.splitlines()[0])
+    assert 1 <= len(record["token_ids"]) <= 6
+    assert len(record["exit_layers"]) == len(record["token_ids"])
+    assert all(1 <= e <= 8 for e in record["exit_layers"])
+    assert record["exit_layers"][0] == 8, "the first token comes from the full-depth prefill"
+
+
+@pytest.mark.skipif(not os.environ.get("EETB_DATA_DIR"), reason="EETB_DATA_DIR not set")
+def test_generate_from_data(capsys):
+    code, out, _ = _run(capsys, "--prompts-from-data", "2", "--max-tokens", "4")
+    assert code == 0
+    assert out.count("--- ") == 2
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--batching", "nope"], "unknown batching policy 'nope' (known:"),
+        (["--rule", "softmax", "--threshold", "1.5"], "1.5"),
+        (["--fill", "nope"], "unknown KV-fill policy 'nope'"),
+        (["--max-tokens", "0"], "max_tokens must be positive"),
+        (["--batching", "quorum", "--batching-param", "fraction"], "is not KEY=VALUE"),
+        (["--model", "/nonexistent/ckpt"], "checkpoint directory not found"),
+    ],
+)
+def test_generate_bad_input(capsys, argv, message):
+    code, _, err = _run(capsys, "--prompt", "hello", *argv)
+    assert code == 2
+    assert err.count("\n") == 1 and message in err
+    assert "Traceback" not in err
+
+
+def test_prompt_longer_than_context(capsys):
+    code, _, err = _run(capsys, "--prompt", "word " * 3000, "--max-tokens", "4")
+    assert code == 2
+    assert err.count("\n") == 1 and "max_model_len" in err
