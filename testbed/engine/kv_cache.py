@@ -78,7 +78,7 @@ class DecodeContext:
         return cls(padded, torch.tensor(context_lens))
 
 
-GROUP_ROWS = 16  # rows per attention call: sorted by context length, so padding stays small
+GROUP_ROWS = 8  # rows per attention call: sorted by context length, so padding stays small
 
 
 def decode_attention(
