@@ -8,10 +8,12 @@ import pytest
 import torch
 import transformers
 
+from testbed.builtin_model import resolve_model_dir
 from testbed.core import SchedulerConfig
 from testbed.core.policy_set import PolicyConfig
 from testbed.engine.engine import EngineConfig, LLMEngine
 from testbed.engine.sampler import SamplingParams
+from testbed.model.checkpoint import load_checkpoint
 from tests.engine_helpers import TINY, prompts, reference_generate, tiny_checkpoint
 
 GREEDY = SamplingParams(max_tokens=12, ignore_eos=True)
@@ -116,3 +118,17 @@ def test_copy_and_skip_differ(ckpt):
         results[fill + "_invalid"] = num_invalid
     assert results["copy"] != results["skip"]
     assert results["copy_invalid"] == 0 and results["skip_invalid"] > 0
+
+
+def test_full_matches_transformers_on_builtin_checkpoint():
+    ckpt = load_checkpoint(resolve_model_dir("builtin"))
+    hf = transformers.LlamaForCausalLM.from_pretrained(ckpt.path).eval()
+    texts = ["The court said on Tuesday that", "Scientists have found a new", "A man"]
+    engine = LLMEngine(ckpt, EngineConfig(scheduler=SchedulerConfig(max_num_seqs=2)))
+    outs = engine.generate(texts, SamplingParams(max_tokens=16, ignore_eos=True))
+    for out in outs:
+        expected = hf.generate(
+            torch.tensor([out.prompt_token_ids]), max_new_tokens=16, min_new_tokens=16,
+            do_sample=False, pad_token_id=0,
+        )[0, len(out.prompt_token_ids):].tolist()  # fmt: skip
+        assert out.token_ids == expected
