@@ -185,9 +185,12 @@ class LLMEngine:
         return [done[i] for i in ids]
 
     def run(
-        self, requests: Sequence[tuple[float, str | Sequence[int], SamplingParams]]
+        self,
+        requests: Sequence[tuple[float, str | Sequence[int], SamplingParams]],
+        on_finish: Callable[[RequestOutput], None] | None = None,
     ) -> list[RequestOutput]:
-        """Arrival-paced on the real clock: (arrival_s, prompt, params) each, sorted by arrival."""
+        """Arrival-paced on the real clock: (arrival_s, prompt, params) each; outputs in request
+        order. ``on_finish`` sees each request as it finishes (progress, trace capture)."""
         order = sorted(range(len(requests)), key=lambda i: requests[i][0])
         start = time.perf_counter()
         clock = lambda: time.perf_counter() - start  # noqa: E731
@@ -204,6 +207,8 @@ class LLMEngine:
                 continue
             for out in self.step(clock):
                 done[out.seq_id] = out
+                if on_finish is not None:
+                    on_finish(out)
         return [done[ids[i]] for i in range(len(requests))]
 
 

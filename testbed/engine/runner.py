@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -26,6 +27,21 @@ from testbed.model.signals import compute_signals
 class SeqMeta:
     num_prompt_tokens: int  # of the original prompt: output position = position + 1 - this
     params: SamplingParams
+
+
+class StepProbe(Protocol):
+    """Observes a step as it runs (trace capture, per-layer profiling); must not change it."""
+
+    def on_step_start(self, batch: StepBatch) -> None: ...
+
+    def on_layer(self, layer: int, batch: StepBatch) -> None:
+        """After ``layer`` layers (1-based) ran for the active units."""
+
+    def on_signals(self, layer: int, seq_ids: list[int], signal: str, values: np.ndarray) -> None:
+        """The exit rule's signal evaluated at exit point ``layer`` for these sequences."""
+
+    def on_step_end(self, batch: StepBatch, executed: np.ndarray, filled: np.ndarray) -> None:
+        """Per row: layers computed for its newest position and K/V-only layers filled."""
 
 
 @dataclass
@@ -64,6 +80,7 @@ class ModelRunner:
         self.deferred: dict[int, list[Deferred]] = {}  # owed K/V per sequence (lazy, recompute)
         self.parked: dict[int, torch.Tensor] = {}  # rebatch: hidden state at the parked layer
         self.meta: dict[int, SeqMeta] = {}
+        self.probe: StepProbe | None = None  # trace recorders and profilers look in here
 
     def add_sequence(self, seq_id: int, meta: SeqMeta) -> None:
         self.meta[seq_id] = meta
@@ -85,6 +102,8 @@ class ModelRunner:
         batch = build_step_batch(
             plan, self.model, self.cache.shape.block_size, self.deferred, self.parked
         )
+        if self.probe is not None:
+            self.probe.on_step_start(batch)
         state = _RowState(
             is_running=np.ones(batch.num_rows, dtype=bool),
             token=[None] * batch.num_rows,
@@ -100,7 +119,9 @@ class ModelRunner:
                 break
         self._take_final_tokens(batch, state)
         self._settle_deferred(batch, state)
-        self._fill(batch, state, counters)
+        filled = self._fill(batch, state, counters)
+        if self.probe is not None:
+            self.probe.on_step_end(batch, state.executed.copy(), filled)
         rows = tuple(self._row_result(batch, state, r) for r in range(batch.num_rows))
         return StepResult(
             step_id=plan.step_id,
@@ -126,6 +147,8 @@ class ModelRunner:
         attn = self._attend(batch, i, units, q)
         main_prev = batch.hidden[batch.main_unit].clone()  # for the hidden-cosine signal
         batch.hidden[units] = layer.finish(h_in, attn)
+        if self.probe is not None:
+            self.probe.on_layer(i + 1, batch)
         self._exit_point(batch, state, i + 1, main_prev, counters)
         return True
 
@@ -176,6 +199,11 @@ class ModelRunner:
                 needed=frozenset({p.exit_rule.signal}),
             )  # fmt: skip
             counters.rule_evals += len(need)
+            if self.probe is not None:
+                values = getattr(sig.signals, p.exit_rule.signal)
+                self.probe.on_signals(
+                    layer, [batch.rows[r].seq_id for r in need], p.exit_rule.signal, values
+                )
             confident[~has_token] = p.exit_rule.confident(
                 sig.signals,
                 positions=positions[~has_token],
@@ -244,7 +272,9 @@ class ModelRunner:
                     self._invalidate_from(reached, torch.tensor([int(batch.unit_slot[u])]))
             self.deferred[seq_id] = left
 
-    def _fill(self, batch: StepBatch, state: _RowState, counters: _Counters) -> None:
+    def _fill(self, batch: StepBatch, state: _RowState, counters: _Counters) -> np.ndarray:
+        """Apply the KV-fill policy; returns K/V-only layers written per row."""
+        filled = np.zeros(batch.num_rows, dtype=np.int64)
         rows = np.array(
             [
                 r
@@ -257,7 +287,7 @@ class ModelRunner:
         for r in np.flatnonzero([p is not None for p in state.parked_layer]).tolist():
             self.parked[batch.rows[r].seq_id] = state.exit_hidden[r]
         if len(rows) == 0:
-            return
+            return filled
         fill = self.policies.kv_fill
         decision = fill.decide(executed_layers=state.executed[rows], num_layers=self.num_layers)
         mains = batch.main_unit[rows]
@@ -275,6 +305,8 @@ class ModelRunner:
             if bool(missing.any()):
                 self.cache.invalidate(j, slots[missing])
         self._defer(batch, state, rows, decision.owe, h_exit)
+        filled[rows] = decision.fill_now.sum(axis=1)
+        return filled
 
     def _defer(self, batch, state, rows, owe: np.ndarray, h_exit: torch.Tensor) -> None:
         from_layer0 = self.policies.kv_fill.resolve == "from_layer0"

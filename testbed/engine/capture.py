@@ -1,0 +1,103 @@
+"""Capture a trace from a live run of the native engine (``eetb capture``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from testbed.core.policy_set import PolicyConfig
+from testbed.engine.engine import EngineConfig, LLMEngine, RequestOutput
+from testbed.engine.recorder import MODES, TraceProbe, TraceRecorder
+from testbed.engine.sampler import SamplingParams
+from testbed.errors import ConfigError
+from testbed.model.checkpoint import Checkpoint, checkpoint_hash
+from testbed.runinfo import git_commit, to_jsonable
+from testbed.trace import CaptureWriter
+
+
+@dataclass(frozen=True)
+class CaptureConfig:
+    mode: str = "oracle"  # oracle: full depth, every signal; live: what the policy did
+    engine: EngineConfig = EngineConfig()
+    profile_layers: bool = False  # per-layer timings in steps.parquet
+    workload: str = ""  # the workload description, recorded in meta.json
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError(f"unknown capture mode {self.mode!r} (known: {', '.join(MODES)})")
+
+
+@dataclass(frozen=True)
+class CaptureRequest:
+    request_id: int
+    arrival_s: float
+    prompt_token_ids: tuple[int, ...]
+    max_tokens: int
+
+
+def capture_meta(ckpt: Checkpoint, cfg: CaptureConfig) -> dict[str, Any]:
+    model_cfg = ckpt.config
+    return {
+        "mode": cfg.mode,
+        "model": {
+            "config": to_jsonable(model_cfg),
+            "num_layers": model_cfg.num_hidden_layers,
+            "checkpoint_hash": checkpoint_hash(ckpt.path),
+            "name": ckpt.path.name,
+        },
+        "engine": {"name": "native", "version": importlib.metadata.version("eetb")},
+        "device": "cpu",
+        "dtype": str(next(ckpt.model.parameters()).dtype).removeprefix("torch."),
+        "policy": to_jsonable(cfg.engine.policy),
+        "scheduler": to_jsonable(cfg.engine.scheduler),
+        "block_size": cfg.engine.block_size,
+        "kv_cache_mb": cfg.engine.kv_cache_mb,
+        "workload": cfg.workload,
+        "seed": cfg.seed,
+        "git_commit": git_commit(),
+    }
+
+
+def run_capture(
+    ckpt: Checkpoint,
+    requests: Sequence[CaptureRequest],
+    cfg: CaptureConfig,
+    out: Path,
+    on_finish: Callable[[RequestOutput], None] | None = None,
+) -> Path:
+    """Run the workload arrival-paced and write the capture directory ``out``."""
+    engine_cfg = cfg.engine
+    if cfg.mode == "oracle":  # full depth: the recorded token stream is the full-depth one
+        engine_cfg = dataclasses.replace(engine_cfg, policy=PolicyConfig())
+    engine = LLMEngine(ckpt, dataclasses.replace(engine_cfg, seed=cfg.seed))
+    probe = TraceProbe(ckpt.model, ckpt.exit_heads, is_oracle=cfg.mode == "oracle",
+                       profile_layers=cfg.profile_layers)  # fmt: skip
+    engine.runner.probe = probe
+    # the engine numbers sequences 0, 1, ... in the order they arrive
+    order = sorted(requests, key=lambda r: (r.arrival_s, r.request_id))
+    request_ids = {seq_id: r.request_id for seq_id, r in enumerate(order)}
+    with CaptureWriter(
+        out, capture_meta(ckpt, dataclasses.replace(cfg, engine=engine_cfg))
+    ) as writer:
+        limits = {seq_id: r.max_tokens for seq_id, r in enumerate(order)}
+        recorder = TraceRecorder(writer, probe, engine.num_layers, request_ids, limits)
+        engine.step_hooks.append(recorder.on_step)
+
+        def finished(o: RequestOutput) -> None:
+            recorder.on_finish(o)
+            if on_finish is not None:
+                on_finish(o)
+
+        engine.run(
+            [
+                (r.arrival_s, r.prompt_token_ids, SamplingParams(max_tokens=r.max_tokens))
+                for r in order
+            ],
+            on_finish=finished,
+        )
+    return out

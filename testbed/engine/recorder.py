@@ -1,0 +1,164 @@
+"""Trace capture from the native engine: a probe inside the runner and a recorder of its steps.
+
+``oracle`` mode runs full depth and records, for every generated token and every exit point, the
+signals of all three rules and that layer's argmax, so any rule and λ can be replayed offline.
+``live`` mode records what the policy did: exit layers, forced exits, executed and filled layers,
+and the rule's signal where it was evaluated.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from testbed.core.step import StepPlan, StepResult
+from testbed.engine.engine import RequestOutput
+from testbed.engine.step_batch import StepBatch
+from testbed.model.llama import ExitClassifiers, LlamaModel
+from testbed.model.signals import SIGNAL_NAMES
+from testbed.trace import CaptureWriter
+
+MODES = ("oracle", "live")
+
+
+@dataclass
+class RowTrace:
+    executed_layers: int = 0
+    filled_layers: int = 0
+    signals: dict[str, dict[int, float]] = field(default_factory=dict)  # signal -> layer -> value
+    argmax: list[int] | None = None  # oracle: the exit head's argmax after layer 1..L
+
+
+class TraceProbe:
+    """Implements the runner's StepProbe protocol."""
+
+    def __init__(self, model: LlamaModel, heads: ExitClassifiers | None, *, is_oracle: bool,
+                 profile_layers: bool) -> None:  # fmt: skip
+        self.model, self.heads = model, heads
+        self.is_oracle, self.profile_layers = is_oracle, profile_layers
+        self.rows: dict[int, RowTrace] = {}
+        self.layer_times_s: list[float] | None = None
+        self._seq_ids: list[int] = []
+        self._mains = torch.empty(0, dtype=torch.long)
+        self._states: list[torch.Tensor] = []
+        self._stamps: list[float] = []
+
+    def on_step_start(self, batch: StepBatch) -> None:
+        sampling = [r for r, row in enumerate(batch.rows) if row.is_sampling]
+        self._seq_ids = [batch.rows[r].seq_id for r in sampling]
+        self._mains = batch.main_unit[sampling]
+        self.rows = {s: RowTrace() for s in self._seq_ids}
+        self._states = [batch.hidden[self._mains].clone()] if self.is_oracle else []
+        self._stamps = [time.perf_counter()]
+
+    def on_layer(self, layer: int, batch: StepBatch) -> None:
+        if self.is_oracle:
+            self._states.append(batch.hidden[self._mains].clone())
+        if self.profile_layers:
+            self._stamps.append(time.perf_counter())
+
+    def on_signals(self, layer: int, seq_ids: list[int], signal: str, values: np.ndarray) -> None:
+        for s, v in zip(seq_ids, values.tolist(), strict=True):
+            self.rows[s].signals.setdefault(signal, {})[layer] = v
+
+    def on_step_end(self, batch: StepBatch, executed: np.ndarray, filled: np.ndarray) -> None:
+        seq_to_row = {row.seq_id: r for r, row in enumerate(batch.rows)}
+        for s, trace in self.rows.items():
+            trace.executed_layers = int(executed[seq_to_row[s]])
+            trace.filled_layers = int(filled[seq_to_row[s]])
+        self.layer_times_s = np.diff(self._stamps).tolist() if self.profile_layers else None
+        if self.is_oracle and self._seq_ids:
+            self._oracle_signals()
+
+    @torch.inference_mode()
+    def _oracle_signals(self) -> None:
+        states = torch.stack(self._states)  # [L + 1, rows, hidden]; index 0 is the layer input
+        logits = self.model.exit_logits(states[1:])  # [L, rows, vocab], one batched head call
+        top2 = logits.float().softmax(-1).topk(2, dim=-1).values
+        margin = (top2[..., 0] - top2[..., 1]).numpy()  # [L, rows]
+        cosine = F.cosine_similarity(states[1:].float(), states[:-1].float(), dim=-1).numpy()
+        argmax = logits.argmax(-1).T.tolist()  # [rows][L]
+        prob = None
+        if self.heads is not None:
+            normed = self.model.model.norm(states[1:])  # [L, rows, hidden]
+            prob = torch.sigmoid(
+                torch.einsum("lrh,lh->lr", normed, self.heads.weight) + self.heads.bias[:, None]
+            ).numpy()
+        for i, s in enumerate(self._seq_ids):
+            trace = self.rows[s]
+            L = margin.shape[0]
+            trace.signals["softmax_margin"] = dict(
+                zip(range(1, L + 1), margin[:, i].tolist(), strict=True)
+            )
+            trace.signals["hidden_cosine"] = dict(
+                zip(range(1, L + 1), cosine[:, i].tolist(), strict=True)
+            )
+            if prob is not None:
+                trace.signals["classifier_prob"] = dict(
+                    zip(range(1, L + 1), prob[:, i].tolist(), strict=True)
+                )
+            trace.argmax = argmax[i]
+
+
+def _as_list(values: dict[int, float] | None, num_layers: int) -> list[float | None] | None:
+    if not values:
+        return None
+    return [values.get(layer) for layer in range(1, num_layers + 1)]
+
+
+class TraceRecorder:
+    """Turns each engine step (plan, result, probe) into rows of a CaptureWriter."""
+
+    def __init__(self, writer: CaptureWriter, probe: TraceProbe, num_layers: int,
+                 request_ids: dict[int, int], max_tokens: dict[int, int]) -> None:  # fmt: skip
+        self.writer, self.probe, self.num_layers = writer, probe, num_layers
+        self.request_ids = request_ids  # engine seq_id -> workload request id
+        self.max_tokens = max_tokens  # engine seq_id -> the request's max_tokens
+        self._positions: dict[int, int] = {}
+        self._start = time.perf_counter()
+        self.num_tokens = 0
+
+    def on_step(self, plan: StepPlan, result: StepResult) -> None:
+        now = time.perf_counter() - self._start
+        self.writer.append("steps", {
+            "step_id": plan.step_id, "start_s": max(0.0, now - result.duration_s),
+            "duration_s": result.duration_s, "num_rows": len(plan.rows),
+            "num_prefill_tokens": plan.num_prefill_tokens, "num_decode_rows": plan.num_decode_rows,
+            "num_context_tokens": plan.num_context_tokens,
+            "num_row_layers_executed": result.num_row_layers_executed,
+            "num_kv_only_row_layers": result.num_kv_only_row_layers,
+            "num_rule_evals": result.num_rule_evals, "num_forced_exits": result.num_forced_exits,
+            "num_preempted": plan.num_preempted, "layer_times_s": self.probe.layer_times_s,
+        })  # fmt: skip
+        for row in result.rows:
+            if row.token_id is not None:
+                self._token(row)
+
+    def _token(self, row) -> None:
+        trace = self.probe.rows.get(row.seq_id, RowTrace())
+        position = self._positions.get(row.seq_id, 0)
+        self._positions[row.seq_id] = position + 1
+        matches = None
+        if trace.argmax is not None:
+            matches = [a == row.token_id for a in trace.argmax]
+        self.writer.append("tokens", {
+            "request_id": self.request_ids[row.seq_id], "position": position,
+            "token_id": row.token_id, "exit_layer": row.exit_layer, "is_forced": row.is_forced,
+            "executed_layers": trace.executed_layers, "filled_layers": trace.filled_layers,
+            **{name: _as_list(trace.signals.get(name), self.num_layers) for name in SIGNAL_NAMES},
+            "matches_final": matches,
+        })  # fmt: skip
+        self.num_tokens += 1
+
+    def on_finish(self, out: RequestOutput) -> None:
+        self.writer.append("requests", {
+            "request_id": self.request_ids[out.seq_id], "arrival_s": out.arrival_s,
+            "num_prompt_tokens": len(out.prompt_token_ids), "num_output_tokens": len(out.token_ids),
+            "max_tokens": self.max_tokens[out.seq_id],
+            "first_token_s": out.first_token_s, "finish_s": out.finish_s,
+            "num_preemptions": out.num_preemptions,
+        })  # fmt: skip

@@ -1,0 +1,293 @@
+"""Capture directories (DESIGN §6): meta.json + requests / tokens / steps Parquet files.
+
+Writers append row groups to ``NAME.parquet.tmp`` inside ``OUT.partial/`` and only a finished
+capture is renamed to ``OUT``; an interrupted one (Ctrl-C) is closed and marked partial, a killed
+one leaves only the ``.partial`` folder, which no reader accepts. Readers check the schema version,
+the columns and their types, and value ranges, and name the first bad thing they find.
+Torch-free: the simulator reads traces too.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from policies.exit_rules import ExitPoints, ThresholdRule
+from testbed.errors import EetbError
+
+SCHEMA_VERSION = 1
+PARTIAL_SUFFIX = ".partial"
+_f32_list = pa.list_(pa.float32())
+
+SCHEMAS: dict[str, pa.Schema] = {
+    "requests": pa.schema(
+        [
+            ("request_id", pa.int64()),
+            ("arrival_s", pa.float64()),
+            ("num_prompt_tokens", pa.int32()),
+            ("num_output_tokens", pa.int32()),
+            ("max_tokens", pa.int32()),  # the request's limit (CALM's decaying threshold uses it)
+            ("first_token_s", pa.float64()),
+            ("finish_s", pa.float64()),
+            ("num_preemptions", pa.int32()),
+        ]
+    ),
+    "tokens": pa.schema(
+        [
+            ("request_id", pa.int64()),
+            ("position", pa.int32()),  # output index: 0 is the token the prefill produced
+            ("token_id", pa.int32()),
+            ("exit_layer", pa.int16()),  # layers run when the token was taken
+            ("is_forced", pa.bool_()),
+            ("executed_layers", pa.int16()),  # layers computed for this position in its step
+            ("filled_layers", pa.int16()),  # K/V-only layers written by the fill policy
+            # per exit point 1..L (index l-1); null where not evaluated (live captures)
+            ("softmax_margin", _f32_list),
+            ("hidden_cosine", _f32_list),
+            ("classifier_prob", _f32_list),
+            ("matches_final", pa.list_(pa.bool_())),  # layer argmax == emitted token (oracle)
+        ]
+    ),
+    "steps": pa.schema(
+        [
+            ("step_id", pa.int64()),
+            ("start_s", pa.float64()),
+            ("duration_s", pa.float64()),
+            ("num_rows", pa.int32()),
+            ("num_prefill_tokens", pa.int32()),
+            ("num_decode_rows", pa.int32()),
+            ("num_context_tokens", pa.int64()),
+            ("num_row_layers_executed", pa.int64()),
+            ("num_kv_only_row_layers", pa.int64()),
+            ("num_rule_evals", pa.int64()),
+            ("num_forced_exits", pa.int32()),
+            ("num_preempted", pa.int32()),
+            ("layer_times_s", _f32_list),  # profiling mode only, else null
+        ]
+    ),
+}
+TABLES = tuple(SCHEMAS)
+SIGNAL_COLUMNS = ("softmax_margin", "hidden_cosine", "classifier_prob")
+
+
+class TraceError(EetbError):
+    """A capture directory is missing, partial, of another schema version, or malformed."""
+
+
+@dataclass(frozen=True)
+class Capture:
+    path: Path
+    meta: dict[str, Any]
+    requests: pa.Table
+    tokens: pa.Table
+    steps: pa.Table
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.meta["model"]["num_layers"])
+
+    @property
+    def is_partial(self) -> bool:
+        return bool(self.meta.get("is_partial"))
+
+
+class CaptureWriter:
+    """Streams the three tables of one capture; use as a context manager."""
+
+    def __init__(self, out: Path, meta: dict[str, Any], *, rows_per_group: int = 4096) -> None:
+        self.out = Path(out)
+        if self.out.exists():
+            raise TraceError(f"{self.out} already exists: choose another --out or remove it")
+        self.tmp = self.out.with_name(self.out.name + PARTIAL_SUFFIX)
+        shutil.rmtree(self.tmp, ignore_errors=True)  # a crashed earlier attempt
+        self.tmp.mkdir(parents=True)
+        self.meta = {**meta, "schema_version": SCHEMA_VERSION}
+        self.rows_per_group = rows_per_group
+        self._buffers: dict[str, list[dict]] = {name: [] for name in TABLES}
+        self._writers = {
+            name: pq.ParquetWriter(self.tmp / f"{name}.parquet.tmp", SCHEMAS[name])
+            for name in TABLES
+        }
+
+    def append(self, table: str, row: dict[str, Any]) -> None:
+        buf = self._buffers[table]
+        buf.append(row)
+        if len(buf) >= self.rows_per_group:
+            self._flush(table)
+
+    def _flush(self, table: str) -> None:
+        if self._buffers[table]:
+            batch = pa.Table.from_pylist(self._buffers[table], schema=SCHEMAS[table])
+            self._writers[table].write_table(batch)
+            self._buffers[table] = []
+
+    def close(self, *, is_partial: bool = False) -> Path:
+        """Finish every file, write meta.json last, then move the folder to its final name."""
+        for name in TABLES:
+            self._flush(name)
+            self._writers[name].close()
+            (self.tmp / f"{name}.parquet.tmp").rename(self.tmp / f"{name}.parquet")
+        meta = {**self.meta, "is_partial": is_partial}
+        (self.tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        self.tmp.rename(self.out)
+        return self.out
+
+    def __enter__(self) -> CaptureWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        elif issubclass(exc_type, KeyboardInterrupt):
+            self.close(is_partial=True)  # what was captured stays readable, marked partial
+        # any other error: the .partial folder stays behind and is never read as a capture
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    path = Path(path)
+    if path.name.endswith(PARTIAL_SUFFIX):
+        raise TraceError(f"{path} is an unfinished capture (its process died); it cannot be read")
+    file = path / "meta.json"
+    if not file.is_file():
+        raise TraceError(f"{path} is not a capture: meta.json is missing")
+    try:
+        meta = json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise TraceError(f"{file} is not valid JSON: {exc}") from exc
+    version = meta.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise TraceError(f"{file}: schema version {version!r}, this eetb reads {SCHEMA_VERSION}")
+    return meta
+
+
+def _read_table(path: Path, name: str) -> pa.Table:
+    file = path / f"{name}.parquet"
+    if not file.is_file():
+        raise TraceError(f"{file} is missing")
+    try:
+        table = pq.read_table(file)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise TraceError(f"{file} is corrupt or truncated: {exc}") from exc
+    expected = SCHEMAS[name]
+    for field in expected:
+        if field.name not in table.column_names:
+            raise TraceError(f"{file}: missing column {field.name!r}")
+        actual = table.schema.field(field.name).type
+        if actual != field.type:
+            raise TraceError(f"{file}: column {field.name!r} is {actual}, expected {field.type}")
+    extra = [c for c in table.column_names if c not in expected.names]
+    if extra:
+        raise TraceError(f"{file}: unexpected column {extra[0]!r}")
+    return table.select(expected.names)
+
+
+def read_capture(path: str | Path, *, allow_partial: bool = False) -> Capture:
+    path = Path(path)
+    meta = read_meta(path)
+    if meta.get("is_partial") and not allow_partial:
+        raise TraceError(
+            f"{path} is a partial capture (interrupted); pass allow_partial to read it"
+        )
+    tables = {name: _read_table(path, name) for name in TABLES}
+    capture = Capture(path, meta, tables["requests"], tables["tokens"], tables["steps"])
+    validate(capture)
+    return capture
+
+
+def _first_bad(mask: np.ndarray) -> int | None:
+    idx = np.flatnonzero(mask)
+    return int(idx[0]) if len(idx) else None
+
+
+def _check(file: str, column: str, bad: np.ndarray, what: str) -> None:
+    row = _first_bad(bad)
+    if row is not None:
+        raise TraceError(f"{file}: row {row}: {column} {what}")
+
+
+def validate(c: Capture) -> None:
+    """Value ranges; raises TraceError naming the first bad row."""
+    req = {
+        k: np.asarray(c.requests[k].to_numpy(zero_copy_only=False)) for k in c.requests.column_names
+    }
+    for col in ("arrival_s", "first_token_s", "finish_s"):
+        _check("requests.parquet", col, ~(req[col] >= 0), "is negative or NaN")
+    _check(
+        "requests.parquet", "finish_s", req["finish_s"] < req["first_token_s"], "< first_token_s"
+    )
+    steps = c.steps
+    for col in ("start_s", "duration_s"):
+        _check("steps.parquet", col, ~(steps[col].to_numpy() >= 0), "is negative or NaN")
+    tok = c.tokens
+    rid, pos = tok["request_id"].to_numpy(), tok["position"].to_numpy()
+    # within each request (rows in file order), positions run 0, 1, 2, ...
+    order = np.argsort(rid, kind="stable")
+    r = rid[order]
+    first = np.r_[True, r[1:] != r[:-1]]
+    run_start = np.maximum.accumulate(np.where(first, np.arange(len(r)), 0))
+    bad = np.zeros(len(pos), dtype=bool)
+    bad[order] = pos[order] != np.arange(len(r)) - run_start
+
+    _check("tokens.parquet", "position", bad, "out of order")
+    layers = tok["exit_layer"].to_numpy()
+    _check("tokens.parquet", "exit_layer", (layers < 1) | (layers > c.num_layers), "out of range")
+    for col in SIGNAL_COLUMNS:
+        flat = tok[col].combine_chunks().flatten()
+        is_nan = pc.fill_null(pc.is_nan(flat), False).to_numpy(zero_copy_only=False)
+        owner = np.repeat(
+            np.arange(len(tok)), tok[col].combine_chunks().value_lengths().fill_null(0)
+        )
+        row = _first_bad(is_nan)
+        if row is not None:
+            raise TraceError(f"tokens.parquet: row {int(owner[row])}: {col} holds NaN")
+
+
+def signal_matrix(tokens: pa.Table, column: str, num_layers: int) -> np.ndarray:
+    """A list column as float [tokens, num_layers]; NaN where the list or an element is null."""
+    arr = tokens[column].combine_chunks()
+    lengths = arr.value_lengths().fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+    out = np.full((len(arr), num_layers), math.nan, dtype=np.float64)
+    if lengths.sum() == 0:
+        return out
+    flat = pc.cast(arr.flatten(), pa.float64()).to_numpy(zero_copy_only=False)  # null -> NaN
+    rows = np.repeat(np.arange(len(arr)), lengths)
+    cols = np.arange(len(flat)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    out[rows, cols] = flat
+    return out
+
+
+def replay_exit_layers(capture: Capture, rule: ThresholdRule, points: ExitPoints) -> np.ndarray:
+    """Exit layer per token if every token left at its first confident exit point (``shrink``
+    or ``consensus`` semantics for the token itself). Position 0 comes from the prefill and
+    always runs full depth; a token never confident exits at the last layer."""
+    L = capture.num_layers
+    tokens = capture.tokens
+    signal = signal_matrix(tokens, rule.signal, L)  # [tokens, L], NaN where not recorded
+    positions = tokens["position"].to_numpy()
+    limits = dict(zip(capture.requests["request_id"].to_pylist(),
+                      capture.requests["max_tokens"].to_pylist(), strict=True))  # fmt: skip
+    max_tokens = np.array([limits[r] for r in tokens["request_id"].to_pylist()])
+    threshold = rule.threshold_at(positions, max_tokens)
+    exits = np.full(len(positions), L, dtype=np.int64)
+    for layer in points.layers(L):  # ascending: the first confident layer wins
+        confident = (signal[:, layer - 1] >= threshold) & (exits == L) & (positions > 0)
+        exits[confident] = layer
+    return exits
+
+
+def agreement_by_layer(capture: Capture) -> np.ndarray:
+    """Oracle captures: per exit layer 1..L, the fraction of tokens whose argmax there equals
+    the emitted (final-layer) token."""
+    matches = signal_matrix(capture.tokens, "matches_final", capture.num_layers)
+    if np.isnan(matches).all():
+        raise TraceError(f"{capture.path} has no matches_final column data: not an oracle capture")
+    return np.nanmean(matches, axis=0)
