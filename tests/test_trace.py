@@ -1,0 +1,259 @@
+"""Trace capture: schema round trip, replay, oracle flags, bad files, interrupted captures."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from policies import ExitPoints, HiddenCosineRule
+from testbed.core.policy_set import PolicyConfig
+from testbed.engine.capture import CaptureConfig, CaptureRequest, run_capture
+from testbed.engine.engine import EngineConfig
+from testbed.trace import (
+    SCHEMAS,
+    CaptureWriter,
+    TraceError,
+    read_capture,
+    replay_exit_layers,
+    signal_matrix,
+)
+from tests.engine_helpers import TINY, prompts, tiny_checkpoint
+
+L = TINY.num_hidden_layers
+
+
+def _requests(n=5, max_tokens=10, seed=0):
+    return [
+        CaptureRequest(i, 0.01 * i, tuple(p), max_tokens)
+        for i, p in enumerate(prompts(n, seed=seed))
+    ]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return tiny_checkpoint(tmp_path_factory.mktemp("tiny"), seed=2)
+
+
+@pytest.fixture(scope="module")
+def oracle(ckpt, tmp_path_factory):
+    out = tmp_path_factory.mktemp("caps") / "oracle"
+    run_capture(ckpt, _requests(), CaptureConfig(mode="oracle", profile_layers=True), out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def live(ckpt, tmp_path_factory):
+    out = tmp_path_factory.mktemp("caps") / "live"
+    pc = PolicyConfig(batching="shrink", exit_rule="hidden", threshold=0.9, min_exit_layer=2)
+    run_capture(ckpt, _requests(), CaptureConfig(mode="live", engine=EngineConfig(policy=pc)), out)
+    return out
+
+
+def _row(table: str, **over):
+    base = {f.name: None for f in SCHEMAS[table]}
+    return base | over
+
+
+def test_round_trip_of_every_table(tmp_path):
+    meta = {"mode": "oracle", "model": {"num_layers": 3}}
+    rows = {
+        "requests": [_row("requests", request_id=7, arrival_s=0.5, num_prompt_tokens=4,
+                          num_output_tokens=2, max_tokens=2, first_token_s=0.6, finish_s=0.9,
+                          num_preemptions=0)],
+        "tokens": [_row("tokens", request_id=7, position=i, token_id=10 + i, exit_layer=3,
+                        is_forced=False, executed_layers=3, filled_layers=0,
+                        softmax_margin=[0.1, 0.2, 0.3], hidden_cosine=[0.5, None, 0.9],
+                        matches_final=[False, True, True]) for i in range(2)],
+        "steps": [_row("steps", step_id=0, start_s=0.0, duration_s=0.01, num_rows=1,
+                       num_prefill_tokens=4, num_decode_rows=0, num_context_tokens=4,
+                       num_row_layers_executed=12, num_kv_only_row_layers=0, num_rule_evals=0,
+                       num_forced_exits=0, num_preempted=0, layer_times_s=[0.001] * 3)],
+    }  # fmt: skip
+    with CaptureWriter(tmp_path / "cap", meta, rows_per_group=1) as w:
+        for table, items in rows.items():
+            for r in items:
+                w.append(table, r)
+    cap = read_capture(tmp_path / "cap")
+    assert cap.meta["schema_version"] == 1 and not cap.is_partial
+    for table, items in rows.items():
+        got = getattr(cap, table).to_pylist()
+        assert len(got) == len(items)
+        for g, e in zip(got, items, strict=True):
+            for k, v in e.items():
+                if isinstance(v, list):
+                    assert (
+                        g[k] == pytest.approx(v, nan_ok=True) if None not in v else g[k][1] is None
+                    )
+                elif isinstance(v, float):
+                    assert g[k] == pytest.approx(v)
+                else:
+                    assert g[k] == v
+
+
+def test_live_capture_replays_to_the_recorded_exit_layers(live):
+    cap = read_capture(live)
+    recorded = cap.tokens["exit_layer"].to_numpy()
+    replayed = replay_exit_layers(
+        cap, HiddenCosineRule(threshold=0.9), ExitPoints(min_exit_layer=2)
+    )
+    assert (replayed == recorded).all()
+    assert (recorded < L).any(), "the live run never exited early: the test proves nothing"
+
+
+def test_oracle_final_layer_agrees_with_the_emitted_token(oracle):
+    cap = read_capture(oracle)
+    matches = signal_matrix(cap.tokens, "matches_final", L)
+    assert (matches[:, L - 1] == 1).all()
+    assert (matches[:, : L - 1] == 0).any(), "every layer agreeing would make replay trivial"
+    assert (cap.tokens["exit_layer"].to_numpy() == L).all()
+    for col in ("softmax_margin", "hidden_cosine", "classifier_prob"):
+        assert not np.isnan(signal_matrix(cap.tokens, col, L)).any()
+    times = cap.steps["layer_times_s"].to_pylist()
+    assert all(len(t) == L for t in times)
+
+
+def _copy_capture(src: Path, dst: Path) -> Path:
+    dst.mkdir()
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+def _rewrite(path: Path, table: str, fn) -> None:
+    t = pq.read_table(path / f"{table}.parquet")
+    pq.write_table(fn(t), path / f"{table}.parquet")
+
+
+BAD_FILES = {
+    "no_meta": (lambda p: (p / "meta.json").unlink(), "meta.json is missing"),
+    "bad_meta_json": (lambda p: (p / "meta.json").write_text("{"), "not valid JSON"),
+    "wrong_version": (
+        lambda p: (p / "meta.json").write_text(
+            json.dumps(json.loads((p / "meta.json").read_text()) | {"schema_version": 99})
+        ),
+        "schema version 99",
+    ),
+    "missing_table": (lambda p: (p / "steps.parquet").unlink(), "steps.parquet is missing"),
+    "corrupt": (
+        lambda p: (p / "tokens.parquet").write_bytes(b"garbage" * 50),
+        "corrupt or truncated",
+    ),
+    "truncated": (
+        lambda p: (p / "tokens.parquet").write_bytes((p / "tokens.parquet").read_bytes()[:300]),
+        "corrupt or truncated",
+    ),
+    "missing_column": (
+        lambda p: _rewrite(p, "tokens", lambda t: t.drop_columns(["token_id"])),
+        "missing column 'token_id'",
+    ),
+    "wrong_type": (
+        lambda p: _rewrite(
+            p,
+            "tokens",
+            lambda t: t.set_column(
+                t.schema.get_field_index("position"), "position", t["position"].cast(pa.int64())
+            ),
+        ),
+        "column 'position' is int64, expected int32",
+    ),  # fmt: skip
+    "extra_column": (
+        lambda p: _rewrite(p, "steps", lambda t: t.append_column("bogus", t["step_id"])),
+        "unexpected column 'bogus'",
+    ),
+    "negative_time": (
+        lambda p: _rewrite(
+            p,
+            "steps",
+            lambda t: t.set_column(
+                t.schema.get_field_index("duration_s"), "duration_s", pa.array([-1.0] * t.num_rows)
+            ),
+        ),
+        "duration_s is negative",
+    ),  # fmt: skip
+    "nan_signal": (
+        lambda p: _rewrite(
+            p,
+            "tokens",
+            lambda t: t.set_column(
+                t.schema.get_field_index("hidden_cosine"),
+                "hidden_cosine",
+                pa.array([[float("nan")] * L] * t.num_rows, pa.list_(pa.float32())),
+            ),
+        ),
+        "hidden_cosine holds NaN",
+    ),  # fmt: skip
+    "positions_out_of_order": (
+        lambda p: _rewrite(p, "tokens", lambda t: t.take(list(range(t.num_rows))[::-1])),
+        "position out of order",
+    ),
+    "partial": (
+        lambda p: (p / "meta.json").write_text(
+            json.dumps(json.loads((p / "meta.json").read_text()) | {"is_partial": True})
+        ),
+        "partial capture",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FILES))
+def test_bad_capture_rejected_with_its_own_message(oracle, tmp_path, case):
+    damage, message = BAD_FILES[case]
+    bad = _copy_capture(oracle, tmp_path / "bad")
+    damage(bad)
+    with pytest.raises(TraceError, match=message.replace("(", r"\(")):
+        read_capture(bad)
+
+
+_CAPTURE_SCRIPT = """
+import sys
+from pathlib import Path
+from tests.engine_helpers import tiny_checkpoint, prompts
+from testbed.engine.capture import CaptureConfig, CaptureRequest, run_capture
+ck = tiny_checkpoint(Path(sys.argv[1]) / "ckpt")
+reqs = [CaptureRequest(i, 0.02 * i, tuple(p), 64) for i, p in enumerate(prompts(400, seed=1))]
+print("start", flush=True)
+run_capture(ck, reqs, CaptureConfig(mode="oracle"), Path(sys.argv[1]) / "cap")
+"""
+
+
+def _start_capture(tmp_path: Path) -> subprocess.Popen:
+    repo = Path(__file__).resolve().parent.parent
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _CAPTURE_SCRIPT, str(tmp_path)],
+        cwd=repo, stdout=subprocess.PIPE, text=True, env=os.environ | {"PYTHONPATH": str(repo)},
+    )  # fmt: skip
+    assert proc.stdout.readline().strip() == "start"
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "cap.partial").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.0)  # let it write some steps
+    return proc
+
+
+def test_killed_capture_leaves_nothing_that_reads_as_complete(tmp_path):
+    proc = _start_capture(tmp_path)
+    proc.kill()
+    proc.wait(timeout=30)
+    assert not (tmp_path / "cap").exists()
+    with pytest.raises(TraceError, match="unfinished capture"):
+        read_capture(tmp_path / "cap.partial")
+
+
+def test_interrupted_capture_is_marked_partial_and_readable(tmp_path):
+    proc = _start_capture(tmp_path)
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=60)
+    with pytest.raises(TraceError, match="partial capture"):
+        read_capture(tmp_path / "cap")
+    cap = read_capture(tmp_path / "cap", allow_partial=True)
+    assert cap.is_partial and cap.steps.num_rows > 0
