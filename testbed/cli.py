@@ -15,6 +15,8 @@ VERBS = {
     "train": "train the built-in early-exit model and its exit classifiers",
     "generate": "generate text with the native early-exit engine",
     "bench": "benchmark the native engine against transformers (and vLLM when installed)",
+    "capture": "capture an oracle or live trace from the native engine",
+    "trace": "inspect trace captures (trace info DIR)",
 }
 USAGE = "usage: eetb <verb> [options]   (eetb <verb> --help for a verb's options)"
 

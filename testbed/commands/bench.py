@@ -6,6 +6,8 @@ import dataclasses
 import itertools
 import json
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 from testbed.bench import (
@@ -20,8 +22,11 @@ from testbed.bench import (
 )
 from testbed.builtin_model import resolve_model_dir
 from testbed.commands.common import ProgressLine, add_data_dir, add_model, guarded, parser
+from testbed.core import SchedulerConfig
 from testbed.core.policy_set import PolicyConfig
 from testbed.datasets import load_summaries, summarization_prompt
+from testbed.engine.capture import CaptureConfig, CaptureRequest, run_capture
+from testbed.engine.engine import EngineConfig, LLMEngine
 from testbed.engine.sampler import SamplingParams
 from testbed.model.checkpoint import load_checkpoint
 from testbed.runinfo import to_jsonable, write_run_info
@@ -49,7 +54,7 @@ def main(argv: list[str]) -> int:
     p = parser("bench", "Benchmarks: engine vs transformers throughput; early-exit grid.")
     add_model(p)
     add_data_dir(p)
-    p.add_argument("--suite", choices=("throughput", "early-exit"), default="throughput")
+    p.add_argument("--suite", choices=("throughput", "early-exit", "capture"), default="throughput")
     p.add_argument("--out", type=Path, default=Path("runs/bench"), help="folder for the JSON")
     p.add_argument("--num-requests", type=int, default=None)
     p.add_argument("--max-new-tokens", type=int, default=None)
@@ -59,6 +64,8 @@ def main(argv: list[str]) -> int:
     ckpt = load_checkpoint(resolve_model_dir(args.model))
     if args.suite == "throughput":
         return _throughput(args, ckpt)
+    if args.suite == "capture":
+        return _capture(args, ckpt)
     return _early_exit(args, ckpt)
 
 
@@ -128,6 +135,43 @@ def _early_exit(args, ckpt) -> int:
               f"(ideal {best.ideal_speedup:.2f}x, achieved/ideal {best.speedup / best.ideal_speedup:.2f})")  # fmt: skip
     write_run_info(args.out, {"grid": [p.label() for p in grid]}, seed=0, suite="early-exit")
     (args.out / "early_exit.json").write_text(json.dumps(to_jsonable(rows), indent=2) + "\n")
+    return 0
+
+
+def _capture(args, ckpt) -> int:
+    """Oracle capture against plain full-depth generation of the same requests, alternating."""
+    cfg = ThroughputConfig(
+        num_requests=args.num_requests or 32, max_prompt_tokens=256,
+        max_new_tokens=args.max_new_tokens or 64,
+    )  # fmt: skip
+    prompts = random_prompts(cfg, ckpt.config.vocab_size)
+    requests = [CaptureRequest(i, 0.0, tuple(p), cfg.max_new_tokens) for i, p in enumerate(prompts)]
+    engine_cfg = EngineConfig(scheduler=SchedulerConfig(max_num_seqs=cfg.max_num_seqs))
+    times = {"plain": [], "oracle capture": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for rep in range(3):
+            start = time.perf_counter()
+            LLMEngine(ckpt, engine_cfg).run(
+                [
+                    (0.0, r.prompt_token_ids, SamplingParams(max_tokens=r.max_tokens))
+                    for r in requests
+                ]
+            )
+            times["plain"].append(time.perf_counter() - start)
+            start = time.perf_counter()
+            run_capture(
+                ckpt,
+                requests,
+                CaptureConfig(mode="oracle", engine=engine_cfg),
+                Path(tmp) / f"c{rep}",
+            )
+            times["oracle capture"].append(time.perf_counter() - start)
+    best = {k: min(v) for k, v in times.items()}
+    for k, v in times.items():
+        print(f"{k:16s} best {best[k]:6.2f} s   runs {', '.join(f'{x:.2f}' for x in v)}")
+    ratio = best["oracle capture"] / best["plain"]
+    print(f"oracle capture / plain full-depth generation: {ratio:.2f}x")
+    write_run_info(args.out, cfg, seed=cfg.seed, suite="capture", times_s=times, ratio=ratio)
     return 0
 
 
