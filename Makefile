@@ -5,7 +5,7 @@
 
 PYTHON ?= python3
 
-.PHONY: install lint test demo format
+.PHONY: install lint test demo format samples
 
 install:
 	$(PYTHON) scripts/ensure_torch.py
@@ -31,3 +31,13 @@ demo: install
 format:
 	$(PYTHON) -m ruff format .
 	$(PYTHON) -m ruff check --fix .
+
+# The sample traces under traces/samples/ (needs EETB_DATA_DIR for the CNN/DM prompts).
+SAMPLE_WORKLOAD = poisson:rate=4,n=24,prompt=64-384,output=64
+samples: install
+	rm -rf traces/samples/oracle_cnndm traces/samples/live_cnndm
+	$(PYTHON) -m testbed.cli capture --workload $(SAMPLE_WORKLOAD) --dataset cnndm --mode oracle \
+		--profile --out traces/samples/oracle_cnndm
+	$(PYTHON) -m testbed.cli capture --workload $(SAMPLE_WORKLOAD) --dataset cnndm --mode live \
+		--batching consensus --rule hidden --threshold 0.95 --min-exit-layer 4 \
+		--out traces/samples/live_cnndm

@@ -17,3 +17,7 @@ class DataError(EetbError):
 
 class ConfigError(EetbError, ValueError):
     """A configuration value is out of range."""
+
+
+class WorkloadError(EetbError):
+    """A workload string, trace file or workload parameter is malformed or out of range."""

@@ -1,0 +1,102 @@
+"""``eetb capture``: run a workload on the native engine and write an oracle or live trace."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+
+from testbed.builtin_model import resolve_model_dir
+from testbed.commands.common import (
+    ProgressLine,
+    add_data_dir,
+    add_model,
+    add_policy_args,
+    guarded,
+    parser,
+    policy_from_args,
+)
+from testbed.core import SchedulerConfig
+from testbed.datasets import FILES, load_summaries
+from testbed.engine.capture import CaptureConfig, CaptureRequest, run_capture
+from testbed.engine.engine import EngineConfig
+from testbed.engine.recorder import MODES
+from testbed.model.checkpoint import Checkpoint, load_checkpoint
+from testbed.workload import (
+    attach_prompts,
+    build_lengths,
+    clip_lengths,
+    parse_workload,
+    synthetic_prompts,
+)
+from testbed.workload_files import resolve_path
+
+
+@guarded
+def main(argv: list[str]) -> int:
+    p = parser("capture", "Capture a trace (DESIGN §6) from a run of the native engine.")
+    add_model(p)
+    add_data_dir(p)
+    add_policy_args(p)
+    p.add_argument("--workload", required=True, metavar="KIND:ARGS",
+                   help="e.g. poisson:rate=4,n=32,prompt=64-256,output=64 or azure:path=FILE,n=100,scale=0.1")  # fmt: skip
+    p.add_argument("--dataset", default="cnndm",
+                   help=f"prompt text source: {', '.join(FILES)} or 'synthetic' (random tokens)")  # fmt: skip
+    p.add_argument("--mode", choices=MODES, default="oracle")
+    p.add_argument("--out", required=True, type=Path, help="capture directory to create")
+    p.add_argument("--profile", action="store_true", help="record per-layer timings")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-num-seqs", type=int, default=32)
+    args = p.parse_args(argv)
+    ckpt = load_checkpoint(resolve_model_dir(args.model))
+    requests, clipped = _requests(args, ckpt)
+    if clipped:
+        print(f"clipped {clipped} request(s) to the model's limits", file=sys.stderr)
+    cfg = CaptureConfig(
+        mode=args.mode,
+        engine=EngineConfig(
+            policy=policy_from_args(args),
+            scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs),
+        ),
+        profile_layers=args.profile,
+        workload=args.workload,
+        seed=args.seed,
+    )
+    progress = ProgressLine()
+    done = []
+
+    def on_finish(_out) -> None:
+        done.append(1)
+        progress("capture", len(done), len(requests))
+
+    run_capture(ckpt, requests, cfg, args.out, on_finish=on_finish)
+    print(f"wrote {args.out} ({len(requests)} requests, mode {args.mode})")
+    return 0
+
+
+def _requests(args, ckpt: Checkpoint) -> tuple[list[CaptureRequest], int]:
+    spec = parse_workload(args.workload)
+    if spec.path is not None:
+        spec = dataclasses.replace(spec, path=str(resolve_path(spec.path, args.data_dir)))
+    lengths = build_lengths(spec, args.seed)
+    max_len = min(SchedulerConfig().max_model_len, ckpt.config.max_position_embeddings)
+    lengths, report = clip_lengths(lengths, max_model_len=max_len)
+    if args.dataset == "synthetic":
+        reqs = synthetic_prompts(lengths, ckpt.config.vocab_size, args.seed)
+    else:
+        texts = [ex.article for ex in load_summaries(args.dataset, "eval", args.data_dir)]
+        bos = ckpt.config.bos_token_id
+
+        def encode(text: str) -> list[int]:
+            return ([bos] if bos is not None else []) + ckpt.tokenizer.encode(text).ids
+
+        reqs = attach_prompts(lengths, texts, encode, seed=args.seed)
+    out = [
+        CaptureRequest(r.request_id, r.arrival_s, tuple(r.prompt_token_ids), r.max_tokens)
+        for r in reqs
+    ]
+    return out, report.num_requests_clipped
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
