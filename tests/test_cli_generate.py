@@ -58,3 +58,60 @@ def test_prompt_longer_than_context(capsys):
     code, _, err = _run(capsys, "--prompt", "word " * 3000, "--max-tokens", "4")
     assert code == 2
     assert err.count("\n") == 1 and "max_model_len" in err
+
+
+def test_capture_and_trace_info(capsys, tmp_path):
+    out = tmp_path / "cap"
+    code = main(["capture", "--workload", "poisson:rate=50,n=3,prompt=8-16,output=4",
+                 "--dataset", "synthetic", "--mode", "oracle", "--out", str(out)])  # fmt: skip
+    assert code == 0
+    capsys.readouterr()
+    assert main(["trace", "info", str(out), "--threshold", "0.9"]) == 0
+    text = capsys.readouterr().out
+    assert "requests 3, tokens 12" in text
+    assert "agreement with the final token by exit layer" in text
+    # a second capture to the same folder is refused and the first one survives
+    again = [
+        "capture",
+        "--workload",
+        "poisson:rate=5,n=2",
+        "--dataset",
+        "synthetic",
+        "--out",
+        str(out),
+    ]
+    assert main(again) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main(["trace", "info", str(out)]) == 0
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["capture", "--workload", "nope:x=1", "--out", "X"], "unknown workload kind 'nope'"),
+        (["capture", "--workload", "poisson:rate=-1,n=2", "--out", "X"], "rate"),
+        (
+            [
+                "capture",
+                "--workload",
+                "poisson:rate=1,n=2",
+                "--mode",
+                "oracle",
+                "--dataset",
+                "synthetic",
+                "--rule",
+                "nope",
+                "--out",
+                "X",
+            ],
+            "unknown exit_rule policy 'nope'",
+        ),  # fmt: skip
+        (["trace", "info", "/nonexistent"], "meta.json is missing"),
+    ],
+)
+def test_capture_bad_input(capsys, tmp_path, monkeypatch, argv, message):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
+    assert not (tmp_path / "X").exists()

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from testbed.core.policy_set import PolicyConfig
+from testbed.core.policy_set import PolicyConfig, build_policies
 from testbed.engine.engine import EngineConfig, LLMEngine, RequestOutput
 from testbed.engine.recorder import MODES, TraceProbe, TraceRecorder
 from testbed.engine.sampler import SamplingParams
@@ -72,6 +72,7 @@ def run_capture(
 ) -> Path:
     """Run the workload arrival-paced and write the capture directory ``out``."""
     engine_cfg = cfg.engine
+    build_policies(engine_cfg.policy)  # a bad option is an error even where oracle ignores it
     if cfg.mode == "oracle":  # full depth: the recorded token stream is the full-depth one
         engine_cfg = dataclasses.replace(engine_cfg, policy=PolicyConfig())
     engine = LLMEngine(ckpt, dataclasses.replace(engine_cfg, seed=cfg.seed))
