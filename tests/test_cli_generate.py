@@ -104,7 +104,7 @@ def test_capture_and_trace_info(capsys, tmp_path):
                 "--out",
                 "X",
             ],
-            "unknown exit_rule policy 'nope'",
+            "unknown exit rule 'nope'",
         ),  # fmt: skip
         (["trace", "info", "/nonexistent"], "meta.json is missing"),
     ],
