@@ -17,6 +17,8 @@ VERBS = {
     "bench": "benchmark the native engine against transformers (and vLLM when installed)",
     "capture": "capture an oracle or live trace from the native engine",
     "trace": "inspect trace captures (trace info DIR)",
+    "simulate": "simulate one policy on a trace replay (JSON and a table)",
+    "sweep": "simulate a grid of policies from GRID.toml and rank them",
 }
 USAGE = "usage: eetb <verb> [options]   (eetb <verb> --help for a verb's options)"
 

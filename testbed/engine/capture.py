@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from testbed.core.policy_set import PolicyConfig, build_policies
-from testbed.engine.engine import EngineConfig, LLMEngine, RequestOutput
+from testbed.engine.engine import EngineConfig, LLMEngine, RequestOutput, StepHook
 from testbed.engine.recorder import MODES, TraceProbe, TraceRecorder
 from testbed.engine.sampler import SamplingParams
 from testbed.errors import ConfigError
@@ -69,6 +69,7 @@ def run_capture(
     cfg: CaptureConfig,
     out: Path,
     on_finish: Callable[[RequestOutput], None] | None = None,
+    on_step: StepHook | None = None,
 ) -> Path:
     """Run the workload arrival-paced and write the capture directory ``out``."""
     engine_cfg = cfg.engine
@@ -88,6 +89,8 @@ def run_capture(
         limits = {seq_id: r.max_tokens for seq_id, r in enumerate(order)}
         recorder = TraceRecorder(writer, probe, engine.num_layers, request_ids, limits)
         engine.step_hooks.append(recorder.on_step)
+        if on_step is not None:
+            engine.step_hooks.append(on_step)
 
         def finished(o: RequestOutput) -> None:
             recorder.on_finish(o)

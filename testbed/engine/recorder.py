@@ -41,6 +41,8 @@ class TraceProbe:
         self.model, self.heads = model, heads
         self.is_oracle, self.profile_layers = is_oracle, profile_layers
         self.rows: dict[int, RowTrace] = {}
+        # signals of a sequence's pending token, kept across steps (a parked row resumes later)
+        self.pending: dict[int, dict[str, dict[int, float]]] = {}
         self.layer_times_s: list[float] | None = None
         self._seq_ids: list[int] = []
         self._mains = torch.empty(0, dtype=torch.long)
@@ -63,7 +65,7 @@ class TraceProbe:
 
     def on_signals(self, layer: int, seq_ids: list[int], signal: str, values: np.ndarray) -> None:
         for s, v in zip(seq_ids, values.tolist(), strict=True):
-            self.rows[s].signals.setdefault(signal, {})[layer] = v
+            self.pending.setdefault(s, {}).setdefault(signal, {})[layer] = v
 
     def on_step_end(self, batch: StepBatch, executed: np.ndarray, filled: np.ndarray) -> None:
         seq_to_row = {row.seq_id: r for r, row in enumerate(batch.rows)}
@@ -140,6 +142,7 @@ class TraceRecorder:
 
     def _token(self, row) -> None:
         trace = self.probe.rows.get(row.seq_id, RowTrace())
+        signals = trace.signals if self.probe.is_oracle else self.probe.pending.pop(row.seq_id, {})
         position = self._positions.get(row.seq_id, 0)
         self._positions[row.seq_id] = position + 1
         matches = None
@@ -149,7 +152,7 @@ class TraceRecorder:
             "request_id": self.request_ids[row.seq_id], "position": position,
             "token_id": row.token_id, "exit_layer": row.exit_layer, "is_forced": row.is_forced,
             "executed_layers": trace.executed_layers, "filled_layers": trace.filled_layers,
-            **{name: _as_list(trace.signals.get(name), self.num_layers) for name in SIGNAL_NAMES},
+            **{name: _as_list(signals.get(name), self.num_layers) for name in SIGNAL_NAMES},
             "matches_final": matches,
         })  # fmt: skip
         self.num_tokens += 1

@@ -1,0 +1,207 @@
+"""The replay runner: stands in for the engine's ModelRunner inside the simulator.
+
+It executes a StepPlan without a model: at each exit point the exit rule reads the trace's
+recorded signals for the token being produced, then the *same* batching and KV-fill policy
+objects decide, in the same order as testbed/engine/runner.py. Instead of tensors it counts
+the work per layer, which a cost model turns into time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from policies.exit_rules import ExitSignals
+from testbed.core.policy_set import PolicySet
+from testbed.core.step import RowResult, StepPlan, StepResult
+from testbed.sim.token_source import TokenStream
+
+
+@dataclass(frozen=True)
+class StepWork:
+    """What a replayed step did, per layer; the cost model's input (see cost_model.StepFeatures)."""
+
+    result: StepResult
+    layer_tokens: tuple[int, ...]
+    layer_context_tokens: tuple[int, ...]
+    layer_kv_only_tokens: tuple[int, ...]
+    executed: tuple[int, ...]  # per plan row: layers computed for its newest position
+
+
+@dataclass
+class _Deferred:
+    position: int
+    layer: int  # layers 0..layer-1 hold its K/V
+
+
+@dataclass
+class _Step:
+    running: np.ndarray
+    token: list[int | None]
+    exit_layer: list[int | None]
+    forced: np.ndarray
+    parked: list[int | None]
+    executed: np.ndarray
+    layer_tokens: np.ndarray
+    layer_ctx: np.ndarray
+    counters: dict[str, int] = field(default_factory=lambda: dict(evals=0, forced=0, rl=0))
+
+
+class ReplayRunner:
+    def __init__(self, policies: PolicySet, num_layers: int) -> None:
+        self.policies, self.num_layers = policies, num_layers
+        self.streams: dict[int, TokenStream] = {}
+        self.num_prompt_tokens: dict[int, int] = {}
+        self.max_tokens: dict[int, int] = {}
+        self.deferred: dict[int, list[_Deferred]] = {}
+        self.parked: set[int] = set()
+
+    def add_sequence(
+        self, seq_id: int, stream: TokenStream, num_prompt_tokens: int, max_tokens: int
+    ) -> None:
+        self.streams[seq_id] = stream
+        self.num_prompt_tokens[seq_id] = num_prompt_tokens
+        self.max_tokens[seq_id] = max_tokens
+
+    def release(self, seq_id: int) -> None:
+        for table in (self.streams, self.num_prompt_tokens, self.max_tokens, self.deferred):
+            table.pop(seq_id, None)
+        self.parked.discard(seq_id)
+
+    def execute(self, plan: StepPlan, duration_s: float = 0.0) -> StepWork:
+        L, rows = self.num_layers, plan.rows
+        for row in rows:
+            if row.is_prefill and row.start_position == 0:  # re-prefill after a preemption
+                self.deferred.pop(row.seq_id, None)
+        st = _Step(
+            running=np.ones(len(rows), dtype=bool), token=[None] * len(rows),
+            exit_layer=[None] * len(rows), forced=np.zeros(len(rows), dtype=bool),
+            parked=[None] * len(rows), executed=np.full(len(rows), L),
+            layer_tokens=np.zeros(L, dtype=np.int64), layer_ctx=np.zeros(L, dtype=np.int64),
+        )  # fmt: skip
+        start = np.array([r.start_layer for r in rows])
+        is_decode = np.array([not r.is_prefill for r in rows], dtype=bool)
+        for i in range(L):
+            if not self._layer(plan, st, i, start, is_decode):
+                break
+        for r, row in enumerate(rows):  # rows that reached the last layer take its token
+            if row.is_sampling and st.token[r] is None and st.parked[r] is None:
+                st.token[r], st.exit_layer[r] = self._token(row), L
+        kv_only = self._settle(plan, st, is_decode)
+        result = StepResult(
+            step_id=plan.step_id,
+            rows=tuple(self._row_result(row, st, r) for r, row in enumerate(rows)),
+            num_row_layers_executed=int(st.counters["rl"]),
+            num_kv_only_row_layers=int(kv_only.sum()),
+            num_rule_evals=st.counters["evals"],
+            num_forced_exits=st.counters["forced"],
+            duration_s=duration_s,
+        )
+        return StepWork(result, tuple(st.layer_tokens.tolist()), tuple(st.layer_ctx.tolist()),
+                        tuple(kv_only.tolist()), tuple(st.executed.tolist()))  # fmt: skip
+
+    def _layer(
+        self, plan: StepPlan, st: _Step, i: int, start: np.ndarray, is_decode: np.ndarray
+    ) -> bool:
+        active_any = False
+        for r, row in enumerate(plan.rows):
+            if not st.running[r]:
+                continue
+            units = [(p, 0) for p in row.positions] if start[r] <= i else []
+            if is_decode[r]:
+                units += [
+                    (d.position, d.layer) for d in self.deferred.get(row.seq_id, ()) if d.layer <= i
+                ]
+            for position, _ in units:
+                st.layer_tokens[i] += 1
+                st.layer_ctx[i] += position + 1
+            st.counters["rl"] += len(units)
+            active_any |= bool(units)
+        if not active_any:
+            return bool(st.running.any())
+        self._exit_point(plan, st, i + 1, start, is_decode)
+        return True
+
+    def _exit_point(self, plan, st: _Step, layer: int, start, is_decode) -> None:
+        p, L = self.policies, self.num_layers
+        if not p.batching.is_early_exit or layer >= L or not p.exit_points.is_exit_point(layer, L):
+            return
+        cand = np.flatnonzero(st.running & is_decode & (start < layer))
+        if len(cand) == 0:
+            return
+        has_token = np.array([st.token[r] is not None for r in cand])
+        positions = np.array([self._out_pos(plan.rows[r]) for r in cand])
+        confident = np.zeros(len(cand), dtype=bool)
+        need = ~has_token
+        if p.batching.needs_signals and need.any():
+            st.counters["evals"] += int(need.sum())
+            sig = [self._signal(plan.rows[r], layer) for r in cand[need]]
+            maxes = np.array([self.max_tokens[plan.rows[r].seq_id] for r in cand[need]])
+            signals = {k: np.array([s[k] for s in sig]) for k in sig[0]}
+            confident[need] = p.exit_rule.confident(
+                ExitSignals(**signals), positions=positions[need], max_tokens=maxes
+            )
+        d = p.batching.decide(layer=layer, num_layers=L, confident=confident,
+                              has_token=has_token, positions=positions)  # fmt: skip
+        for r in cand[d.take_token]:
+            st.token[r], st.exit_layer[r] = self._token(plan.rows[r]), layer
+        st.forced[cand[d.is_forced]] = True
+        st.counters["forced"] += int(d.is_forced.sum())
+        for r in cand[~d.keep_running]:
+            st.running[r] = False
+            st.executed[r] = layer
+        for r in cand[d.park]:
+            st.parked[r] = layer
+
+    def _out_pos(self, row) -> int:
+        return row.end_position - self.num_prompt_tokens[row.seq_id]
+
+    def _token(self, row) -> int:
+        stream = self.streams[row.seq_id]
+        return int(stream.token_ids[min(self._out_pos(row), len(stream) - 1)])
+
+    def _signal(self, row, layer: int) -> dict[str, float]:
+        stream = self.streams[row.seq_id]
+        idx = min(self._out_pos(row), len(stream) - 1)
+        return {name: float(m[idx, layer - 1]) for name, m in stream.signals.items()}
+
+    def _settle(self, plan: StepPlan, st: _Step, is_decode: np.ndarray) -> np.ndarray:
+        """Deferred positions advance as far as their row ran; then the KV-fill policy."""
+        L = self.num_layers
+        kv_only = np.zeros(L, dtype=np.int64)
+        for r, row in enumerate(plan.rows):
+            if is_decode[r] and row.seq_id in self.deferred:
+                reached = int(st.executed[r])
+                self.deferred[row.seq_id] = [
+                    _Deferred(d.position, max(d.layer, reached))
+                    for d in self.deferred[row.seq_id] if max(d.layer, reached) < L
+                ]  # fmt: skip
+        for r, row in enumerate(plan.rows):
+            if st.parked[r] is not None:
+                self.parked.add(row.seq_id)
+        fill_rows = [r for r in range(len(plan.rows))
+                     if is_decode[r] and st.parked[r] is None and st.executed[r] < L]  # fmt: skip
+        if not fill_rows:
+            return kv_only
+        decision = self.policies.kv_fill.decide(
+            executed_layers=st.executed[fill_rows], num_layers=L
+        )
+        kv_only += decision.fill_now.sum(axis=0)
+        from_layer0 = self.policies.kv_fill.resolve == "from_layer0"
+        for i, r in enumerate(fill_rows):
+            if decision.owe[i].any():
+                layer = 0 if from_layer0 else int(st.executed[r])
+                self.deferred.setdefault(plan.rows[r].seq_id, []).append(
+                    _Deferred(plan.rows[r].start_position, layer)
+                )
+        return kv_only
+
+    def _row_result(self, row, st: _Step, r: int) -> RowResult:
+        parked = st.parked[r]
+        token = None if parked is not None else st.token[r]
+        return RowResult(
+            seq_id=row.seq_id, token_id=token,
+            exit_layer=st.exit_layer[r] if token is not None else None,
+            is_forced=bool(st.forced[r]), is_parked=parked is not None, parked_layer=parked,
+        )  # fmt: skip

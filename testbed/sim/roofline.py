@@ -1,0 +1,265 @@
+"""Roofline cost model: a named GPU's peak FLOP/s and memory bandwidth against a model shape.
+
+Every kernel takes max(FLOPs / peak, bytes / bandwidth). A layer's weights are read once per
+step however many rows run it, so a decode step of 64 rows costs little more than one of a single
+row; that is why grouped early exit pays on GPUs and why the model charges per layer, not per row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+
+from testbed.sim.cost_base import CostModelError, StepFeatures, spread_layers
+
+
+@dataclass(frozen=True)
+class GpuSpec:
+    name: str
+    peak_flops_per_s: float  # dense BF16 tensor-core peak (no 2:4 sparsity)
+    memory_bytes_per_s: float  # HBM bandwidth
+
+
+# NVIDIA data sheets, SXM parts unless named otherwise. The sheets print BF16 tensor-core peaks
+# "with sparsity" (2× dense); these are the dense halves: A100 312 TFLOPS (A100 data sheet: 1,555
+# GB/s for 40 GB, 2,039 GB/s for 80 GB SXM), H100 SXM 989 TFLOPS and 3.35 TB/s, H100 PCIe 756
+# TFLOPS and 2.0 TB/s (H100 data sheet), H200 SXM 989 TFLOPS and 4.8 TB/s (H200 data sheet).
+GPUS: Mapping[str, GpuSpec] = {
+    spec.name: spec
+    for spec in (
+        GpuSpec("a100-40gb", 312e12, 1.555e12),
+        GpuSpec("a100-80gb", 312e12, 2.039e12),
+        GpuSpec("h100-pcie", 756e12, 2.0e12),
+        GpuSpec("h100-sxm", 989e12, 3.35e12),
+        GpuSpec("h200", 989e12, 4.8e12),
+    )
+}
+GPU_ALIASES: Mapping[str, str] = {"a100": "a100-80gb", "h100": "h100-sxm", "h200-sxm": "h200"}
+
+
+def gpu_spec(name: str) -> GpuSpec:
+    key = GPU_ALIASES.get(name.strip().lower(), name.strip().lower())
+    if key not in GPUS:
+        known = ", ".join([*GPUS, *GPU_ALIASES])
+        raise CostModelError(f"unknown GPU {name!r}; known: {known}")
+    return GPUS[key]
+
+
+_DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "float8": 1}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """A Llama-architecture decoder: GQA attention, gated (SwiGLU) MLP, untied-or-tied LM head."""
+
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int  # query heads
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    bytes_per_param: float  # weights and K/V cache: 2 for bf16
+
+    def __post_init__(self) -> None:
+        for name in ("num_layers", "hidden_size", "intermediate_size", "num_heads",
+                     "num_kv_heads", "head_dim", "vocab_size", "bytes_per_param"):  # fmt: skip
+            if not getattr(self, name) > 0:
+                raise CostModelError(
+                    f"model shape: {name} must be positive, got {getattr(self, name)}"
+                )
+
+    @property
+    def kv_proj_params(self) -> int:
+        """K and V projections of one layer."""
+        return 2 * self.hidden_size * self.num_kv_heads * self.head_dim
+
+    @property
+    def params_per_layer(self) -> int:
+        """Q, K, V, O projections plus gate, up and down of the MLP (norm weights are noise)."""
+        q_and_o = 2 * self.hidden_size * self.num_heads * self.head_dim
+        return q_and_o + self.kv_proj_params + 3 * self.hidden_size * self.intermediate_size
+
+    @property
+    def kv_bytes_per_token(self) -> float:
+        """K and V of one token in one layer."""
+        return 2 * self.num_kv_heads * self.head_dim * self.bytes_per_param
+
+    @property
+    def lm_head_params(self) -> int:
+        return self.hidden_size * self.vocab_size
+
+    @classmethod
+    def from_hf_config(
+        cls, config: Mapping[str, Any], *, bytes_per_param: float | None = None
+    ) -> ModelShape:
+        """From a Hugging Face ``config.json`` dict; bytes from ``torch_dtype`` unless given."""
+        try:
+            heads = int(config["num_attention_heads"])
+            hidden = int(config["hidden_size"])
+            dims = dict(
+                num_layers=int(config["num_hidden_layers"]), hidden_size=hidden,
+                intermediate_size=int(config["intermediate_size"]), num_heads=heads,
+                num_kv_heads=int(config.get("num_key_value_heads") or heads),
+                head_dim=int(config.get("head_dim") or hidden // heads),
+                vocab_size=int(config["vocab_size"]),
+            )  # fmt: skip
+        except KeyError as exc:
+            raise CostModelError(f"model config lacks {exc.args[0]!r}") from exc
+        except (TypeError, ValueError) as exc:
+            raise CostModelError(f"model config has a non-integer size: {exc}") from exc
+        if bytes_per_param is None:
+            bytes_per_param = _DTYPE_BYTES.get(str(config.get("torch_dtype")), 2)
+        return cls(**dims, bytes_per_param=bytes_per_param)
+
+    @classmethod
+    def from_capture_meta(
+        cls, meta: Mapping[str, Any], *, bytes_per_param: float = 2
+    ) -> ModelShape:
+        """The shape of the model a capture ran. Priced in bf16 by default whatever dtype the
+        capture used, because the GPU peaks above are bf16 peaks."""
+        try:
+            config = meta["model"]["config"]
+        except (KeyError, TypeError) as exc:
+            raise CostModelError(
+                "trace meta.json has no model.config to take a shape from"
+            ) from exc
+        return cls.from_hf_config(config, bytes_per_param=bytes_per_param)
+
+    @classmethod
+    def preset(cls, name: str) -> ModelShape:
+        key = name.strip().lower()
+        if key not in MODEL_PRESETS:
+            raise CostModelError(f"unknown model {name!r}; presets: {', '.join(MODEL_PRESETS)}")
+        return MODEL_PRESETS[key]
+
+
+# Shapes from each model's published config.json (bf16).
+MODEL_PRESETS: Mapping[str, ModelShape] = {
+    "llama-2-7b": ModelShape(32, 4096, 11008, 32, 32, 128, 32000, 2),
+    "llama-2-13b": ModelShape(40, 5120, 13824, 40, 40, 128, 32000, 2),
+    "llama-2-70b": ModelShape(80, 8192, 28672, 64, 8, 128, 32000, 2),
+    "llama-3-8b": ModelShape(32, 4096, 14336, 32, 8, 128, 128256, 2),
+}
+
+
+def kv_read_tokens(context: np.ndarray, num_context_tokens: int) -> np.ndarray:
+    """Per layer, the K/V positions actually read from memory.
+
+    ``context`` [layers] sums the context of every token (what attention FLOPs scale with); a
+    prefill chunk's tokens share one read of their row's K/V (flash attention), so the bytes
+    follow the per-row context ``num_context_tokens`` instead. Prefill rows run every layer, so
+    what a layer lacks against the fullest layer belongs to decode rows that exited, for which
+    per-token and per-row context agree. Exact for pure decode and pure prefill steps.
+    """
+    per_row = num_context_tokens - (context.max() - context)
+    return np.minimum(np.maximum(per_row, 0.0), context)
+
+
+@dataclass(frozen=True)
+class RooflineCostModel:
+    """Step time = overhead_s + Σ_layers kernel(layer) + Σ_layers kernel(fill) + LM head kernels,
+    kernel(FLOPs, bytes) = max(FLOPs / peak_flops_per_s, bytes / memory_bytes_per_s) / efficiency.
+
+    Per layer ℓ of the target model (trace layers mapped by relative depth when depths differ),
+    with t tokens running it fully, c the sum of their attended context lengths, r the K/V
+    positions read (see kv_read_tokens) and k K/V-only (copy fill) tokens:
+
+    - layer: FLOPs = 2·t·params_per_layer + 4·c·num_heads·head_dim  (QKᵀ and PV: one multiply-add
+      = 2 FLOPs each); bytes = [t > 0]·params_per_layer·bytes_per_param (weights read once per step)
+      + r·kv_bytes_per_token (K/V read) + t·kv_bytes_per_token (K/V written).
+    - fill: FLOPs = 2·k·kv_proj_params; bytes = [k > 0]·kv_proj_params·bytes_per_param
+      + k·kv_bytes_per_token. A separate kernel after the exit decision, so it re-reads the weights.
+    - LM head: one per row (num_rows; a non-final prefill chunk or a parked row samples nothing, so
+      this errs high by those) and one per softmax-rule evaluation, each a kernel of
+      FLOPs = 2·hidden·vocab·n and bytes = hidden·vocab·bytes_per_param (weights once per step).
+      The hidden and classifier rules cost O(hidden) per evaluation and are not charged.
+    Prefill attention FLOPs are exact only if the replay runner sums per-token context (it does).
+    """
+
+    gpu: GpuSpec
+    shape: ModelShape
+    overhead_s: float = 0.0  # fixed per-step cost: launch, scheduling, sampling
+    efficiency: float = 1.0  # achieved fraction of peak FLOP/s and bandwidth; 1.0 = pure roofline
+    name: str = field(default="roofline", init=False)
+    # memo of relative-depth matrices by trace depth; not part of the model's value
+    _spread_cache: dict[int, np.ndarray] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+
+    def __post_init__(self) -> None:
+        if not 0 < self.efficiency <= 1:
+            raise CostModelError(f"roofline efficiency must be in (0, 1], got {self.efficiency}")
+        if not self.overhead_s >= 0:
+            raise CostModelError(f"roofline overhead_s must be >= 0, got {self.overhead_s}")
+
+    @cached_property
+    def _unit_s(self) -> np.ndarray:
+        """[4, 6] seconds per unit, at the achieved rates. Rows: layer compute, layer memory,
+        fill compute, fill memory; columns: tokens, context, K/V read, K/V-only tokens,
+        [tokens > 0], [K/V-only > 0] (the weight reads)."""
+        s = self.shape
+        peak_s = 1 / (self.gpu.peak_flops_per_s * self.efficiency)  # s per FLOP
+        byte_s = 1 / (self.gpu.memory_bytes_per_s * self.efficiency)  # s per byte
+        kv_s = s.kv_bytes_per_token * byte_s
+        layer_weights_s = s.params_per_layer * s.bytes_per_param * byte_s
+        kv_weights_s = s.kv_proj_params * s.bytes_per_param * byte_s
+        return np.array([
+            [2 * s.params_per_layer * peak_s, 4 * s.num_heads * s.head_dim * peak_s, 0, 0, 0, 0],
+            [kv_s, 0, kv_s, 0, layer_weights_s, 0],
+            [0, 0, 0, 2 * s.kv_proj_params * peak_s, 0, 0],
+            [0, 0, 0, kv_s, 0, kv_weights_s],
+        ])  # fmt: skip
+
+    def _work_s(self, work: np.ndarray) -> float:
+        """work [4, layers]: tokens, attended context, K/V read, K/V-only tokens per layer."""
+        secs = self._unit_s @ np.concatenate([work, work[[0, 3]] > 0])  # [4, layers]
+        return float(np.maximum(secs[0], secs[1]).sum() + np.maximum(secs[2], secs[3]).sum())
+
+    def layer_time_s(
+        self, num_tokens: float, num_context_tokens: float, *, num_kv_only_tokens: float = 0
+    ) -> float:
+        """One layer in one step: num_tokens run it attending num_context_tokens in total, read
+        as one token per row (decode); num_kv_only_tokens only fill their K/V there."""
+        column = [[num_tokens], [num_context_tokens], [num_context_tokens], [num_kv_only_tokens]]
+        return self._work_s(np.array(column, dtype=np.float64))
+
+    def lm_head_time_s(self, num_vectors: int) -> float:
+        """num_vectors hidden states through the LM head in one kernel."""
+        if num_vectors <= 0:
+            return 0.0
+        p = self.shape.lm_head_params
+        compute_s = 2.0 * p * num_vectors / self.gpu.peak_flops_per_s
+        memory_s = p * self.shape.bytes_per_param / self.gpu.memory_bytes_per_s
+        return max(compute_s, memory_s) / self.efficiency
+
+    def _spread_matrix(self, num_source: int) -> np.ndarray:
+        """[L_src, L_tgt]: spread_layers is linear, so one matrix maps every row of counts."""
+        if num_source not in self._spread_cache:
+            unit_counts = np.eye(num_source)  # row i: one count in source layer i
+            self._spread_cache[num_source] = spread_layers(unit_counts, self.shape.num_layers)
+        return self._spread_cache[num_source]
+
+    def _layer_work(self, f: StepFeatures) -> np.ndarray:
+        """[4, L_tgt] float: tokens, attended context, K/V read, K/V-only tokens per layer."""
+        if not len(f.layer_tokens) == len(f.layer_context_tokens) == len(f.layer_kv_only_tokens):
+            raise CostModelError("step features: per-layer tuples differ in length")
+        if not f.layer_tokens:
+            raise CostModelError("step features: no per-layer counts (a trace has >= 1 layer)")
+        tokens, context, kv_only = np.array(
+            (f.layer_tokens, f.layer_context_tokens, f.layer_kv_only_tokens), dtype=np.float64
+        )  # [3, L_src]
+        work = np.stack([tokens, context, kv_read_tokens(context, f.num_context_tokens), kv_only])
+        if work.shape[1] != self.shape.num_layers:
+            work = work @ self._spread_matrix(work.shape[1])  # [4, L_tgt]
+        return work
+
+    def step_time_s(self, f: StepFeatures) -> float:
+        total_s = self._work_s(self._layer_work(f)) + self.lm_head_time_s(f.num_rows)
+        if f.rule == "softmax":
+            total_s += self.lm_head_time_s(f.num_rule_evals)
+        return self.overhead_s + total_s

@@ -1,0 +1,222 @@
+"""The SimPy simulator: arrivals feed the shared scheduler; an engine loop yields one event per
+step, whose length a cost model gives for the work the replay runner counted (DESIGN §7).
+
+There is no scheduling logic here: ``testbed.core.Scheduler`` and ``BlockManager`` decide, the
+policies decide, exactly as in the engine; only the runner (``ReplayRunner``) differs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import simpy
+
+from testbed.core import BlockManager, Scheduler, SchedulerConfig
+from testbed.core import Sequence as SeqState
+from testbed.core.errors import CoreError
+from testbed.core.policy_set import PolicyConfig, build_policies
+from testbed.core.step import StepPlan
+from testbed.sim.cost_model import CostModel, StepFeatures, build_cost_model
+from testbed.sim.errors import SimulationError
+from testbed.sim.metrics import Metrics, RequestRecord, StepRecord, compute_metrics
+from testbed.sim.replay import ReplayRunner, StepWork
+from testbed.sim.token_source import TraceTokens
+from testbed.trace import Capture, read_capture
+from testbed.workload import build_lengths, clip_lengths, parse_workload
+from testbed.workload_files import LengthSpec, resolve_path
+
+
+@dataclass(frozen=True)
+class SimulationConfig:
+    trace: str  # capture directory to replay (oracle: any rule and λ; live: its own rule)
+    workload: str  # e.g. "poisson:rate=4,n=200,prompt=64-512,output=64"
+    policy: PolicyConfig = PolicyConfig()
+    cost_model: str = "roofline:H100"
+    scheduler: SchedulerConfig = SchedulerConfig()
+    block_size: int = 16
+    num_kv_blocks: int = 4096
+    seed: int = 0
+    data_dir: str | None = None
+
+
+@dataclass(frozen=True)
+class SimulationResult:
+    config: SimulationConfig
+    metrics: Metrics
+    requests: tuple[RequestRecord, ...] = ()
+    steps: tuple[StepRecord, ...] = ()
+    num_rejected: int = 0  # requests the scheduler refused (too long, never fit)
+    plans: tuple[StepPlan, ...] = field(default=(), repr=False)  # kept when asked (parity tests)
+
+
+@dataclass
+class _Tracked:
+    request_id: int
+    arrival_s: float
+    num_prompt_tokens: int
+    first_token_s: float | None = None
+    exit_layers: list[int] = field(default_factory=list)
+    flags: list[bool] = field(default_factory=list)
+    num_forced: int = 0
+
+
+class Simulation:
+    """One run; ``run()`` returns its result. Build with :func:`simulate` for the usual path."""
+
+    def __init__(self, capture: Capture, lengths: list[LengthSpec], cfg: SimulationConfig,
+                 cost: CostModel, *, keep_plans: bool = False) -> None:  # fmt: skip
+        self.cfg, self.cost, self.lengths = cfg, cost, lengths
+        self.policies = build_policies(cfg.policy)
+        self.tokens = TraceTokens(capture)
+        if self.policies.batching.needs_signals:
+            self.tokens.check_signal(self.policies.exit_rule.signal)
+        self.num_layers = capture.num_layers
+        self.eos = capture.meta["model"]["config"].get("eos_token_id")
+        self.blocks = BlockManager(cfg.num_kv_blocks, cfg.block_size)
+        self.scheduler = Scheduler(cfg.scheduler, self.blocks, resume_policy=self.policies.batching)
+        self.runner = ReplayRunner(self.policies, self.num_layers)
+        self.env = simpy.Environment()
+        self.rng = np.random.default_rng(cfg.seed)
+        self.keep_plans = keep_plans
+        self.plans: list[StepPlan] = []
+        self.tracked: dict[int, _Tracked] = {}
+        self.records: list[RequestRecord] = []
+        self.steps: list[StepRecord] = []
+        self.num_rejected = 0
+        self._work = self.env.event()
+        self._next_seq_id = 0
+        self._arrivals_done = False
+        self.on_step: Callable[[StepPlan, StepWork], None] | None = None
+
+    def run(self) -> SimulationResult:
+        self.env.process(self._arrivals())
+        done = self.env.process(self._engine())
+        self.env.run(until=done)
+        return SimulationResult(
+            self.cfg, compute_metrics(self.records, self.steps), tuple(self.records),
+            tuple(self.steps), self.num_rejected, tuple(self.plans),
+        )  # fmt: skip
+
+    def _arrivals(self):
+        for request_id, spec in enumerate(self.lengths):
+            if spec.arrival_s > self.env.now:  # simultaneous arrivals join before the next step
+                yield self.env.timeout(spec.arrival_s - self.env.now)
+            self._admit(request_id, spec)
+        self._arrivals_done = True
+        self._wake()
+
+    def _admit(self, request_id: int, spec: LengthSpec) -> None:
+        stream = self.tokens.for_request(request_id, spec.num_output_tokens, self.rng)
+        own = self.tokens.streams.get(request_id) is stream
+        seq = SeqState(
+            seq_id=self._next_seq_id, prompt_token_ids=(0,) * spec.num_prompt_tokens,
+            max_tokens=spec.num_output_tokens, arrival_s=self.env.now,
+            eos_token_id=self.eos if own else None,  # a borrowed stream must not stop early
+        )  # fmt: skip
+        try:
+            self.scheduler.add(seq)
+        except CoreError:
+            self.num_rejected += 1
+            return
+        self._next_seq_id += 1
+        self.runner.add_sequence(seq.seq_id, stream, spec.num_prompt_tokens, spec.num_output_tokens)
+        self.tracked[seq.seq_id] = _Tracked(request_id, self.env.now, spec.num_prompt_tokens)
+        self._wake()
+
+    def _wake(self) -> None:
+        if not self._work.triggered:
+            self._work.succeed()
+
+    def _engine(self):
+        while True:
+            if not self.scheduler.has_unfinished():
+                if self._arrivals_done:
+                    return
+                self._work = self.env.event()
+                yield self._work
+                continue
+            plan = self.scheduler.schedule()
+            work = self.runner.execute(plan)
+            duration_s = self.cost.step_time_s(self._features(plan, work))
+            start_s = self.env.now
+            yield self.env.timeout(duration_s)
+            self._finish_step(plan, work, start_s, duration_s)
+
+    def _features(self, plan: StepPlan, work: StepWork) -> StepFeatures:
+        r = work.result
+        return StepFeatures(
+            num_rows=len(plan.rows), num_prefill_tokens=plan.num_prefill_tokens,
+            num_decode_rows=plan.num_decode_rows, num_context_tokens=plan.num_context_tokens,
+            num_row_layers_executed=r.num_row_layers_executed,
+            num_kv_only_row_layers=r.num_kv_only_row_layers, num_rule_evals=r.num_rule_evals,
+            rule=self.cfg.policy.exit_rule if self.policies.batching.is_early_exit else "none",
+            layer_tokens=work.layer_tokens, layer_context_tokens=work.layer_context_tokens,
+            layer_kv_only_tokens=work.layer_kv_only_tokens,
+        )  # fmt: skip
+
+    def _finish_step(
+        self, plan: StepPlan, work: StepWork, start_s: float, duration_s: float
+    ) -> None:
+        finished = self.scheduler.update(plan, work.result)
+        now = self.env.now
+        for row in work.result.rows:
+            if row.token_id is None:
+                continue
+            t = self.tracked[row.seq_id]
+            if t.first_token_s is None:
+                t.first_token_s = now
+            t.exit_layers.append(row.exit_layer)
+            t.num_forced += row.is_forced
+            stream = self.runner.streams[row.seq_id]
+            pos = min(len(t.exit_layers) - 1, len(stream) - 1)
+            flag = stream.matches_final[pos, row.exit_layer - 1]
+            t.flags.append(bool(flag == 1) if not np.isnan(flag) else True)
+        self.steps.append(StepRecord(
+            start_s=start_s, duration_s=duration_s,
+            num_row_layers_executed=work.result.num_row_layers_executed,
+            num_kv_only_row_layers=work.result.num_kv_only_row_layers,
+            num_blocks_used=self.blocks.num_blocks - self.blocks.num_free_blocks,
+            num_preempted=plan.num_preempted,
+        ))  # fmt: skip
+        if self.keep_plans:
+            self.plans.append(plan)
+        if self.on_step is not None:
+            self.on_step(plan, work)
+        for seq in finished:
+            self._record(seq, now)
+
+    def _record(self, seq: SeqState, now: float) -> None:
+        t = self.tracked.pop(seq.seq_id)
+        self.runner.release(seq.seq_id)
+        self.records.append(RequestRecord(
+            request_id=t.request_id, arrival_s=t.arrival_s, first_token_s=t.first_token_s,
+            finish_s=now, num_prompt_tokens=t.num_prompt_tokens,
+            num_output_tokens=seq.num_output_tokens, exit_layers=tuple(t.exit_layers),
+            num_forced_exits=t.num_forced, num_preemptions=seq.num_preemptions,
+            agreement_flags=tuple(t.flags),
+        ))  # fmt: skip
+
+
+def workload_lengths(cfg: SimulationConfig, max_model_len: int) -> list[LengthSpec]:
+    spec = parse_workload(cfg.workload)
+    if spec.path is not None:
+        spec = _with_path(spec, str(resolve_path(spec.path, cfg.data_dir)))
+    lengths = build_lengths(spec, cfg.seed)
+    return clip_lengths(lengths, max_model_len=max_model_len)[0]
+
+
+def _with_path(spec, path: str):
+    return dataclasses.replace(spec, path=path)
+
+
+def simulate(cfg: SimulationConfig, *, keep_plans: bool = False) -> SimulationResult:
+    """One simulation run; a top-level function so executors can ship it to workers."""
+    capture = read_capture(cfg.trace)
+    if cfg.num_kv_blocks <= 0 or cfg.block_size <= 0:
+        raise SimulationError("num_kv_blocks and block_size must be positive")
+    lengths = workload_lengths(cfg, cfg.scheduler.max_model_len)
+    cost = build_cost_model(cfg.cost_model, trace_meta=capture.meta)
+    return Simulation(capture, lengths, cfg, cost, keep_plans=keep_plans).run()
