@@ -30,6 +30,7 @@ from testbed.engine.engine import EngineConfig, LLMEngine
 from testbed.engine.sampler import SamplingParams
 from testbed.model.checkpoint import load_checkpoint
 from testbed.runinfo import to_jsonable, write_run_info
+from testbed.sim.simulator import SimulationConfig, simulate
 
 # the early-exit grid: (batching, params) × rule × λ; each rule's λ spans "rarely" to "often"
 GRID_BATCHING = (
@@ -61,6 +62,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--rules", default="hidden,softmax,classifier")
     p.add_argument("--fills", default=",".join(GRID_FILLS))
     args = p.parse_args(argv)
+    if args.suite == "sim-speed":
+        return _sim_speed(args)
     ckpt = load_checkpoint(resolve_model_dir(args.model))
     if args.suite == "throughput":
         return _throughput(args, ckpt)
@@ -172,6 +175,33 @@ def _capture(args, ckpt) -> int:
     ratio = best["oracle capture"] / best["plain"]
     print(f"oracle capture / plain full-depth generation: {ratio:.2f}x")
     write_run_info(args.out, cfg, seed=cfg.seed, suite="capture", times_s=times, ratio=ratio)
+    return 0
+
+
+AZURE_CONV = "azure_llm_trace_2023/AzureLLMInferenceTrace_conv.csv"
+
+
+def _sim_speed(args) -> int:
+    """Wall time of simulating the first N requests of the Azure conversation hour with exit
+    replay (consensus, hidden λ=0.95 from layer 4) and the H100 roofline of Llama-2-7B."""
+    policy = PolicyConfig(batching="consensus", threshold=0.95, min_exit_layer=4)
+    rows = []
+    for n in [int(x) for x in args.sizes.split(",")]:
+        cfg = SimulationConfig(
+            trace=args.trace, workload=f"azure:path={AZURE_CONV},n={n}", policy=policy,
+            cost_model="roofline:H100:llama-2-7b", data_dir=args.data_dir,
+        )  # fmt: skip
+        start = time.perf_counter()
+        result = simulate(cfg)
+        wall = time.perf_counter() - start
+        m = result.metrics
+        rows.append({"num_requests": n, "wall_s": wall, "requests_per_wall_s": n / wall,
+                     "num_steps": m.num_steps, "simulated_s": m.duration_s})  # fmt: skip
+        print(f"{n:7d} requests  {m.num_steps:8d} steps  simulated {m.duration_s:8.1f} s  "
+              f"wall {wall:7.2f} s  {n / wall:7.0f} requests/s  {m.num_steps / wall:7.0f} steps/s", flush=True)  # fmt: skip
+    write_run_info(
+        args.out, {"sizes": args.sizes, "trace": args.trace}, seed=0, suite="sim-speed", rows=rows
+    )
     return 0
 
 

@@ -35,6 +35,34 @@ class _Deferred:
     layer: int  # layers 0..layer-1 hold its K/V
 
 
+@dataclass(frozen=True)
+class _Units:
+    """Per-step arrays of the tokens each row feeds and the deferred positions riding along."""
+
+    num_tokens: np.ndarray  # [rows] tokens fed
+    ctx_sum: np.ndarray  # [rows] sum over fed tokens of their context length (position + 1)
+    def_row: np.ndarray  # [deferred] owning row
+    def_layer: np.ndarray  # [deferred] first layer it still owes
+    def_ctx: np.ndarray  # [deferred] its context length
+    boundaries: frozenset[int]  # layers where some row or deferred position starts running
+
+    @classmethod
+    def build(cls, plan: StepPlan, deferred: dict[int, list[_Deferred]]) -> _Units:
+        n = np.array([r.num_tokens for r in plan.rows], dtype=np.int64)
+        first = np.array([r.start_position for r in plan.rows], dtype=np.int64)
+        rows, layers, ctx = [], [], []
+        for r, row in enumerate(plan.rows):
+            for d in () if row.is_prefill else deferred.get(row.seq_id, ()):
+                rows.append(r)
+                layers.append(d.layer)
+                ctx.append(d.position + 1)
+        as_int = lambda v: np.array(v, dtype=np.int64)  # noqa: E731
+        starts = frozenset(r.start_layer for r in plan.rows) | frozenset(layers)
+        return cls(
+            n, n * first + n * (n + 1) // 2, as_int(rows), as_int(layers), as_int(ctx), starts
+        )
+
+
 @dataclass
 class _Step:
     running: np.ndarray
@@ -45,6 +73,9 @@ class _Step:
     executed: np.ndarray
     layer_tokens: np.ndarray
     layer_ctx: np.ndarray
+    units: _Units
+    last_work: tuple[int, int] | None = None  # (tokens, context) of the last counted layer
+    is_changed: bool = False  # a row stopped since last_work was counted
     counters: dict[str, int] = field(default_factory=lambda: dict(evals=0, forced=0, rl=0))
 
 
@@ -79,6 +110,7 @@ class ReplayRunner:
             exit_layer=[None] * len(rows), forced=np.zeros(len(rows), dtype=bool),
             parked=[None] * len(rows), executed=np.full(len(rows), L),
             layer_tokens=np.zeros(L, dtype=np.int64), layer_ctx=np.zeros(L, dtype=np.int64),
+            units=_Units.build(plan, self.deferred),
         )  # fmt: skip
         start = np.array([r.start_layer for r in rows])
         is_decode = np.array([not r.is_prefill for r in rows], dtype=bool)
@@ -104,22 +136,21 @@ class ReplayRunner:
     def _layer(
         self, plan: StepPlan, st: _Step, i: int, start: np.ndarray, is_decode: np.ndarray
     ) -> bool:
-        active_any = False
-        for r, row in enumerate(plan.rows):
-            if not st.running[r]:
-                continue
-            units = [(p, 0) for p in row.positions] if start[r] <= i else []
-            if is_decode[r]:
-                units += [
-                    (d.position, d.layer) for d in self.deferred.get(row.seq_id, ()) if d.layer <= i
-                ]
-            for position, _ in units:
-                st.layer_tokens[i] += 1
-                st.layer_ctx[i] += position + 1
-            st.counters["rl"] += len(units)
-            active_any |= bool(units)
-        if not active_any:
+        """Count layer i's work (vectorised over rows); False when nothing is left to run."""
+        u = st.units
+        # the active set changes only where a row stops or a row/deferred start layer is crossed
+        if st.last_work is None or st.is_changed or i in u.boundaries:
+            main = st.running & (start <= i)  # rows whose fed tokens run this layer
+            deferred = st.running[u.def_row] & (u.def_layer <= i)  # riding-along positions
+            num = int(u.num_tokens[main].sum()) + int(deferred.sum())
+            ctx = int(u.ctx_sum[main].sum()) + int(u.def_ctx[deferred].sum())
+            st.last_work, st.is_changed = (num, ctx), False
+        num, ctx = st.last_work
+        if num == 0:
             return bool(st.running.any())
+        st.layer_tokens[i] += num
+        st.layer_ctx[i] += ctx
+        st.counters["rl"] += num
         self._exit_point(plan, st, i + 1, start, is_decode)
         return True
 
@@ -148,6 +179,7 @@ class ReplayRunner:
             st.token[r], st.exit_layer[r] = self._token(plan.rows[r]), layer
         st.forced[cand[d.is_forced]] = True
         st.counters["forced"] += int(d.is_forced.sum())
+        st.is_changed |= bool((~d.keep_running).any())
         for r in cand[~d.keep_running]:
             st.running[r] = False
             st.executed[r] = layer

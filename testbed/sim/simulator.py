@@ -28,6 +28,10 @@ from testbed.trace import Capture, read_capture
 from testbed.workload import build_lengths, clip_lengths, parse_workload
 from testbed.workload_files import LengthSpec, resolve_path
 
+# The scheduler's full invariant check is O(KV blocks); a simulation checks every 64th step (the
+# engine and the property tests check every step).
+INVARIANT_CHECK_INTERVAL = 64
+
 
 @dataclass(frozen=True)
 class SimulationConfig:
@@ -76,7 +80,10 @@ class Simulation:
         self.num_layers = capture.num_layers
         self.eos = capture.meta["model"]["config"].get("eos_token_id")
         self.blocks = BlockManager(cfg.num_kv_blocks, cfg.block_size)
-        self.scheduler = Scheduler(cfg.scheduler, self.blocks, resume_policy=self.policies.batching)
+        self.scheduler = Scheduler(
+            cfg.scheduler, self.blocks, resume_policy=self.policies.batching,
+            invariant_check_interval=INVARIANT_CHECK_INTERVAL,
+        )  # fmt: skip
         self.runner = ReplayRunner(self.policies, self.num_layers)
         self.env = simpy.Environment()
         self.rng = np.random.default_rng(cfg.seed)
