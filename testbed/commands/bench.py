@@ -55,7 +55,13 @@ def main(argv: list[str]) -> int:
     p = parser("bench", "Benchmarks: engine vs transformers throughput; early-exit grid.")
     add_model(p)
     add_data_dir(p)
-    p.add_argument("--suite", choices=("throughput", "early-exit", "capture"), default="throughput")
+    p.add_argument(
+        "--suite",
+        choices=("throughput", "early-exit", "capture", "sim-speed"),
+        default="throughput",
+    )
+    p.add_argument("--trace", default="traces/samples/oracle_cnndm", help="sim-speed: the trace")
+    p.add_argument("--sizes", default="1000,19366", help="sim-speed: numbers of Azure requests")
     p.add_argument("--out", type=Path, default=Path("runs/bench"), help="folder for the JSON")
     p.add_argument("--num-requests", type=int, default=None)
     p.add_argument("--max-new-tokens", type=int, default=None)

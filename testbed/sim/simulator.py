@@ -221,6 +221,7 @@ def _with_path(spec, path: str):
 
 def simulate(cfg: SimulationConfig, *, keep_plans: bool = False) -> SimulationResult:
     """One simulation run; a top-level function so executors can ship it to workers."""
+    build_policies(cfg.policy)  # the cheapest check first: an unknown name fails at once
     capture = read_capture(cfg.trace)
     if cfg.num_kv_blocks <= 0 or cfg.block_size <= 0:
         raise SimulationError("num_kv_blocks and block_size must be positive")
