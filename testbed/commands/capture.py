@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 from pathlib import Path
 
@@ -17,19 +16,11 @@ from testbed.commands.common import (
     policy_from_args,
 )
 from testbed.core import SchedulerConfig
-from testbed.datasets import FILES, load_summaries
-from testbed.engine.capture import CaptureConfig, CaptureRequest, run_capture
+from testbed.datasets import FILES
+from testbed.engine.capture import CaptureConfig, build_requests, run_capture
 from testbed.engine.engine import EngineConfig
 from testbed.engine.recorder import MODES
-from testbed.model.checkpoint import Checkpoint, load_checkpoint
-from testbed.workload import (
-    attach_prompts,
-    build_lengths,
-    clip_lengths,
-    parse_workload,
-    synthetic_prompts,
-)
-from testbed.workload_files import resolve_path
+from testbed.model.checkpoint import load_checkpoint
 
 
 @guarded
@@ -49,7 +40,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--max-num-seqs", type=int, default=32)
     args = p.parse_args(argv)
     ckpt = load_checkpoint(resolve_model_dir(args.model))
-    requests, clipped = _requests(args, ckpt)
+    requests, clipped = build_requests(
+        args.workload, args.dataset, ckpt, seed=args.seed, data_dir=args.data_dir
+    )
     if clipped:
         print(f"clipped {clipped} request(s) to the model's limits", file=sys.stderr)
     cfg = CaptureConfig(
@@ -72,30 +65,6 @@ def main(argv: list[str]) -> int:
     run_capture(ckpt, requests, cfg, args.out, on_finish=on_finish)
     print(f"wrote {args.out} ({len(requests)} requests, mode {args.mode})")
     return 0
-
-
-def _requests(args, ckpt: Checkpoint) -> tuple[list[CaptureRequest], int]:
-    spec = parse_workload(args.workload)
-    if spec.path is not None:
-        spec = dataclasses.replace(spec, path=str(resolve_path(spec.path, args.data_dir)))
-    lengths = build_lengths(spec, args.seed)
-    max_len = min(SchedulerConfig().max_model_len, ckpt.config.max_position_embeddings)
-    lengths, report = clip_lengths(lengths, max_model_len=max_len)
-    if args.dataset == "synthetic":
-        reqs = synthetic_prompts(lengths, ckpt.config.vocab_size, args.seed)
-    else:
-        texts = [ex.article for ex in load_summaries(args.dataset, "eval", args.data_dir)]
-        bos = ckpt.config.bos_token_id
-
-        def encode(text: str) -> list[int]:
-            return ([bos] if bos is not None else []) + ckpt.tokenizer.encode(text).ids
-
-        reqs = attach_prompts(lengths, texts, encode, seed=args.seed)
-    out = [
-        CaptureRequest(r.request_id, r.arrival_s, tuple(r.prompt_token_ids), r.max_tokens)
-        for r in reqs
-    ]
-    return out, report.num_requests_clipped
 
 
 if __name__ == "__main__":

@@ -9,7 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from testbed.core import SchedulerConfig
 from testbed.core.policy_set import PolicyConfig, build_policies
+from testbed.datasets import load_summaries
 from testbed.engine.engine import EngineConfig, LLMEngine, RequestOutput, StepHook
 from testbed.engine.recorder import MODES, TraceProbe, TraceRecorder
 from testbed.engine.sampler import SamplingParams
@@ -17,6 +19,14 @@ from testbed.errors import ConfigError
 from testbed.model.checkpoint import Checkpoint, checkpoint_hash
 from testbed.runinfo import git_commit, to_jsonable
 from testbed.trace import CaptureWriter
+from testbed.workload import (
+    attach_prompts,
+    build_lengths,
+    clip_lengths,
+    parse_workload,
+    synthetic_prompts,
+)
+from testbed.workload_files import resolve_path
 
 
 @dataclass(frozen=True)
@@ -105,3 +115,30 @@ def run_capture(
             on_finish=finished,
         )
     return out
+
+
+def build_requests(
+    workload: str, dataset: str, ckpt: Checkpoint, *, seed: int, data_dir: str | None
+) -> tuple[list[CaptureRequest], int]:
+    """Requests of a workload string with prompts cut from a data set's evaluation articles to
+    the exact lengths ('synthetic': random token ids); returns them and how many were clipped."""
+    spec = parse_workload(workload)
+    if spec.path is not None:
+        spec = dataclasses.replace(spec, path=str(resolve_path(spec.path, data_dir)))
+    max_len = min(SchedulerConfig().max_model_len, ckpt.config.max_position_embeddings)
+    lengths, report = clip_lengths(build_lengths(spec, seed), max_model_len=max_len)
+    if dataset == "synthetic":
+        reqs = synthetic_prompts(lengths, ckpt.config.vocab_size, seed)
+    else:
+        texts = [ex.article for ex in load_summaries(dataset, "eval", data_dir)]
+        bos = ckpt.config.bos_token_id
+
+        def encode(text: str) -> list[int]:
+            return ([bos] if bos is not None else []) + ckpt.tokenizer.encode(text).ids
+
+        reqs = attach_prompts(lengths, texts, encode, seed=seed)
+    out = [
+        CaptureRequest(r.request_id, r.arrival_s, tuple(r.prompt_token_ids), r.max_tokens)
+        for r in reqs
+    ]
+    return out, report.num_requests_clipped
