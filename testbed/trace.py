@@ -71,6 +71,7 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("num_rule_evals", pa.int64()),
             ("num_forced_exits", pa.int32()),
             ("num_preempted", pa.int32()),
+            ("num_layers_run", pa.int16()),  # layers at least one token ran fully
             ("layer_times_s", _f32_list),  # profiling mode only, else null
         ]
     ),

@@ -25,12 +25,15 @@ from testbed.commands.common import ProgressLine, add_data_dir, add_model, guard
 from testbed.core import SchedulerConfig
 from testbed.core.policy_set import PolicyConfig
 from testbed.datasets import load_summaries, summarization_prompt
-from testbed.engine.capture import CaptureConfig, CaptureRequest, run_capture
+from testbed.engine.capture import CaptureConfig, CaptureRequest, build_requests, run_capture
 from testbed.engine.engine import EngineConfig, LLMEngine
 from testbed.engine.sampler import SamplingParams
 from testbed.model.checkpoint import load_checkpoint
 from testbed.runinfo import to_jsonable, write_run_info
+from testbed.sim.cost_model import build_cost_model
+from testbed.sim.metrics import RequestRecord, compute_metrics
 from testbed.sim.simulator import SimulationConfig, simulate
+from testbed.trace import read_capture
 
 # the early-exit grid: (batching, params) × rule × λ; each rule's λ spans "rarely" to "often"
 GRID_BATCHING = (
@@ -57,7 +60,7 @@ def main(argv: list[str]) -> int:
     add_data_dir(p)
     p.add_argument(
         "--suite",
-        choices=("throughput", "early-exit", "capture", "sim-speed"),
+        choices=("throughput", "early-exit", "capture", "sim-speed", "fidelity"),
         default="throughput",
     )
     p.add_argument("--trace", default="traces/samples/oracle_cnndm", help="sim-speed: the trace")
@@ -70,6 +73,8 @@ def main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     if args.suite == "sim-speed":
         return _sim_speed(args)
+    if args.suite == "fidelity":
+        return _fidelity(args, load_checkpoint(resolve_model_dir(args.model)))
     ckpt = load_checkpoint(resolve_model_dir(args.model))
     if args.suite == "throughput":
         return _throughput(args, ckpt)
@@ -208,6 +213,68 @@ def _sim_speed(args) -> int:
     write_run_info(
         args.out, {"sizes": args.sizes, "trace": args.trace}, seed=0, suite="sim-speed", rows=rows
     )
+    return 0
+
+
+FIDELITY_CALIBRATION = "poisson:rate=6,n=40,prompt=64-256,output=64"
+FIDELITY_TARGETS = (
+    "poisson:rate=3,n=40,prompt=128-384,output=48",
+    "poisson:rate=12,n=48,prompt=64-192,output=64",
+)
+
+
+def _measured(capture_dir: Path):
+    cap = read_capture(capture_dir)
+    records = [
+        RequestRecord(
+            request_id=r["request_id"], arrival_s=r["arrival_s"], first_token_s=r["first_token_s"],
+            finish_s=r["finish_s"], num_prompt_tokens=r["num_prompt_tokens"],
+            num_output_tokens=r["num_output_tokens"],
+            exit_layers=(cap.num_layers,) * r["num_output_tokens"], num_forced_exits=0,
+            num_preemptions=r["num_preemptions"],
+        )
+        for r in cap.requests.to_pylist()
+    ]  # fmt: skip
+    return compute_metrics(records, [])
+
+
+def _fidelity(args, ckpt) -> int:
+    """Fit `fitted` on a live run of one workload; predict live runs of other workloads from
+    their oracle traces; print the error of throughput and mean TPOT."""
+    policy = PolicyConfig(batching="consensus", threshold=0.95, min_exit_layer=4)
+    live = CaptureConfig(mode="live", engine=EngineConfig(policy=policy))
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        calib, _ = build_requests(
+            FIDELITY_CALIBRATION, "cnndm", ckpt, seed=1, data_dir=args.data_dir
+        )
+        run_capture(ckpt, calib, live, root / "calibration")
+        fit = build_cost_model(f"fitted:{root / 'calibration'}")
+        print(fit.report.table())
+        for i, workload in enumerate(FIDELITY_TARGETS):
+            reqs, _ = build_requests(workload, "cnndm", ckpt, seed=2, data_dir=args.data_dir)
+            run_capture(ckpt, reqs, CaptureConfig(mode="oracle"), root / f"oracle{i}")
+            run_capture(ckpt, reqs, live, root / f"live{i}")
+            measured = _measured(root / f"live{i}")
+            sim = simulate(SimulationConfig(
+                trace=str(root / f"oracle{i}"), workload=workload, policy=policy,
+                cost_model=f"fitted:{root / 'calibration'}", seed=2, data_dir=args.data_dir,
+            ))  # fmt: skip
+            p = sim.metrics
+            for name, pred, real in (
+                ("throughput tok/s", p.throughput_tokens_per_s, measured.throughput_tokens_per_s),
+                ("mean TPOT ms", p.tpot_mean_s * 1e3, measured.tpot_mean_s * 1e3),
+                ("mean TTFT ms", p.ttft_mean_s * 1e3, measured.ttft_mean_s * 1e3),
+            ):
+                rows.append({"workload": workload, "metric": name, "predicted": pred,
+                             "measured": real, "error": pred / real - 1})  # fmt: skip
+    print(f"{'workload':48s} {'metric':18s} {'predicted':>10s} {'measured':>10s} {'error':>7s}")
+    for r in rows:
+        print(f"{r['workload']:48s} {r['metric']:18s} {r['predicted']:10.2f} {r['measured']:10.2f} "
+              f"{r['error']:+7.1%}")  # fmt: skip
+    write_run_info(args.out, {"policy": policy.label(), "calibration": FIDELITY_CALIBRATION},
+                   seed=1, suite="fidelity", rows=rows)  # fmt: skip
     return 0
 
 

@@ -48,6 +48,7 @@ class TraceProbe:
         self._mains = torch.empty(0, dtype=torch.long)
         self._states: list[torch.Tensor] = []
         self._stamps: list[float] = []
+        self.num_layers_run = 0  # layers with any active token in the current step
 
     def on_step_start(self, batch: StepBatch) -> None:
         sampling = [r for r, row in enumerate(batch.rows) if row.is_sampling]
@@ -56,8 +57,10 @@ class TraceProbe:
         self.rows = {s: RowTrace() for s in self._seq_ids}
         self._states = [batch.hidden[self._mains].clone()] if self.is_oracle else []
         self._stamps = [time.perf_counter()]
+        self.num_layers_run = 0
 
     def on_layer(self, layer: int, batch: StepBatch) -> None:
+        self.num_layers_run += 1
         if self.is_oracle:
             self._states.append(batch.hidden[self._mains].clone())
         if self.profile_layers:
@@ -134,7 +137,8 @@ class TraceRecorder:
             "num_row_layers_executed": result.num_row_layers_executed,
             "num_kv_only_row_layers": result.num_kv_only_row_layers,
             "num_rule_evals": result.num_rule_evals, "num_forced_exits": result.num_forced_exits,
-            "num_preempted": plan.num_preempted, "layer_times_s": self.probe.layer_times_s,
+            "num_preempted": plan.num_preempted, "num_layers_run": self.probe.num_layers_run,
+            "layer_times_s": self.probe.layer_times_s,
         })  # fmt: skip
         for row in result.rows:
             if row.token_id is not None:

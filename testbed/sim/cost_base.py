@@ -34,6 +34,7 @@ class StepFeatures:
     layer_tokens: tuple[int, ...]  # per layer of the trace's model: tokens that ran it fully
     layer_context_tokens: tuple[int, ...]  # per layer: sum of context lengths those tokens attend
     layer_kv_only_tokens: tuple[int, ...]  # per layer: tokens that only computed K/V there
+    num_layers_run: int = 0  # layers at least one token ran fully
 
 
 class CostModel(Protocol):

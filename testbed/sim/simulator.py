@@ -162,6 +162,7 @@ class Simulation:
             rule=self.cfg.policy.exit_rule if self.policies.batching.is_early_exit else "none",
             layer_tokens=work.layer_tokens, layer_context_tokens=work.layer_context_tokens,
             layer_kv_only_tokens=work.layer_kv_only_tokens,
+            num_layers_run=sum(1 for n in work.layer_tokens if n),
         )  # fmt: skip
 
     def _finish_step(
