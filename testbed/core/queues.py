@@ -115,17 +115,18 @@ class SequenceQueues:
             (SequenceStatus.WAITING, list(self._waiting)),
             (SequenceStatus.RUNNING, self._running),
             (SequenceStatus.PARKED, self._parked),
-            (SequenceStatus.FINISHED, list(self._finished.values())),
-        )
+        )  # finished sequences never move again; they are checked as they arrive (finish())
         seen: set[int] = set()
         for status, seqs in collections:
             for seq in seqs:
                 assert seq.status is status, (
                     f"seq {seq.seq_id} is {seq.status.name} in {status.name}"
                 )
-                assert seq.seq_id not in seen, f"seq {seq.seq_id} is in two collections"
+                assert seq.seq_id not in seen and seq.seq_id not in self._finished, (
+                    f"seq {seq.seq_id} is in two collections"
+                )
                 seen.add(seq.seq_id)
-        assert len(seen) == len(self._by_id), "a sequence is in no collection"
+        assert len(seen) + len(self._finished) == len(self._by_id), "a sequence is in no collection"
         for sorted_seqs in (self._running, self._parked):
             ids = [seq.seq_id for seq in sorted_seqs]
             assert ids == sorted(ids), "running/parked lost their seq_id order"
