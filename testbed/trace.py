@@ -72,6 +72,7 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("num_forced_exits", pa.int32()),
             ("num_preempted", pa.int32()),
             ("num_layers_run", pa.int16()),  # layers at least one token ran fully
+            ("num_exit_points", pa.int16()),  # exit points where the policy decided (batched)
             ("layer_times_s", _f32_list),  # profiling mode only, else null
         ]
     ),

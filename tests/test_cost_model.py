@@ -203,8 +203,9 @@ def test_fitted_recovers_known_coefficients_and_keeps_a_zero_at_zero():
     steps, durations = synthetic_steps(300)
     model, report = FittedCostModel.fit(steps, durations)
     assert report.r2 == pytest.approx(1.0, abs=1e-9) and report.num_steps == 300
-    assert set(report.coefficients) == set(TRUE_COEF) | {"layers_run"}
+    assert set(report.coefficients) == set(TRUE_COEF) | {"layers_run", "exit_points"}
     assert report.coefficients["layers_run"] == 0.0  # synthetic steps have no such work
+    assert report.coefficients["exit_points"] == 0.0
     for name, value in TRUE_COEF.items():
         assert report.coefficients[name] == pytest.approx(value, rel=1e-6, abs=1e-12), name
     assert model.step_time_s(steps[7]) == pytest.approx(durations[7], rel=1e-6)
@@ -245,7 +246,7 @@ def test_fitted_on_the_sample_captures():
 
 @pytest.mark.parametrize(
     ("durations", "match"),
-    [([0.01] * 3, "at least 6 steps"), ([0.01] * 10, "same time"), ([-1.0] + [0.01] * 9, ">= 0")],
+    [([0.01] * 3, "at least 7 steps"), ([0.01] * 10, "same time"), ([-1.0] + [0.01] * 9, ">= 0")],
 )
 def test_fitted_rejects_bad_fits(durations, match):
     steps, _ = synthetic_steps(len(durations))

@@ -77,7 +77,7 @@ def test_round_trip_of_every_table(tmp_path):
         "steps": [_row("steps", step_id=0, start_s=0.0, duration_s=0.01, num_rows=1,
                        num_prefill_tokens=4, num_decode_rows=0, num_context_tokens=4,
                        num_row_layers_executed=12, num_kv_only_row_layers=0, num_rule_evals=0,
-                       num_forced_exits=0, num_preempted=0, num_layers_run=3,
+                       num_forced_exits=0, num_preempted=0, num_layers_run=3, num_exit_points=0,
                        layer_times_s=[0.001] * 3)],
     }  # fmt: skip
     with CaptureWriter(tmp_path / "cap", meta, rows_per_group=1) as w:

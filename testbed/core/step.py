@@ -114,6 +114,7 @@ class StepResult:
     num_rule_evals: int  # exit-rule evaluations (row × exit point)
     num_forced_exits: int  # rows forced out by the batching policy
     duration_s: float  # wall (engine) or modelled (simulator) time of the step
+    num_exit_points: int = 0  # exit points where the batching policy was asked (batched calls)
 
     def __post_init__(self) -> None:
         counters = (

@@ -138,6 +138,7 @@ class TraceRecorder:
             "num_kv_only_row_layers": result.num_kv_only_row_layers,
             "num_rule_evals": result.num_rule_evals, "num_forced_exits": result.num_forced_exits,
             "num_preempted": plan.num_preempted, "num_layers_run": self.probe.num_layers_run,
+            "num_exit_points": result.num_exit_points,
             "layer_times_s": self.probe.layer_times_s,
         })  # fmt: skip
         for row in result.rows:

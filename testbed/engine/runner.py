@@ -63,6 +63,7 @@ class _Counters:
     kv_only: int = 0
     rule_evals: int = 0
     forced: int = 0
+    exit_points: int = 0
 
 
 class ModelRunner:
@@ -130,6 +131,7 @@ class ModelRunner:
             num_kv_only_row_layers=counters.kv_only,
             num_rule_evals=counters.rule_evals,
             num_forced_exits=counters.forced,
+            num_exit_points=counters.exit_points,
             duration_s=time.perf_counter() - start_s,
         )
 
@@ -214,6 +216,7 @@ class ModelRunner:
                 if sig.logits is not None
                 else None
             )
+        counters.exit_points += 1
         decision = p.batching.decide(
             layer=layer,
             num_layers=self.num_layers,

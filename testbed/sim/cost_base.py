@@ -35,6 +35,7 @@ class StepFeatures:
     layer_context_tokens: tuple[int, ...]  # per layer: sum of context lengths those tokens attend
     layer_kv_only_tokens: tuple[int, ...]  # per layer: tokens that only computed K/V there
     num_layers_run: int = 0  # layers at least one token ran fully
+    num_exit_points: int = 0  # exit points where the policy decided: one batched call each
 
 
 class CostModel(Protocol):

@@ -38,6 +38,8 @@ COUNT_TERMS: Mapping[str, str] = {
     # layers any token ran: per-layer fixed costs (kernel launches, weight reads) are paid once
     # per layer run, however many rows run it
     "layers_run": "num_layers_run",
+    # exit-rule work is a batched call per exit point plus a little per row (rule_evals_<rule>)
+    "exit_points": "num_exit_points",
 }
 BASE_TERMS = ("overhead", *COUNT_TERMS)
 RULE_PREFIX = "rule_evals_"  # one term per exit rule: rule_evals_softmax, rule_evals_hidden, ...
@@ -179,10 +181,10 @@ class FittedCostModel:
         return rule in self._rule_s
 
     def step_time_s(self, f: StepFeatures) -> float:
-        overhead, row_layer, kv_only, prefill, context, layers_run = self._base_s
+        overhead, row_layer, kv_only, prefill, context, layers_run, points = self._base_s
         time_s = (overhead + row_layer * f.num_row_layers_executed + kv_only * f.num_kv_only_row_layers
                   + prefill * f.num_prefill_tokens + context * f.num_context_tokens
-                  + layers_run * f.num_layers_run)  # fmt: skip
+                  + layers_run * f.num_layers_run + points * f.num_exit_points)  # fmt: skip
         if f.num_rule_evals:
             time_s += self._rule_s.get(f.rule, 0.0) * f.num_rule_evals
         return time_s

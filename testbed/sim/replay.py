@@ -76,7 +76,9 @@ class _Step:
     units: _Units
     last_work: tuple[int, int] | None = None  # (tokens, context) of the last counted layer
     is_changed: bool = False  # a row stopped since last_work was counted
-    counters: dict[str, int] = field(default_factory=lambda: dict(evals=0, forced=0, rl=0))
+    counters: dict[str, int] = field(
+        default_factory=lambda: dict(evals=0, forced=0, rl=0, points=0)
+    )
 
 
 class ReplayRunner:
@@ -128,6 +130,7 @@ class ReplayRunner:
             num_kv_only_row_layers=int(kv_only.sum()),
             num_rule_evals=st.counters["evals"],
             num_forced_exits=st.counters["forced"],
+            num_exit_points=st.counters["points"],
             duration_s=duration_s,
         )
         return StepWork(result, tuple(st.layer_tokens.tolist()), tuple(st.layer_ctx.tolist()),
@@ -173,6 +176,7 @@ class ReplayRunner:
             confident[need] = p.exit_rule.confident(
                 ExitSignals(**signals), positions=positions[need], max_tokens=maxes
             )
+        st.counters["points"] += 1
         d = p.batching.decide(layer=layer, num_layers=L, confident=confident,
                               has_token=has_token, positions=positions)  # fmt: skip
         for r in cand[d.take_token]:

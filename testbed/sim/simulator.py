@@ -163,6 +163,7 @@ class Simulation:
             layer_tokens=work.layer_tokens, layer_context_tokens=work.layer_context_tokens,
             layer_kv_only_tokens=work.layer_kv_only_tokens,
             num_layers_run=sum(1 for n in work.layer_tokens if n),
+            num_exit_points=work.result.num_exit_points,
         )  # fmt: skip
 
     def _finish_step(
