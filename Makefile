@@ -33,7 +33,7 @@ format:
 	$(PYTHON) -m ruff check --fix .
 
 # The sample traces under traces/samples/ (needs EETB_DATA_DIR for the CNN/DM prompts).
-SAMPLE_WORKLOAD = poisson:rate=4,n=24,prompt=64-384,output=64
+SAMPLE_WORKLOAD = poisson:rate=12,n=32,prompt=64-384,output=64
 samples: install
 	rm -rf traces/samples/oracle_cnndm traces/samples/live_cnndm
 	$(PYTHON) -m testbed.cli capture --workload $(SAMPLE_WORKLOAD) --dataset cnndm --mode oracle \

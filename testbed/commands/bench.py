@@ -239,8 +239,8 @@ def _measured(capture_dir: Path):
 
 
 def _fidelity(args, ckpt) -> int:
-    """Fit `fitted` on a live run of one workload; predict live runs of other workloads from
-    their oracle traces; print the error of throughput and mean TPOT."""
+    """Fit `fitted` on an oracle and a live run of one workload; predict live runs of other
+    workloads from their oracle traces; print the error of throughput and mean TPOT."""
     policy = PolicyConfig(batching="consensus", threshold=0.95, min_exit_layer=4)
     live = CaptureConfig(mode="live", engine=EngineConfig(policy=policy))
     rows = []
@@ -249,8 +249,10 @@ def _fidelity(args, ckpt) -> int:
         calib, _ = build_requests(
             FIDELITY_CALIBRATION, "cnndm", ckpt, seed=1, data_dir=args.data_dir
         )
-        run_capture(ckpt, calib, live, root / "calibration")
-        fit = build_cost_model(f"fitted:{root / 'calibration'}")
+        run_capture(ckpt, calib, CaptureConfig(mode="oracle"), root / "calibration_oracle")
+        run_capture(ckpt, calib, live, root / "calibration_live")
+        fitted = f"fitted:{root / 'calibration_oracle'}+{root / 'calibration_live'}"
+        fit = build_cost_model(fitted)
         print(fit.report.table())
         for i, workload in enumerate(FIDELITY_TARGETS):
             reqs, _ = build_requests(workload, "cnndm", ckpt, seed=2, data_dir=args.data_dir)
@@ -259,7 +261,7 @@ def _fidelity(args, ckpt) -> int:
             measured = _measured(root / f"live{i}")
             sim = simulate(SimulationConfig(
                 trace=str(root / f"oracle{i}"), workload=workload, policy=policy,
-                cost_model=f"fitted:{root / 'calibration'}", seed=2, data_dir=args.data_dir,
+                cost_model=fitted, seed=2, data_dir=args.data_dir,
             ))  # fmt: skip
             p = sim.metrics
             for name, pred, real in (

@@ -199,33 +199,37 @@ class FittedCostModel:
 
     @classmethod
     def from_steps_parquet(cls, path: str | Path) -> tuple[FittedCostModel, FitReport]:
-        """Fit on a capture directory (or its steps.parquet). Its rule is the capture's exit rule,
-        unless it ran the ``full`` batching policy, which evaluates no rule."""
-        path = Path(path)
-        directory = path.parent if path.suffix == ".parquet" else path
-        try:
-            capture = read_capture(directory)
-        except (EetbError, OSError) as exc:  # TraceError: say which cost model wanted it
-            raise CostModelError(f"cannot fit a cost model on {path}: {exc}") from exc
-        policy = capture.meta.get("policy") or {}
-        rule = policy.get("exit_rule", "none") if policy.get("batching") != "full" else "none"
-        steps = capture.steps
-        counts = {
-            c: steps[c].to_numpy().astype(np.float64)
-            for c in (*COUNT_TERMS.values(), "num_rule_evals")
-        }
-        x = np.stack([np.ones(steps.num_rows), *(counts[c] for c in COUNT_TERMS.values())], axis=1)
-        names = BASE_TERMS
-        if rule != "none":
-            x, names = np.column_stack([x, counts["num_rule_evals"]]), (*names, RULE_PREFIX + rule)
-        model, report = _fit(names, x, steps["duration_s"].to_numpy().astype(np.float64))
+        """Fit on one or more captures: ``DIR`` or ``DIR1+DIR2`` (capture directories or their
+        steps.parquet). Each capture's rule is its exit rule, none if it ran ``full``. Combining
+        an oracle capture (many rows, no rule) with a live one separates per-row layer cost from
+        per-row rule cost, which one live capture alone confounds."""
+        rows, durations = [], []
+        for part in str(path).split("+"):
+            part_rows, part_durations = _steps_of(Path(part))
+            rows += part_rows
+            durations += part_durations
+        model, report = cls.fit(rows, durations)
         log.info(
             "fitted cost model on %s: R² %.3f over %d steps", path, report.r2, report.num_steps
         )
         return model, report
 
 
-SPEC_FORMS = "fitted:PATH, roofline:GPU[:MODEL], profile:CSV[:MODEL]"
+def _steps_of(path: Path) -> tuple[list[dict[str, Any]], list[float]]:
+    directory = path.parent if path.suffix == ".parquet" else path
+    try:
+        capture = read_capture(directory)
+    except (EetbError, OSError) as exc:  # TraceError: say which cost model wanted it
+        raise CostModelError(f"cannot fit a cost model on {path}: {exc}") from exc
+    policy = capture.meta.get("policy") or {}
+    rule = policy.get("exit_rule", "none") if policy.get("batching") != "full" else "none"
+    columns = (*COUNT_TERMS.values(), "num_rule_evals")
+    steps = capture.steps.select([*columns, "duration_s"]).to_pylist()
+    rows = [{**{c: step[c] for c in columns}, "rule": rule} for step in steps]
+    return rows, [step["duration_s"] for step in steps]
+
+
+SPEC_FORMS = "fitted:PATH[+PATH...], roofline:GPU[:MODEL], profile:CSV[:MODEL]"
 
 
 def _shape(model: str, trace_meta: Mapping[str, Any] | None, spec: str) -> ModelShape:
