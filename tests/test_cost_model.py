@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from dataclasses import replace
@@ -29,7 +30,7 @@ from testbed.trace import read_meta
 REPO = Path(__file__).resolve().parents[1]
 ORACLE = REPO / "traces" / "samples" / "oracle_cnndm"
 LIVE = REPO / "traces" / "samples" / "live_cnndm"
-PROFILES = Path("/work/shared/data/vidur_op_profiles")
+PROFILES = Path(os.environ.get("EETB_DATA_DIR", "data-dir-not-set")) / "vidur_op_profiles"
 LLAMA_CSV = PROFILES / "h100_Llama-2-7b-hf_mlp.csv"
 needs_profiles = pytest.mark.skipif(not LLAMA_CSV.is_file(), reason="shared Vidur CSVs absent")
 
