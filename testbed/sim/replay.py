@@ -74,6 +74,8 @@ class _Step:
     layer_tokens: np.ndarray
     layer_ctx: np.ndarray
     units: _Units
+    out_pos: np.ndarray  # [rows] output index of the token each row produces
+    max_tokens: np.ndarray  # [rows] the requests' output limits
     last_work: tuple[int, int] | None = None  # (tokens, context) of the last counted layer
     is_changed: bool = False  # a row stopped since last_work was counted
     counters: dict[str, int] = field(
@@ -113,6 +115,8 @@ class ReplayRunner:
             parked=[None] * len(rows), executed=np.full(len(rows), L),
             layer_tokens=np.zeros(L, dtype=np.int64), layer_ctx=np.zeros(L, dtype=np.int64),
             units=_Units.build(plan, self.deferred),
+            out_pos=np.array([self._out_pos(r) for r in rows], dtype=np.int64),
+            max_tokens=np.array([self.max_tokens[r.seq_id] for r in rows], dtype=np.int64),
         )  # fmt: skip
         start = np.array([r.start_layer for r in rows])
         is_decode = np.array([not r.is_prefill for r in rows], dtype=bool)
@@ -165,17 +169,18 @@ class ReplayRunner:
         if len(cand) == 0:
             return
         has_token = np.array([st.token[r] is not None for r in cand])
-        positions = np.array([self._out_pos(plan.rows[r]) for r in cand])
+        positions = st.out_pos[cand]
         confident = np.zeros(len(cand), dtype=bool)
         need = ~has_token
         if p.batching.needs_signals and need.any():
-            st.counters["evals"] += int(need.sum())
-            sig = [self._signal(plan.rows[r], layer) for r in cand[need]]
-            maxes = np.array([self.max_tokens[plan.rows[r].seq_id] for r in cand[need]])
-            signals = {k: np.array([s[k] for s in sig]) for k in sig[0]}
+            rows = cand[need]
+            st.counters["evals"] += len(rows)
+            signal = p.exit_rule.signal  # only the rule's own signal is read
+            values = np.array([self._signal_at(plan.rows[r], signal, layer) for r in rows])
             confident[need] = p.exit_rule.confident(
-                ExitSignals(**signals), positions=positions[need], max_tokens=maxes
-            )
+                ExitSignals(**{signal: values}), positions=positions[need],
+                max_tokens=st.max_tokens[rows],
+            )  # fmt: skip
         st.counters["points"] += 1
         d = p.batching.decide(layer=layer, num_layers=L, confident=confident,
                               has_token=has_token, positions=positions)  # fmt: skip
@@ -197,10 +202,9 @@ class ReplayRunner:
         stream = self.streams[row.seq_id]
         return int(stream.token_ids[min(self._out_pos(row), len(stream) - 1)])
 
-    def _signal(self, row, layer: int) -> dict[str, float]:
+    def _signal_at(self, row, signal: str, layer: int) -> float:
         stream = self.streams[row.seq_id]
-        idx = min(self._out_pos(row), len(stream) - 1)
-        return {name: float(m[idx, layer - 1]) for name, m in stream.signals.items()}
+        return float(stream.signals[signal][min(self._out_pos(row), len(stream) - 1), layer - 1])
 
     def _settle(self, plan: StepPlan, st: _Step, is_decode: np.ndarray) -> np.ndarray:
         """Deferred positions advance as far as their row ran; then the KV-fill policy."""
