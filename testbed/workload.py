@@ -30,6 +30,7 @@ from testbed.workload_files import (
     read_azure_csv,
     read_length_csv,
     read_mooncake_jsonl,
+    resolve_path,
     synthetic_arrivals,
 )
 
@@ -355,3 +356,13 @@ def build_lengths(spec: WorkloadSpec, seed: int) -> list[LengthSpec]:
         specs = rescale_rate(specs, spec.rate_per_s)
     log.info("workload %s: %d requests over %.1f s", spec.kind, len(specs), specs[-1].arrival_s)
     return specs
+
+
+def workload_lengths(
+    workload: str, *, seed: int, max_model_len: int, data_dir: str | None = None
+) -> tuple[list[LengthSpec], ClipReport]:
+    """A workload string to clipped length specs; ``path=`` resolves against ``data_dir``."""
+    spec = parse_workload(workload)
+    if spec.path is not None:
+        spec = replace(spec, path=str(resolve_path(spec.path, data_dir)))
+    return clip_lengths(build_lengths(spec, seed), max_model_len=max_model_len)

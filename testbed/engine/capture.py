@@ -19,14 +19,7 @@ from testbed.errors import ConfigError
 from testbed.model.checkpoint import Checkpoint, checkpoint_hash
 from testbed.runinfo import git_commit, to_jsonable
 from testbed.trace import CaptureWriter
-from testbed.workload import (
-    attach_prompts,
-    build_lengths,
-    clip_lengths,
-    parse_workload,
-    synthetic_prompts,
-)
-from testbed.workload_files import resolve_path
+from testbed.workload import attach_prompts, synthetic_prompts, workload_lengths
 
 
 @dataclass(frozen=True)
@@ -122,11 +115,10 @@ def build_requests(
 ) -> tuple[list[CaptureRequest], int]:
     """Requests of a workload string with prompts cut from a data set's evaluation articles to
     the exact lengths ('synthetic': random token ids); returns them and how many were clipped."""
-    spec = parse_workload(workload)
-    if spec.path is not None:
-        spec = dataclasses.replace(spec, path=str(resolve_path(spec.path, data_dir)))
     max_len = min(SchedulerConfig().max_model_len, ckpt.config.max_position_embeddings)
-    lengths, report = clip_lengths(build_lengths(spec, seed), max_model_len=max_len)
+    lengths, report = workload_lengths(
+        workload, seed=seed, max_model_len=max_len, data_dir=data_dir
+    )
     if dataset == "synthetic":
         reqs = synthetic_prompts(lengths, ckpt.config.vocab_size, seed)
     else:

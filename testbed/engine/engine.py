@@ -6,9 +6,8 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-import torch
 from tokenizers import Tokenizer
 
 from testbed.core import BlockManager, Scheduler, SchedulerConfig
@@ -64,11 +63,6 @@ class RequestOutput:
         if self.finish_s is None or self.first_token_s is None or len(self.token_ids) < 2:
             return None
         return (self.finish_s - self.first_token_s) / (len(self.token_ids) - 1)
-
-
-@dataclass
-class _Tracking:
-    outputs: dict[int, RequestOutput] = field(default_factory=dict)
 
 
 class LLMEngine:
@@ -215,7 +209,3 @@ class LLMEngine:
                 if on_finish is not None:
                     on_finish(out)
         return [done[ids[i]] for i in range(len(requests))]
-
-
-def default_dtype() -> torch.dtype:
-    return torch.float32

@@ -272,7 +272,6 @@ class ModelRunner:
                 reached = max(d.layer, int(state.executed[r]))
                 if reached < self.num_layers:
                     left.append(Deferred(d.position, d.token_id, reached, batch.hidden[u].clone()))
-                    self._invalidate_from(reached, torch.tensor([int(batch.unit_slot[u])]))
             self.deferred[seq_id] = left
 
     def _fill(self, batch: StepBatch, state: _RowState, counters: _Counters) -> np.ndarray:
@@ -323,10 +322,6 @@ class ModelRunner:
             else:  # FREE: carry the exit state into the deep layers later
                 d = Deferred(row.start_position, token, int(state.executed[r]), h_exit[i])
             self.deferred.setdefault(row.seq_id, []).append(d)
-
-    def _invalidate_from(self, layer: int, slots: torch.Tensor) -> None:
-        for j in range(layer, self.num_layers):
-            self.cache.invalidate(j, slots)
 
     def _output_positions(self, batch: StepBatch, rows: np.ndarray) -> np.ndarray:
         """Output index t of the token each row produces (0 for the first generated token)."""

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -18,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from testbed.datasets import SummaryExample, summarization_prompt
+from testbed.datasets import SummaryExample
 from testbed.model.config import LlamaConfig
 from testbed.model.llama import ExitClassifiers, LlamaModel
 
@@ -218,20 +217,3 @@ def fit_exit_classifiers(
         loss.backward()
         opt.step()
     return heads.eval()
-
-
-def timed(fn: Callable, *args, **kwargs) -> tuple[object, float]:
-    start = time.perf_counter()
-    out = fn(*args, **kwargs)
-    return out, time.perf_counter() - start
-
-
-__all__ = [
-    "TrainConfig",
-    "encode_example",
-    "exit_loss_weights",
-    "fit_exit_classifiers",
-    "summarization_prompt",
-    "train_model",
-    "train_tokenizer",
-]

@@ -7,7 +7,6 @@ policies decide, exactly as in the engine; only the runner (``ReplayRunner``) di
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -25,8 +24,8 @@ from testbed.sim.metrics import Metrics, RequestRecord, StepRecord, compute_metr
 from testbed.sim.replay import ReplayRunner, StepWork
 from testbed.sim.token_source import TraceTokens
 from testbed.trace import Capture, read_capture
-from testbed.workload import build_lengths, clip_lengths, parse_workload
-from testbed.workload_files import LengthSpec, resolve_path
+from testbed.workload import workload_lengths
+from testbed.workload_files import LengthSpec
 
 # The scheduler's full invariant check is O(KV blocks); a simulation checks every 64th step (the
 # engine and the property tests check every step).
@@ -209,24 +208,17 @@ class Simulation:
         ))  # fmt: skip
 
 
-def workload_lengths(cfg: SimulationConfig, max_model_len: int) -> list[LengthSpec]:
-    spec = parse_workload(cfg.workload)
-    if spec.path is not None:
-        spec = _with_path(spec, str(resolve_path(spec.path, cfg.data_dir)))
-    lengths = build_lengths(spec, cfg.seed)
-    return clip_lengths(lengths, max_model_len=max_model_len)[0]
-
-
-def _with_path(spec, path: str):
-    return dataclasses.replace(spec, path=path)
-
-
 def simulate(cfg: SimulationConfig, *, keep_plans: bool = False) -> SimulationResult:
     """One simulation run; a top-level function so executors can ship it to workers."""
     build_policies(cfg.policy)  # the cheapest check first: an unknown name fails at once
     capture = read_capture(cfg.trace)
     if cfg.num_kv_blocks <= 0 or cfg.block_size <= 0:
         raise SimulationError("num_kv_blocks and block_size must be positive")
-    lengths = workload_lengths(cfg, cfg.scheduler.max_model_len)
+    lengths, _ = workload_lengths(
+        cfg.workload,
+        seed=cfg.seed,
+        max_model_len=cfg.scheduler.max_model_len,
+        data_dir=cfg.data_dir,
+    )
     cost = build_cost_model(cfg.cost_model, trace_meta=capture.meta)
     return Simulation(capture, lengths, cfg, cost, keep_plans=keep_plans).run()
