@@ -147,7 +147,9 @@ class ModelRunner:
         q, k, v = layer.qkv(h_in, batch.cos[units], batch.sin[units])
         self.cache.write(i, batch.unit_slot[units], k, v)
         attn = self._attend(batch, i, units, q)
-        main_prev = batch.hidden[batch.main_unit].clone()  # for the hidden-cosine signal
+        main_prev = None  # the hidden-cosine signal compares with the state before this layer
+        if self.policies.batching.needs_signals:
+            main_prev = batch.hidden[batch.main_unit].clone()
         batch.hidden[units] = layer.finish(h_in, attn)
         if self.probe is not None:
             self.probe.on_layer(i + 1, batch)
@@ -176,7 +178,7 @@ class ModelRunner:
         batch: StepBatch,
         state: _RowState,
         layer: int,
-        main_prev: torch.Tensor,
+        main_prev: torch.Tensor | None,
         counters: _Counters,
     ) -> None:
         p = self.policies
