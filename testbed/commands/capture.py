@@ -32,7 +32,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--workload", required=True, metavar="KIND:ARGS",
                    help="e.g. poisson:rate=4,n=32,prompt=64-256,output=64 or azure:path=FILE,n=100,scale=0.1")  # fmt: skip
     p.add_argument("--dataset", default="cnndm",
-                   help=f"prompt text source: {', '.join(FILES)} or 'synthetic' (random tokens)")  # fmt: skip
+                   help=f"prompt text source: {', '.join(FILES)} or 'synthetic' (random tokens) or 'self' (text the model samples)")  # fmt: skip
     p.add_argument("--mode", choices=MODES, default="oracle")
     p.add_argument("--out", required=True, type=Path, help="capture directory to create")
     p.add_argument("--profile", action="store_true", help="record per-layer timings")

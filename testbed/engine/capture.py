@@ -41,6 +41,7 @@ class CaptureRequest:
     arrival_s: float
     prompt_token_ids: tuple[int, ...]
     max_tokens: int
+    source_index: int | None = None  # the data set item the prompt was cut from (references)
 
 
 def capture_meta(ckpt: Checkpoint, cfg: CaptureConfig) -> dict[str, Any]:
@@ -110,17 +111,26 @@ def run_capture(
     return out
 
 
+SELF_PROMPTS = "self"  # a dataset name: prompts the model samples itself (no data set needed)
+
+
 def build_requests(
     workload: str, dataset: str, ckpt: Checkpoint, *, seed: int, data_dir: str | None
 ) -> tuple[list[CaptureRequest], int]:
     """Requests of a workload string with prompts cut from a data set's evaluation articles to
-    the exact lengths ('synthetic': random token ids); returns them and how many were clipped."""
+    the exact lengths ('synthetic': random token ids; 'self': text the model samples from its
+    own distribution); returns them and how many were clipped."""
     max_len = min(SchedulerConfig().max_model_len, ckpt.config.max_position_embeddings)
     lengths, report = workload_lengths(
         workload, seed=seed, max_model_len=max_len, data_dir=data_dir
     )
     if dataset == "synthetic":
         reqs = synthetic_prompts(lengths, ckpt.config.vocab_size, seed)
+    elif dataset == SELF_PROMPTS:
+        reqs = synthetic_prompts(lengths, ckpt.config.vocab_size, seed)
+        reqs = [dataclasses.replace(r, prompt_token_ids=p)
+                for r, p in zip(reqs, self_prompts(ckpt, [len(r.prompt_token_ids) for r in reqs], seed),
+                                strict=True)]  # fmt: skip
     else:
         texts = [ex.article for ex in load_summaries(dataset, "eval", data_dir)]
         bos = ckpt.config.bos_token_id
@@ -130,7 +140,26 @@ def build_requests(
 
         reqs = attach_prompts(lengths, texts, encode, seed=seed)
     out = [
-        CaptureRequest(r.request_id, r.arrival_s, tuple(r.prompt_token_ids), r.max_tokens)
+        CaptureRequest(
+            r.request_id, r.arrival_s, tuple(r.prompt_token_ids), r.max_tokens, r.source_index
+        )
         for r in reqs
     ]
     return out, report.num_requests_clipped
+
+
+def self_prompts(ckpt: Checkpoint, lengths: Sequence[int], seed: int) -> list[tuple[int, ...]]:
+    """Prompts of exactly these lengths sampled from the model (temperature 1, seeded), each
+    starting at BOS: in-distribution text for a demo that has no data set."""
+    bos = ckpt.config.bos_token_id if ckpt.config.bos_token_id is not None else 0
+    engine = LLMEngine(ckpt, EngineConfig(seed=seed))
+    ids = [
+        engine.add_request([bos], SamplingParams(max_tokens=max(n - 1, 1), temperature=1.0,
+                                                 ignore_eos=True))
+        for n in lengths
+    ]  # fmt: skip
+    done: dict[int, list[int]] = {}
+    while engine.has_unfinished():  # one batch: every prompt decodes side by side
+        for out in engine.step():
+            done[out.seq_id] = out.token_ids
+    return [(bos, *done[i])[:n] for i, n in zip(ids, lengths, strict=True)]
