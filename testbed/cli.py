@@ -19,6 +19,9 @@ VERBS = {
     "trace": "inspect trace captures (trace info DIR)",
     "simulate": "simulate one policy on a trace replay (JSON and a table)",
     "sweep": "simulate a grid of policies from GRID.toml and rank them",
+    "validate": "A/B-run top policies on a real engine and compare with the simulator",
+    "report": "write report.md with figures and tables from a run folder",
+    "demo": "capture → simulate → validate → report on the built-in model, offline",
 }
 USAGE = "usage: eetb <verb> [options]   (eetb <verb> --help for a verb's options)"
 

@@ -1,0 +1,111 @@
+"""``eetb validate``: A/B-run a sweep's top policies and `full` on a real engine; compare each with
+the simulator's prediction (error table, Kendall tau, replay error)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+from testbed.commands.common import (
+    ProgressLine,
+    add_data_dir,
+    add_model,
+    add_policy_args,
+    guarded,
+    parser,
+    policy_from_args,
+)
+from testbed.errors import ConfigError
+from testbed.validate import ENGINES, ValidationConfig, run_validation, select_from_sweep
+
+
+def _args(argv: list[str]):
+    p = parser("validate", "A/B-validate policies on a real engine against the simulator.")
+    p.add_argument("sweep", nargs="?", type=Path, default=None,
+                   help="a sweep's output folder: validate the top policies of its ranking "
+                        "(without it: the one policy given by the early-exit options)")  # fmt: skip
+    p.add_argument("--top", type=int, default=3, help="how many ranked policies (besides full)")
+    p.add_argument("--workload", default=None,
+                   help="arrival-paced workload (default: the sweep's ranked workload)")  # fmt: skip
+    p.add_argument("--trace", default=None,
+                   help="oracle capture of the workload to replay (default: the sweep's, or "
+                        "one captured here)")  # fmt: skip
+    p.add_argument("--calibration", default="",
+                   help="DIR[+DIR]: captures of a separate run to fit the cost model on")  # fmt: skip
+    p.add_argument("--calibrate", default="", metavar="WORKLOAD",
+                   help="instead: capture calibration runs of this workload first")  # fmt: skip
+    p.add_argument("--engine", choices=ENGINES, default="native")
+    p.add_argument("--dataset", default="cnndm", help="prompt source (cnndm, xsum, scitldr, self)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("runs/validate"), help="result folder")
+    add_model(p)
+    add_data_dir(p)
+    add_policy_args(p)
+    return p.parse_args(argv)
+
+
+@guarded
+def main(argv: list[str]) -> int:
+    args = _args(argv)
+    workload, trace = args.workload, args.trace
+    if args.sweep is not None:
+        sel = select_from_sweep(args.sweep, args.top, workload=args.workload)
+        policies, workload = sel.policies, workload or sel.workload
+        trace = trace if trace is not None else (sel.trace if workload == sel.workload else "")
+    else:
+        policies = (policy_from_args(args),)
+        if workload is None:
+            raise ConfigError("--workload is needed without a sweep folder")
+    cfg = ValidationConfig(
+        policies=tuple(policies), workload=workload, calibration=args.calibration,
+        calibration_workload=args.calibrate, trace=trace or "", engine=args.engine,
+        model=args.model, dataset=args.dataset, seed=args.seed, data_dir=args.data_dir,
+    )  # fmt: skip
+    result = run_validation(cfg, args.out, progress=ProgressLine(min_interval_s=0))
+    print(error_table(result.summary))
+    print(f"wrote {result.out}")
+    return 1 if result.summary["missing"] else 0
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:+.1%}"
+
+
+def _num(value: float | None, fmt: str = ".4g") -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def error_table(summary: dict[str, Any]) -> str:
+    """Predicted vs measured per configuration (goal metrics and speedup), then replay error."""
+    lines = [
+        f"{'configuration':44s} {'metric':18s} {'predicted':>10s} {'measured':>10s} {'error':>8s}"
+    ]
+    goal = ("throughput tok/s", "mean TPOT ms", "mean TTFT ms")
+    lines += [
+        f"{r['policy']:44s} {r['metric_label']:18s} {_num(r['predicted']):>10s} "
+        f"{_num(r['measured']):>10s} {_pct(r['error']):>8s}"
+        for r in summary["errors"] if r["metric_label"] in goal
+    ]  # fmt: skip
+    lines += ["", f"{'configuration':44s} {'speedup sim':>11s} {'speedup real':>12s} "
+              f"{'layers sim':>10s} {'layers real':>11s} {'exit TV':>7s} {'agree sim':>9s} "
+              f"{'agree real':>10s} {'ROUGE-L':>7s}"]  # fmt: skip
+    for c in summary["configurations"]:
+        lines.append(
+            f"{c['label']:44s} {_num(c['speedup_predicted'], '.3f'):>11s} "
+            f"{_num(c['speedup_measured'], '.3f'):>12s} {c['mean_exit_layer_predicted']:10.2f} "
+            f"{c['mean_exit_layer_measured']:11.2f} {c['exit_hist_tv']:7.3f} "
+            f"{_num(c['agreement_predicted'], '.1%'):>9s} {_num(c['agreement_measured'], '.1%'):>10s} "
+            f"{_num(c['rouge_l'], '.4f'):>7s}"
+        )
+    tau = summary["kendall_tau_throughput"]
+    lines.append("")
+    lines.append(f"Kendall tau (predicted vs measured throughput order): {_num(tau, '.3f')}; "
+                 f"largest |error| of throughput and mean TPOT: {_pct(summary['max_goal_error'])}")  # fmt: skip
+    for m in summary["missing"]:
+        lines.append(f"missing: {m['label']}: {m['message']}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,86 @@
+"""Predicted against measured: relative errors, rank agreement and exit-layer distributions.
+
+Pure functions over plain numbers, so `eetb validate` and its tests share them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+# (metrics key, label, scale to the label's unit); throughput and mean TPOT carry the goals
+COMPARED_METRICS = (
+    ("throughput_tokens_per_s", "throughput tok/s", 1.0),
+    ("tpot_mean_s", "mean TPOT ms", 1e3),
+    ("ttft_mean_s", "mean TTFT ms", 1e3),
+    ("e2e_mean_s", "mean end-to-end ms", 1e3),
+    ("tpot_p90_s", "TPOT p90 ms", 1e3),
+    ("ttft_p90_s", "TTFT p90 ms", 1e3),
+    ("e2e_p99_s", "end-to-end p99 ms", 1e3),
+)
+GOAL_METRICS = ("throughput_tokens_per_s", "tpot_mean_s")
+
+
+def relative_error(predicted: float | None, measured: float | None) -> float | None:
+    """predicted / measured - 1; None where either is missing or measured is zero."""
+    if predicted is None or measured is None or measured == 0:
+        return None
+    return predicted / measured - 1.0
+
+
+def error_rows(
+    label: str, predicted: Mapping[str, Any], measured: Mapping[str, Any]
+) -> list[dict[str, Any]]:
+    """One row per compared metric of one configuration, in the metric's display unit."""
+    rows = []
+    for key, name, scale in COMPARED_METRICS:
+        pred, real = predicted.get(key), measured.get(key)
+        rows.append({
+            "policy": label, "metric": key, "metric_label": name,
+            "predicted": None if pred is None else pred * scale,
+            "measured": None if real is None else real * scale,
+            "error": relative_error(pred, real),
+        })  # fmt: skip
+    return rows
+
+
+def kendall_tau(a: Sequence[float], b: Sequence[float]) -> float | None:
+    """Kendall's tau-b between two scorings of the same items (ties in either count as neither
+    concordant nor discordant); None for fewer than two items or a constant scoring."""
+    if len(a) != len(b):
+        raise ValueError(f"{len(a)} against {len(b)} items")
+    concordant = discordant = ties_a = ties_b = 0
+    for i in range(len(a)):
+        for j in range(i + 1, len(a)):
+            da, db = a[i] - a[j], b[i] - b[j]
+            if da == 0 and db == 0:
+                continue
+            if da == 0:
+                ties_a += 1
+            elif db == 0:
+                ties_b += 1
+            elif (da > 0) == (db > 0):
+                concordant += 1
+            else:
+                discordant += 1
+    n0 = concordant + discordant
+    denominator = ((n0 + ties_a) * (n0 + ties_b)) ** 0.5
+    return None if denominator == 0 else (concordant - discordant) / denominator
+
+
+def exit_histogram(exit_layers: Sequence[int], num_layers: int) -> list[float]:
+    """Fraction of tokens taken at each layer 1..num_layers."""
+    counts = [0] * num_layers
+    for layer in exit_layers:
+        if not 1 <= layer <= num_layers:
+            raise ValueError(f"exit layer {layer} outside 1..{num_layers}")
+        counts[layer - 1] += 1
+    total = sum(counts)
+    return [c / total for c in counts] if total else counts
+
+
+def total_variation(p: Sequence[float], q: Sequence[float]) -> float:
+    """Half the L1 distance between two distributions over the same layers: 0 same, 1 disjoint."""
+    if len(p) != len(q):
+        raise ValueError(f"distributions over {len(p)} and {len(q)} layers")
+    return 0.5 * sum(abs(x - y) for x, y in zip(p, q, strict=True))

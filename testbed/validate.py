@@ -1,0 +1,488 @@
+"""A/B validation: run chosen policies on a real engine and the simulator, compare the two.
+
+For each configuration (the `full` baseline first) the engine runs the workload arrival-paced
+as a live capture; the simulator replays the workload's oracle trace with a cost model fitted on
+a *separate* calibration run. The result folder holds, per configuration, the measured and the
+predicted metrics, quality (ROUGE-L, agreement with `full`'s output) and the replay error (how
+the exit layers the simulator derived from the oracle trace differ from what the live run did),
+plus a table of errors and the Kendall tau of the two throughput orders.
+
+OUT/
+  run.json               config, seed, git commit
+  calibration/           captures the cost model is fitted on (when made here)
+  oracle/                the oracle trace the simulator replays (when captured here)
+  live/NN/               the live capture of configuration NN
+  configs/NN.json        one finished configuration (written as soon as it finishes)
+  configs/NN.error.json  a configuration that failed; the others go on
+  validation.json        everything above, summarised; validation.parquet the error table
+  latencies.parquet      per request and source (measured/simulated): TTFT, TPOT, end-to-end
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from testbed.compare import (
+    GOAL_METRICS,
+    error_rows,
+    exit_histogram,
+    kendall_tau,
+    relative_error,
+    total_variation,
+)
+from testbed.core import SchedulerConfig
+from testbed.core.policy_set import PolicyConfig, build_policies
+from testbed.errors import ConfigError, EetbError
+from testbed.runinfo import to_jsonable, write_run_info
+from testbed.sim.cost_model import build_cost_model
+from testbed.sim.metrics import RequestRecord, compute_metrics
+from testbed.sim.simulator import SimulationConfig, simulate
+from testbed.trace import Capture, read_capture
+
+VALIDATION_SCHEMA_VERSION = 1
+ENGINES = ("native", "vllm")
+BASELINE = PolicyConfig()
+ProgressFn = Callable[[str, int, int, str], None]  # (phase, done, total, note)
+
+
+class ValidationError(EetbError):
+    """A validation cannot start: no configuration, no calibration, an unknown engine."""
+
+
+@dataclass(frozen=True)
+class ValidationConfig:
+    policies: tuple[PolicyConfig, ...]  # to validate; `full` is run first whether listed or not
+    workload: str  # arrival-paced on the engine, replayed by the simulator
+    calibration: str = ""  # "DIR[+DIR...]": captures the fitted cost model learns from
+    calibration_workload: str = ""  # or: capture calibration runs of this workload here
+    trace: str = ""  # oracle capture of `workload` to replay; "": capture one here
+    engine: str = "native"
+    model: str = "builtin"
+    dataset: str = "cnndm"  # prompt source (references for ROUGE-L when it has them)
+    seed: int = 0
+    data_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise ValidationError(f"unknown engine {self.engine!r} (known: {', '.join(ENGINES)})")
+        if not self.policies:
+            raise ValidationError("no configuration to validate (an empty ranking?)")
+        if not (self.calibration or self.calibration_workload):
+            raise ValidationError(
+                "validation needs a calibration run for the cost model: give --calibration "
+                "DIR[+DIR] (captures of another run) or --calibrate WORKLOAD"
+            )
+        for policy in self.policies:
+            build_policies(policy)  # an unknown policy fails here, before any run
+
+    @property
+    def configurations(self) -> tuple[PolicyConfig, ...]:
+        rest = [p for p in self.policies if p != BASELINE]
+        return (BASELINE, *dict.fromkeys(rest))
+
+
+@dataclass(frozen=True)
+class ValidationResult:
+    out: Path
+    summary: dict[str, Any]  # validation.json
+
+
+# --- engines --------------------------------------------------------------------------------
+
+
+class _Engine:
+    """Live and oracle captures on the chosen engine, for this run's requests."""
+
+    def __init__(self, cfg: ValidationConfig) -> None:
+        from testbed.builtin_model import resolve_model_dir
+        from testbed.engine.capture import build_requests
+        from testbed.model.checkpoint import load_checkpoint
+
+        self.cfg = cfg
+        self.model_dir = resolve_model_dir(cfg.model)
+        self.ckpt = load_checkpoint(self.model_dir)
+        self.max_model_len = min(
+            SchedulerConfig().max_model_len, self.ckpt.config.max_position_embeddings
+        )
+        self.requests, _ = build_requests(
+            cfg.workload, cfg.dataset, self.ckpt, seed=cfg.seed, data_dir=cfg.data_dir
+        )
+        self._build_requests = build_requests
+
+    @property
+    def scheduler(self) -> SchedulerConfig:
+        return SchedulerConfig(max_model_len=self.max_model_len)
+
+    def capture(self, policy: PolicyConfig, mode: str, out: Path, requests=None) -> Path:
+        from testbed.engine.capture import CaptureConfig, run_capture
+        from testbed.engine.engine import EngineConfig
+
+        reqs = self.requests if requests is None else requests
+        engine_cfg = EngineConfig(policy=policy, scheduler=self.scheduler)
+        cap = CaptureConfig(mode=mode, engine=engine_cfg, workload=self.cfg.workload,
+                            seed=self.cfg.seed)  # fmt: skip
+        shutil.rmtree(out, ignore_errors=True)  # an unfinished earlier attempt
+        if self.cfg.engine == "native":
+            return run_capture(self.ckpt, reqs, cap, out)
+        try:  # optional dependency: the `vllm` extra
+            from testbed.vllm_backend.capture import run_vllm_capture
+        except ImportError as exc:
+            raise ConfigError(
+                f"--engine vllm needs vLLM: pip install -e '.[vllm]' ({exc})"
+            ) from None
+        return run_vllm_capture(self.model_dir, reqs, cap, out)
+
+    def calibration_requests(self, workload: str):
+        # another seed: the calibration never sees the validation's own requests
+        reqs, _ = self._build_requests(
+            workload,
+            self.cfg.dataset,
+            self.ckpt,
+            seed=self.cfg.seed + 1,
+            data_dir=self.cfg.data_dir,
+        )
+        return reqs
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return self.ckpt.tokenizer.decode(list(token_ids))
+
+
+# --- measured side ------------------------------------------------------------------------------
+
+
+def capture_records(cap: Capture) -> list[RequestRecord]:
+    """The requests of a live capture as the simulator's records, with their real exit layers."""
+    tokens = cap.tokens.sort_by([("request_id", "ascending"), ("position", "ascending")])
+    rid = tokens["request_id"].to_numpy()
+    layers = tokens["exit_layer"].to_numpy()
+    forced = tokens["is_forced"].to_numpy()
+    bounds = np.flatnonzero(np.r_[True, rid[1:] != rid[:-1], True]) if len(rid) else []
+    spans = {int(rid[a]): (a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)}
+    records = []
+    for r in cap.requests.to_pylist():
+        a, b = spans.get(r["request_id"], (0, 0))
+        records.append(RequestRecord(
+            request_id=r["request_id"], arrival_s=r["arrival_s"],
+            first_token_s=r["first_token_s"], finish_s=r["finish_s"],
+            num_prompt_tokens=r["num_prompt_tokens"], num_output_tokens=r["num_output_tokens"],
+            exit_layers=tuple(int(x) for x in layers[a:b]),
+            num_forced_exits=int(forced[a:b].sum()), num_preemptions=r["num_preemptions"],
+        ))  # fmt: skip
+    return records
+
+
+def capture_outputs(cap: Capture) -> dict[int, list[int]]:
+    """Emitted token ids per request id, in order."""
+    out: dict[int, list[int]] = {}
+    tokens = cap.tokens.sort_by([("request_id", "ascending"), ("position", "ascending")])
+    for rid, tok in zip(
+        tokens["request_id"].to_pylist(), tokens["token_id"].to_pylist(), strict=True
+    ):
+        out.setdefault(rid, []).append(tok)
+    return out
+
+
+def agreement_with(outputs: dict[int, list[int]], full: dict[int, list[int]]) -> float:
+    """Token-weighted fraction of positions equal to the `full` run's output."""
+    same = total = 0
+    for rid, ids in outputs.items():
+        ref = full.get(rid, [])
+        total += max(len(ids), len(ref))
+        same += sum(x == y for x, y in zip(ids, ref, strict=False))
+    return same / total if total else 1.0
+
+
+def _latency_rows(label: str, source: str, records: Sequence[RequestRecord]) -> list[dict]:
+    rows = []
+    for r in records:
+        n = r.num_output_tokens
+        tpot = (r.finish_s - r.first_token_s) / (n - 1) if n > 1 else None
+        rows.append({"policy": label, "source": source, "request_id": r.request_id,
+                     "ttft_s": r.first_token_s - r.arrival_s, "tpot_s": tpot,
+                     "e2e_s": r.finish_s - r.arrival_s})  # fmt: skip
+    return rows
+
+
+# --- one configuration --------------------------------------------------------------------------
+
+
+def _write_json(path: Path, doc: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")  # never a half-written file under the real name
+    tmp.write_text(json.dumps(to_jsonable(doc), indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def _validate_one(
+    index: int, policy: PolicyConfig, engine: _Engine, oracle: str, cost_model: str,
+    out: Path, full_outputs: dict[int, list[int]] | None, references: dict[int, str] | None,
+) -> dict[str, Any]:  # fmt: skip
+    cfg = engine.cfg
+    live = read_capture(engine.capture(policy, "live", out / "live" / f"{index:02d}"))
+    records = capture_records(live)
+    measured = compute_metrics(records, [])
+    sim = simulate(SimulationConfig(
+        trace=oracle, workload=cfg.workload, policy=policy, cost_model=cost_model,
+        scheduler=engine.scheduler, seed=cfg.seed, data_dir=cfg.data_dir,
+    ))  # fmt: skip
+    outputs = capture_outputs(live)
+    num_layers = live.num_layers
+    hist_real = exit_histogram([x for r in records for x in r.exit_layers], num_layers)
+    hist_sim = exit_histogram([x for r in sim.requests for x in r.exit_layers], num_layers)
+    if index == 0:
+        measured_agreement = 1.0  # `full` itself
+    else:  # None when the `full` run failed: nothing to agree with
+        measured_agreement = None if full_outputs is None else agreement_with(outputs, full_outputs)
+    rouge_l = None
+    if references:
+        from testbed.quality import rouge
+
+        rids = sorted(r for r in outputs if r in references)
+        if rids:
+            texts = [engine.decode(outputs[r]) for r in rids]
+            rouge_l = rouge(texts, [references[r] for r in rids]).rougeL
+    replay = {
+        "exit_hist_measured": hist_real,
+        "exit_hist_predicted": hist_sim,
+        "exit_hist_tv": total_variation(hist_real, hist_sim),
+        "mean_exit_layer_measured": measured.mean_exit_layer,
+        "mean_exit_layer_predicted": sim.metrics.mean_exit_layer,
+        "agreement_measured": measured_agreement,
+        "agreement_predicted": sim.metrics.est_agreement,
+    }
+    return {
+        "index": index, "policy": to_jsonable(policy), "label": policy.label(),
+        "measured": measured.to_dict(), "predicted": sim.metrics.to_dict(),
+        "rouge_l": rouge_l, "replay": replay,
+        "latencies": _latency_rows(policy.label(), "measured", records)
+        + _latency_rows(policy.label(), "simulated", sim.requests),
+        "outputs": outputs if index == 0 else None,  # `full`'s, for the others' agreement
+    }  # fmt: skip
+
+
+# --- the whole validation -----------------------------------------------------------------------
+
+
+def _calibrate(engine: _Engine, out: Path, progress: ProgressFn | None) -> str:
+    """The cost model's calibration captures: live runs of `full` and of one validated policy per
+    exit rule, on another workload seed (never the validated runs themselves). Live, not oracle:
+    an oracle run also pays for recording every signal, which a served step does not."""
+    cfg = engine.cfg
+    if cfg.calibration:
+        dirs = cfg.calibration.split("+")
+        for d in dirs:
+            if not Path(d).is_dir():
+                raise ValidationError(f"calibration run {d!r} is not a capture directory")
+        build_cost_model(f"fitted:{cfg.calibration}")  # a bad calibration fails before any run
+        return f"fitted:{cfg.calibration}"
+    reqs = engine.calibration_requests(cfg.calibration_workload)
+    by_rule = {
+        p.exit_rule: p for p in cfg.configurations if build_policies(p).batching.is_early_exit
+    }
+    runs = [BASELINE, *by_rule.values()]
+    dirs = []
+    for i, policy in enumerate(runs):
+        if progress is not None:
+            progress("calibrate", i, len(runs), policy.label())
+        path = out / "calibration" / ("full" if policy == BASELINE else policy.exit_rule)
+        if not (path / "meta.json").is_file():
+            engine.capture(policy, "live", path, reqs)
+        dirs.append(str(path))
+    return "fitted:" + "+".join(dirs)
+
+
+def _oracle(engine: _Engine, out: Path, progress: ProgressFn | None) -> str:
+    if engine.cfg.trace:
+        cap = read_capture(engine.cfg.trace)
+        if cap.meta.get("mode") != "oracle":
+            raise ValidationError(
+                f"{engine.cfg.trace}: the simulator replays an oracle trace, this one is {cap.meta.get('mode')!r}"
+            )
+        return engine.cfg.trace
+    path = out / "oracle"
+    if not (path / "meta.json").is_file():
+        if progress is not None:
+            progress("oracle", 0, 1, "capturing the oracle trace")
+        engine.capture(BASELINE, "oracle", path)
+    return str(path)
+
+
+def _references(cfg: ValidationConfig, engine: _Engine) -> dict[int, str] | None:
+    from testbed.datasets import load_summaries
+
+    if all(r.source_index is None for r in engine.requests):
+        return None
+    examples = load_summaries(cfg.dataset, "eval", cfg.data_dir)
+    return {r.request_id: examples[r.source_index].reference for r in engine.requests
+            if r.source_index is not None}  # fmt: skip
+
+
+def run_validation(
+    cfg: ValidationConfig, out: Path, *, progress: ProgressFn | None = None
+) -> ValidationResult:
+    """Run every configuration; a failed one is recorded and the others go on. Rerunning with
+    the same OUT reuses finished configurations."""
+    out = Path(out)
+    (out / "configs").mkdir(parents=True, exist_ok=True)
+    write_run_info(out, cfg, seed=cfg.seed)
+    engine = _Engine(cfg)
+    cost_model = _calibrate(engine, out, progress)
+    fit = build_cost_model(cost_model)
+    oracle = _oracle(engine, out, progress)
+    references = _references(cfg, engine)
+    done: list[dict[str, Any]] = []
+    failed: list[dict[str, Any]] = []
+    full_outputs = None
+    configs = cfg.configurations
+    for i, policy in enumerate(configs):
+        if progress is not None:
+            progress("validate", i, len(configs), policy.label())
+        path = out / "configs" / f"{i:02d}.json"
+        doc = json.loads(path.read_text()) if path.is_file() else None
+        if doc is None or doc["label"] != policy.label():
+            try:
+                doc = _validate_one(
+                    i, policy, engine, oracle, cost_model, out, full_outputs, references
+                )
+            except EetbError as exc:  # this configuration cannot run: record it, go on
+                error = {
+                    "index": i,
+                    "label": policy.label(),
+                    "message": f"{type(exc).__name__}: {exc}",
+                }
+                _write_json(out / "configs" / f"{i:02d}.error.json", error)
+                failed.append(error)
+                continue
+            _write_json(path, doc)
+            (out / "configs" / f"{i:02d}.error.json").unlink(missing_ok=True)
+        if i == 0:
+            full_outputs = {int(k): v for k, v in doc["outputs"].items()}
+        done.append(doc)
+    if progress is not None:
+        progress("validate", len(configs), len(configs), "")
+    summary = summarise(cfg, done, failed, cost_model, getattr(fit, "report", None))
+    _write_outputs(out, summary, done)
+    return ValidationResult(out, summary)
+
+
+def summarise(
+    cfg: ValidationConfig, done: Sequence[dict[str, Any]], failed: Sequence[dict[str, Any]],
+    cost_model: str, fit_report: Any,
+) -> dict[str, Any]:  # fmt: skip
+    errors = [row for d in done for row in error_rows(d["label"], d["predicted"], d["measured"])]
+    throughput = [(d["predicted"]["throughput_tokens_per_s"], d["measured"]["throughput_tokens_per_s"])
+                  for d in done]  # fmt: skip
+    tau = kendall_tau([p for p, _ in throughput], [m for _, m in throughput])
+    goal_errors = [
+        abs(r["error"]) for r in errors if r["metric"] in GOAL_METRICS and r["error"] is not None
+    ]
+    full = next((d for d in done if d["index"] == 0), None)
+    configs = []
+    for d in done:
+        base_m = full["measured"]["throughput_tokens_per_s"] if full else None
+        base_p = full["predicted"]["throughput_tokens_per_s"] if full else None
+        speedup_m = None if base_m is None else d["measured"]["throughput_tokens_per_s"] / base_m
+        speedup_p = None if base_p is None else d["predicted"]["throughput_tokens_per_s"] / base_p
+        configs.append({
+            "index": d["index"], "label": d["label"], "policy": d["policy"],
+            "speedup_measured": speedup_m, "speedup_predicted": speedup_p,
+            "speedup_error": relative_error(speedup_p, speedup_m),
+            "rouge_l": d["rouge_l"], **d["replay"],
+            "measured": d["measured"], "predicted": d["predicted"],
+        })  # fmt: skip
+    return {
+        "schema_version": VALIDATION_SCHEMA_VERSION,
+        "config": to_jsonable(cfg),
+        "engine": cfg.engine,
+        "workload": cfg.workload,
+        "cost_model": cost_model,
+        "fit": None if fit_report is None else {"r2": fit_report.r2, "num_steps": fit_report.num_steps,
+                                                 "coefficients": fit_report.coefficients},
+        "configurations": configs,
+        "errors": errors,
+        "kendall_tau_throughput": tau,
+        "max_goal_error": max(goal_errors) if goal_errors else None,
+        "missing": [{"label": f["label"], "message": f["message"]} for f in failed],
+    }  # fmt: skip
+
+
+def _write_outputs(out: Path, summary: dict[str, Any], done: Sequence[dict[str, Any]]) -> None:
+    _write_json(out / "validation.json", summary)
+    if summary["errors"]:
+        pq.write_table(pa.Table.from_pylist(summary["errors"]), out / "validation.parquet")
+    latencies = [row for d in done for row in d["latencies"]]
+    if latencies:
+        pq.write_table(pa.Table.from_pylist(latencies), out / "latencies.parquet")
+
+
+# --- choosing what to validate ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Selection:
+    trace: str
+    workload: str
+    cost_model: str
+    policies: tuple[PolicyConfig, ...]
+
+
+def policy_of(row: dict[str, Any]) -> PolicyConfig:
+    """The PolicyConfig of a sweep results row (the inverse of sweep.config_columns)."""
+    if row["is_baseline"]:
+        return BASELINE
+    params = tuple(sorted(json.loads(row["batching_params"] or "{}").items()))
+    return PolicyConfig(
+        batching=row["batching"], batching_params=params, exit_rule=row["rule"],
+        threshold=row["threshold"], min_exit_layer=row["min_exit_layer"],
+        exit_stride=row["exit_stride"], kv_fill=row["kv_fill"], decay_tau=row["decay_tau"],
+    )  # fmt: skip
+
+
+def select_from_sweep(
+    sweep_dir: Path, top_k: int, *, workload: str | None = None, cost_model: str | None = None
+) -> Selection:
+    """The top k early-exit runs of a sweep's ranking (its quality constraint applied), from one
+    workload × cost-model group: the first one, or the one named."""
+    from testbed.sweep import rank_runs
+
+    results = Path(sweep_dir) / "results.parquet"
+    if not results.is_file():
+        raise ValidationError(f"{sweep_dir}: no results.parquet (not a finished sweep?)")
+    if top_k < 1:
+        raise ValidationError(f"--top must be >= 1, got {top_k}")
+    try:
+        rows = pq.read_table(results).to_pylist()
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise ValidationError(f"{results}: unreadable ({exc})") from None
+    info_path = Path(sweep_dir) / "run.json"
+    min_agreement = (
+        json.loads(info_path.read_text()).get("min_agreement") if info_path.is_file() else None
+    )
+    ranked = [r for r in rank_runs(rows, min_agreement) if not r["is_baseline"]]
+    if workload is not None:
+        ranked = [r for r in ranked if r["workload"] == workload]
+    if cost_model is not None:
+        ranked = [r for r in ranked if r["cost_model"] == cost_model]
+    if not ranked:
+        raise ValidationError(
+            f"{sweep_dir}: the ranking is empty (no early-exit run meets the constraint)"
+        )
+    first = ranked[0]
+    group = [
+        r
+        for r in ranked
+        if (r["workload"], r["cost_model"]) == (first["workload"], first["cost_model"])
+    ]
+    return Selection(
+        trace=first["trace"], workload=first["workload"], cost_model=first["cost_model"],
+        policies=tuple(policy_of(r) for r in group[:top_k]),
+    )  # fmt: skip
