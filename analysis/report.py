@@ -1,0 +1,145 @@
+"""`eetb report RUN_DIR`: report.md with tables and PNG figures, readable without the code."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from analysis import figures
+from analysis.load import RunData, load_run
+from analysis.rank import with_speedups
+
+GOAL_ERROR = 0.10  # the validation goal: |simulated / measured - 1| for throughput and mean TPOT
+GOAL_TAU = 0.6
+TOP_ROWS = 10
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def _validation_section(doc: dict[str, Any]) -> list[str]:
+    lines = ["## Simulated against measured", ""]
+    fit = doc.get("fit")
+    fit_text = "" if fit is None else f" (R² {fit['r2']:.3f} over {fit['num_steps']} steps)"
+    lines += [
+        f"Engine `{doc['engine']}`, workload `{doc['workload']}`. The simulator replays the "
+        f"workload's oracle trace with the cost model `{doc['cost_model']}`{fit_text}, fitted on "
+        "a separate calibration run. Error is simulated / measured − 1.",
+        "",
+    ]
+    goal = {"throughput_tokens_per_s", "tpot_mean_s", "ttft_mean_s", "e2e_mean_s"}
+    rows = [
+        [r["policy"], r["metric_label"], _fmt(r["predicted"], ".4g"), _fmt(r["measured"], ".4g"),
+         _fmt(r["error"], "+.1%")]
+        for r in doc["errors"] if r["metric"] in goal
+    ]  # fmt: skip
+    lines += _table(["configuration", "metric", "simulated", "measured", "error"], rows)
+    tau, worst = doc.get("kendall_tau_throughput"), doc.get("max_goal_error")
+    verdict = []
+    if worst is not None:
+        ok = "meets" if worst <= GOAL_ERROR else "misses"
+        verdict.append(f"largest |error| of throughput and mean TPOT: {worst:.1%} ({ok} the "
+                       f"{GOAL_ERROR:.0%} goal)")  # fmt: skip
+    if tau is not None:
+        ok = "meets" if tau >= GOAL_TAU else "misses"
+        verdict.append(f"Kendall tau of the throughput order: {tau:.3f} ({ok} the {GOAL_TAU} goal)")
+    lines += ["", "; ".join(verdict) + "." if verdict else "", ""]
+    lines += ["### Speedup and replay error", "",
+              "The oracle trace holds the full-depth token stream; a live early-exit run "
+              "diverges once one of its tokens differs. Exit TV is the total variation distance "
+              "between the simulated and the measured exit-layer distributions; agreement is "
+              "the fraction of tokens equal to `full` (simulated: the trace's flags; measured: "
+              "the `full` run's output).", ""]  # fmt: skip
+    rows = [
+        [c["label"], _fmt(c["speedup_predicted"], ".3f"), _fmt(c["speedup_measured"], ".3f"),
+         f"{c['mean_exit_layer_predicted']:.2f}", f"{c['mean_exit_layer_measured']:.2f}",
+         f"{c['exit_hist_tv']:.3f}", _fmt(c["agreement_predicted"], ".1%"),
+         _fmt(c["agreement_measured"], ".1%"), _fmt(c["rouge_l"], ".4f")]
+        for c in doc["configurations"]
+    ]  # fmt: skip
+    header = ["configuration", "speedup sim", "speedup real", "layers sim", "layers real",
+              "exit TV", "agree sim", "agree real", "ROUGE-L"]  # fmt: skip
+    return [*lines, *_table(header, rows), ""]
+
+
+def _sweep_section(rows: Sequence[dict[str, Any]]) -> list[str]:
+    lines = ["## Sweep", "",
+             f"{len(rows)} simulated runs. Best throughput first within each workload × cost "
+             "model; speedup is over the `full` run of the same group.", ""]  # fmt: skip
+    ranked = with_speedups(rows)
+    groups = list(dict.fromkeys((r["workload"], r["cost_model"]) for r in ranked))
+    for workload, cost_model in groups:
+        group = sorted((r for r in ranked if (r["workload"], r["cost_model"]) == (workload, cost_model)),
+                       key=lambda r: -r["throughput_tokens_per_s"])  # fmt: skip
+        lines += [f"### `{workload}` · `{cost_model}`", ""]
+        table = [
+            [r["policy"], f"{r['throughput_tokens_per_s']:.1f}", _fmt(r["speedup"], ".3f"),
+             _fmt(r["est_agreement"], ".1%"), f"{r['mean_exit_layer']:.2f}",
+             _fmt(r["tpot_p50_s"] and 1e3 * r["tpot_p50_s"], ".3g")]
+            for r in group[:TOP_ROWS]
+        ]  # fmt: skip
+        lines += _table(["policy", "tokens/s", "speedup", "est. agreement", "mean exit layer",
+                         "TPOT p50 ms"], table)  # fmt: skip
+        if len(group) > TOP_ROWS:
+            lines.append(f"\n({len(group) - TOP_ROWS} more runs in results.parquet)")
+        lines.append("")
+    return lines
+
+
+def _figure_section(run: RunData, fig_dir: Path, report_dir: Path) -> tuple[list[str], list[str]]:
+    plans = []
+    if run.sweep_rows:
+        plans += [
+            ("Speedup against λ, per exit rule", figures.speedup_vs_lambda, run.sweep_rows, "speedup_vs_lambda"),
+            ("Quality against speedup (Pareto front per policy)", figures.quality_vs_speedup, run.sweep_rows, "quality_vs_speedup"),
+            ("Throughput against offered load", figures.throughput_vs_load, run.sweep_rows, "throughput_vs_load"),
+        ]  # fmt: skip
+    if run.validation is not None:
+        plans += [
+            ("Simulated against measured (y = x)", figures.simulated_vs_measured, run.validation["errors"], "sim_vs_measured"),
+            ("Exit-layer histograms, measured and simulated", figures.exit_histograms, run.validation["configurations"], "exit_histograms"),
+            ("TTFT and TPOT CDFs", figures.latency_cdfs, run.latencies, "latency_cdfs"),
+        ]  # fmt: skip
+    lines, notes = ["## Figures", ""], []
+    for title, draw, rows, name in plans:
+        path = draw(rows, fig_dir / f"{name}.png")
+        if path is None:
+            notes.append(f"figure '{title}' left out: its results hold nothing to draw")
+            continue
+        rel = os.path.relpath(path, report_dir)
+        lines += [f"### {title}", "", f"![{title}]({rel})", ""]
+    return lines, notes
+
+
+def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Write report.md (and figures/) into out (default: run_dir); return its path."""
+    run = load_run(run_dir)
+    report_dir = Path(out) if out is not None else run.root
+    fig_dir = report_dir / "figures"
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    lines = [f"# eetb report: {run.root.name}", ""]
+    sources = [f"sweep: `{run.sweep_dir}`" if run.sweep_dir else None,
+               f"validation: `{run.validation_dir}`" if run.validation_dir else None]  # fmt: skip
+    lines += ["Results read from " + ", ".join(s for s in sources if s) + ".", ""]
+    if run.validation is not None:
+        lines += _validation_section(run.validation)
+    if run.sweep_rows:
+        lines += _sweep_section(run.sweep_rows)
+    fig_lines, fig_notes = _figure_section(run, fig_dir, report_dir)
+    lines += fig_lines
+    notes = [*run.notes, *fig_notes]
+    if notes:
+        lines += ["## Missing", "", *(f"- {n}" for n in notes), ""]
+    path = report_dir / "report.md"
+    tmp = path.with_name(".report.md.tmp")
+    tmp.write_text("\n".join(lines))
+    os.replace(tmp, path)
+    return path
