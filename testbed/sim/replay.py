@@ -13,26 +13,15 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from policies.exit_rules import ExitSignals
+from policies.fast_path import fill_kind, has_step_exits
 from testbed.core.policy_set import PolicySet
 from testbed.core.step import RowResult, StepPlan, StepResult
+from testbed.sim.replay_fast import FastReplay
+from testbed.sim.replay_state import Deferred, SeqReplay, SeqReplayFactory
+from testbed.sim.step_work import StepWork
 from testbed.sim.token_source import TokenStream
 
-
-@dataclass(frozen=True)
-class StepWork:
-    """What a replayed step did, per layer; the cost model's input (see cost_model.StepFeatures)."""
-
-    result: StepResult
-    layer_tokens: tuple[int, ...]
-    layer_context_tokens: tuple[int, ...]
-    layer_kv_only_tokens: tuple[int, ...]
-    executed: tuple[int, ...]  # per plan row: layers computed for its newest position
-
-
-@dataclass
-class _Deferred:
-    position: int
-    layer: int  # layers 0..layer-1 hold its K/V
+__all__ = ["ReplayRunner", "StepWork"]
 
 
 @dataclass(frozen=True)
@@ -47,7 +36,7 @@ class _Units:
     boundaries: frozenset[int]  # layers where some row or deferred position starts running
 
     @classmethod
-    def build(cls, plan: StepPlan, deferred: dict[int, list[_Deferred]]) -> _Units:
+    def build(cls, plan: StepPlan, deferred: dict[int, list[Deferred]]) -> _Units:
         n = np.array([r.num_tokens for r in plan.rows], dtype=np.int64)
         first = np.array([r.start_position for r in plan.rows], dtype=np.int64)
         rows, layers, ctx = [], [], []
@@ -84,27 +73,41 @@ class _Step:
 
 
 class ReplayRunner:
-    def __init__(self, policies: PolicySet, num_layers: int) -> None:
+    """Executes plans against trace streams. Steps the fast path covers (replay_fast.py) take it
+    unless ``use_fast_path`` is False; the rest run the general path below, which asks the
+    policies at every exit point exactly as the engine's runner does."""
+
+    def __init__(self, policies: PolicySet, num_layers: int, *, use_fast_path: bool = True) -> None:
         self.policies, self.num_layers = policies, num_layers
-        self.streams: dict[int, TokenStream] = {}
-        self.num_prompt_tokens: dict[int, int] = {}
-        self.max_tokens: dict[int, int] = {}
-        self.deferred: dict[int, list[_Deferred]] = {}
+        self.seqs: dict[int, SeqReplay] = {}
+        self.deferred: dict[int, list[Deferred]] = {}
         self.parked: set[int] = set()
+        self._factory = SeqReplayFactory(policies, num_layers)
+        fill = fill_kind(policies.kv_fill)
+        is_fast = use_fast_path and fill is not None and has_step_exits(policies.batching)
+        self._fast = FastReplay(policies, fill, num_layers) if is_fast else None
 
     def add_sequence(
         self, seq_id: int, stream: TokenStream, num_prompt_tokens: int, max_tokens: int
     ) -> None:
-        self.streams[seq_id] = stream
-        self.num_prompt_tokens[seq_id] = num_prompt_tokens
-        self.max_tokens[seq_id] = max_tokens
+        self.seqs[seq_id] = self._factory.build(stream, num_prompt_tokens, max_tokens)
+
+    def stream(self, seq_id: int) -> TokenStream:
+        return self.seqs[seq_id].stream
 
     def release(self, seq_id: int) -> None:
-        for table in (self.streams, self.num_prompt_tokens, self.max_tokens, self.deferred):
-            table.pop(seq_id, None)
+        self.seqs.pop(seq_id, None)
+        self.deferred.pop(seq_id, None)
         self.parked.discard(seq_id)
 
     def execute(self, plan: StepPlan, duration_s: float = 0.0) -> StepWork:
+        if self._fast is not None and not self.parked:
+            work = self._fast.execute(plan, self.seqs, self.deferred, duration_s)
+            if work is not None:
+                return work
+        return self._execute_general(plan, duration_s)
+
+    def _execute_general(self, plan: StepPlan, duration_s: float) -> StepWork:
         L, rows = self.num_layers, plan.rows
         for row in rows:
             if row.is_prefill and row.start_position == 0:  # re-prefill after a preemption
@@ -116,7 +119,7 @@ class ReplayRunner:
             layer_tokens=np.zeros(L, dtype=np.int64), layer_ctx=np.zeros(L, dtype=np.int64),
             units=_Units.build(plan, self.deferred),
             out_pos=np.array([self._out_pos(r) for r in rows], dtype=np.int64),
-            max_tokens=np.array([self.max_tokens[r.seq_id] for r in rows], dtype=np.int64),
+            max_tokens=np.array([self.seqs[r.seq_id].max_tokens for r in rows], dtype=np.int64),
         )  # fmt: skip
         start = np.array([r.start_layer for r in rows])
         is_decode = np.array([not r.is_prefill for r in rows], dtype=bool)
@@ -196,14 +199,13 @@ class ReplayRunner:
             st.parked[r] = layer
 
     def _out_pos(self, row) -> int:
-        return row.end_position - self.num_prompt_tokens[row.seq_id]
+        return row.end_position - self.seqs[row.seq_id].num_prompt_tokens
 
     def _token(self, row) -> int:
-        stream = self.streams[row.seq_id]
-        return int(stream.token_ids[min(self._out_pos(row), len(stream) - 1)])
+        return self.seqs[row.seq_id].token_at(self._out_pos(row))
 
     def _signal_at(self, row, signal: str, layer: int) -> float:
-        stream = self.streams[row.seq_id]
+        stream = self.seqs[row.seq_id].stream
         return float(stream.signals[signal][min(self._out_pos(row), len(stream) - 1), layer - 1])
 
     def _settle(self, plan: StepPlan, st: _Step, is_decode: np.ndarray) -> np.ndarray:
@@ -214,7 +216,7 @@ class ReplayRunner:
             if is_decode[r] and row.seq_id in self.deferred:
                 reached = int(st.executed[r])
                 self.deferred[row.seq_id] = [
-                    _Deferred(d.position, max(d.layer, reached))
+                    Deferred(d.position, max(d.layer, reached))
                     for d in self.deferred[row.seq_id] if max(d.layer, reached) < L
                 ]  # fmt: skip
         for r, row in enumerate(plan.rows):
@@ -233,7 +235,7 @@ class ReplayRunner:
             if decision.owe[i].any():
                 layer = 0 if from_layer0 else int(st.executed[r])
                 self.deferred.setdefault(plan.rows[r].seq_id, []).append(
-                    _Deferred(plan.rows[r].start_position, layer)
+                    Deferred(plan.rows[r].start_position, layer)
                 )
         return kv_only
 

@@ -178,7 +178,7 @@ class Simulation:
                 t.first_token_s = now
             t.exit_layers.append(row.exit_layer)
             t.num_forced += row.is_forced
-            stream = self.runner.streams[row.seq_id]
+            stream = self.runner.stream(row.seq_id)
             pos = min(len(t.exit_layers) - 1, len(stream) - 1)
             flag = stream.matches_final[pos, row.exit_layer - 1]
             t.flags.append(bool(flag == 1) if not np.isnan(flag) else True)

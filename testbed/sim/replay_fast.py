@@ -1,0 +1,147 @@
+"""The replay runner's whole-step fast path, in plain Python.
+
+Typical simulated steps hold 1-30 rows, where numpy's per-call overhead dwarfs the arithmetic and
+the general path (replay.py: one batching decision per exit point, counted layer by layer) spends
+most of its time in it. Here a step is settled at once: each decode row's first confident exit
+layer was computed at admission (replay_state.py), `policies.fast_path` turns those into every
+row's executed layers and token layer, and the per-layer counts follow from difference arrays.
+
+It covers steps without resume rows under built-in policies (only rebatch parks and resumes);
+`FastReplay.execute` returns None for any other step and the caller runs the general path, before
+either touches the runner's state. tests/test_sim_fastpath.py checks both paths agree.
+"""
+
+from __future__ import annotations
+
+from itertools import accumulate
+
+from policies.fast_path import FillKind, step_exits
+from testbed.core.policy_set import PolicySet
+from testbed.core.step import RowResult, StepPlan, StepResult
+from testbed.sim.replay_state import Deferred, SeqReplay
+from testbed.sim.step_work import StepWork
+
+
+class FastReplay:
+    """The fast path for one run's policies; build it only when `fill_kind` gave a FillKind."""
+
+    def __init__(self, policies: PolicySet, fill: FillKind, num_layers: int) -> None:
+        self.batching, self.fill, self.num_layers = policies.batching, fill, num_layers
+        self.exit_layers = policies.exit_points.layers(num_layers)
+        self.is_from_layer0 = policies.kv_fill.resolve == "from_layer0"
+
+    def execute(
+        self,
+        plan: StepPlan,
+        seqs: dict[int, SeqReplay],
+        deferred: dict[int, list[Deferred]],
+        duration_s: float,
+    ) -> StepWork | None:
+        """Execute ``plan`` like the general path; None, state untouched, when it can't."""
+        L, rows = self.num_layers, plan.rows
+        decode = [r for r, row in enumerate(rows) if not row.is_prefill]
+        if any(rows[r].start_layer for r in decode):
+            return None
+        replays = [seqs[row.seq_id] for row in rows]
+        out_pos = [
+            row.end_position - s.num_prompt_tokens for row, s in zip(rows, replays, strict=True)
+        ]
+        exits = None
+        if decode:
+            reads = self.batching.needs_signals
+            exits = step_exits(
+                self.batching,
+                confident=[replays[r].confident_at(out_pos[r]) if reads else L for r in decode],
+                positions=[out_pos[r] for r in decode], exit_layers=self.exit_layers,
+                num_layers=L,
+            )  # fmt: skip
+            if exits is None:
+                return None
+        executed = [L] * len(rows)
+        token_layer: list[int | None] = [L if row.is_sampling else None for row in rows]
+        forced = [False] * len(rows)
+        if exits is not None:
+            for i, r in enumerate(decode):
+                executed[r], token_layer[r] = exits.executed[i], exits.token_layer[i]
+                forced[r] = exits.is_forced[i]
+        for row in rows:
+            if row.is_prefill and row.start_position == 0:  # re-prefill after a preemption
+                deferred.pop(row.seq_id, None)
+        layer_tokens, layer_ctx = _layer_counts(plan, executed, deferred, L)
+        kv_only = self._settle(plan, executed, decode, deferred)
+        result = StepResult(
+            step_id=plan.step_id,
+            rows=tuple(
+                RowResult(
+                    seq_id=row.seq_id,
+                    token_id=None if token_layer[r] is None else replays[r].token_at(out_pos[r]),
+                    exit_layer=token_layer[r],
+                    is_forced=forced[r],
+                    is_parked=False,
+                    parked_layer=None,
+                )  # fmt: skip
+                for r, row in enumerate(rows)
+            ),
+            num_row_layers_executed=sum(layer_tokens),
+            num_kv_only_row_layers=sum(kv_only),
+            num_rule_evals=exits.num_rule_evals if exits is not None else 0,
+            num_forced_exits=sum(forced),
+            num_exit_points=exits.num_exit_points if exits is not None else 0,
+            duration_s=duration_s,
+        )
+        return StepWork(result, layer_tokens, layer_ctx, kv_only, tuple(executed))
+
+    def _settle(
+        self,
+        plan: StepPlan,
+        executed: list[int],
+        decode: list[int],
+        deferred: dict[int, list[Deferred]],
+    ) -> tuple[int, ...]:
+        """Deferred positions advance as far as their row ran; then the KV fill of exited rows.
+        Returns the K/V-only tokens per layer."""
+        L = self.num_layers
+        kv_only = [0] * (L + 1)  # difference array
+        for r in decode:
+            seq_id, reached = plan.rows[r].seq_id, executed[r]
+            if seq_id in deferred:
+                deferred[seq_id] = [
+                    Deferred(d.position, max(d.layer, reached))
+                    for d in deferred[seq_id] if max(d.layer, reached) < L
+                ]  # fmt: skip
+        for r in decode:
+            if executed[r] >= L:
+                continue
+            if self.fill.is_filled_now:
+                kv_only[executed[r]] += 1
+                kv_only[L] -= 1
+            if self.fill.is_owed:
+                layer = 0 if self.is_from_layer0 else executed[r]
+                deferred.setdefault(plan.rows[r].seq_id, []).append(
+                    Deferred(plan.rows[r].start_position, layer)
+                )
+        return tuple(accumulate(kv_only[:L]))
+
+
+def _layer_counts(
+    plan: StepPlan, executed: list[int], deferred: dict[int, list[Deferred]], L: int
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Per layer: tokens that ran it and the sum of their context lengths. Every row runs layers
+    [0, executed); a deferred position rides along with its row from its first owed layer."""
+    tokens, ctx = [0] * (L + 1), [0] * (L + 1)  # difference arrays
+    for row, stop in zip(plan.rows, executed, strict=True):
+        n, first = row.num_tokens, row.start_position
+        tokens[0] += n
+        tokens[stop] -= n
+        span_ctx = n * first + n * (n + 1) // 2  # sum of (position + 1) over the fed tokens
+        ctx[0] += span_ctx
+        ctx[stop] -= span_ctx
+        if row.is_prefill:
+            continue
+        for d in deferred.get(row.seq_id, ()):
+            if d.layer < stop:
+                tokens[d.layer] += 1
+                tokens[stop] -= 1
+                ctx[d.layer] += d.position + 1
+                ctx[stop] -= d.position + 1
+    return tuple(accumulate(tokens[:L])), tuple(accumulate(ctx[:L]))

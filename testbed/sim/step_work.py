@@ -1,0 +1,19 @@
+"""The replay runner's answer for one step: the engine's StepResult plus the per-layer counts a
+cost model prices (see cost_base.StepFeatures)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from testbed.core.step import StepResult
+
+
+@dataclass(frozen=True)
+class StepWork:
+    """What a replayed step did, per layer of the trace's model."""
+
+    result: StepResult
+    layer_tokens: tuple[int, ...]  # tokens that ran each layer fully
+    layer_context_tokens: tuple[int, ...]  # sum of the context lengths those tokens attend
+    layer_kv_only_tokens: tuple[int, ...]  # tokens that only computed K/V there (copy fill)
+    executed: tuple[int, ...]  # per plan row: layers computed for its newest position
