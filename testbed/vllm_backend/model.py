@@ -1,0 +1,303 @@
+"""``EarlyExitLlamaForCausalLM``: vLLM's Llama with CALM-style early exit on decode rows.
+
+vLLM V1 flattens a step's tokens into one batch and runs one attention call per layer over all
+of them, writing each token's K/V into the paged cache first. So the policies it can run are the
+batch-wide ones (``full``, ``consensus``, ``quorum``) with ``copy`` fill, and one forward runs:
+
+* every layer in full while any decode row is still running (consensus: rows that took their
+  token keep computing, which fills their K/V — Miao et al. 2024);
+* once the batching policy stops the decode rows at exit point ℓ, their hidden state is frozen
+  at ℓ: deeper layers see it as their input, so the K/V they write is exactly the ``copy`` fill.
+  While prompt tokens are in the step the layer still runs in full (their attention needs it)
+  and the decode rows' outputs are dropped; without prompt tokens a layer runs K/V only
+  (input norm → QKV projection → rotary → cache write).
+
+A decode row's output hidden state is the one where it took its token, so vLLM's own sampler
+emits the exit-layer token (exits share the final norm and LM head). Prompt rows always run
+every layer. The decisions come from the same ``policies`` objects the native engine uses.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from vllm.config import VllmConfig
+from vllm.distributed import get_pp_group
+from vllm.forward_context import get_forward_context
+from vllm.model_executor.layers.attention.attention import unified_kv_cache_update
+from vllm.model_executor.models.llama import LlamaForCausalLM
+
+from policies.exit_rules import ExitSignals
+from testbed.core.policy_set import build_policies
+from testbed.errors import ConfigError
+from testbed.model.llama import ExitClassifiers
+from testbed.model.signals import SIGNAL_NAMES, classifier_prob, hidden_cosine, softmax_margin
+from testbed.vllm_backend.options import OVERRIDES_KEY, VllmEarlyExitConfig, parse_overrides
+from testbed.vllm_backend.records import RowRecord, StepRecord
+
+EXIT_HEADS_PREFIX = "exit_heads."
+STEP_LOG = "steps.jsonl"
+
+
+def check_engine(vllm_config: VllmConfig, settings: VllmEarlyExitConfig) -> None:
+    """Engine settings that data-dependent exits cannot live with, refused with the reason."""
+    if not (settings.policy.batching != "full" or settings.record != "off"):
+        return
+    if not vllm_config.model_config.enforce_eager:
+        raise ConfigError(
+            "early exit needs enforce_eager=True (--enforce-eager): a compiled or graph-captured "
+            "forward cannot stop at a layer chosen from the data"
+        )
+    if get_pp_group().world_size != 1:
+        raise ConfigError(
+            "early exit needs pipeline_parallel_size=1: the exit loop spans all layers"
+        )
+    if vllm_config.speculative_config is not None:
+        raise ConfigError("early exit cannot be combined with speculative decoding")
+    if settings.policy.batching != "full" and vllm_config.cache_config.enable_prefix_caching:
+        raise ConfigError(
+            "early exit needs enable_prefix_caching=False (--no-enable-prefix-caching): cached "
+            "blocks would hand filled (approximate) K/V to other requests as if computed in full"
+        )
+
+
+@dataclass
+class _Decode:
+    """Decode rows of one forward: [rows] numpy masks/lists and [rows, hidden] tensors."""
+
+    tokens: torch.Tensor  # flat-batch index of each decode row's token
+    token_layer: list[int | None]
+    is_forced: np.ndarray
+    out_h: list[torch.Tensor | None]  # hidden state where the row took its token
+    frozen: torch.Tensor | None = None  # set once the policy stopped the rows
+    stop_layer: int | None = None
+    signals: list[dict[int, float]] = field(default_factory=list)  # live: layer -> value
+
+
+@dataclass
+class _Counters:
+    row_layers: int = 0
+    kv_only: int = 0
+    rule_evals: int = 0
+    exit_points: int = 0
+    layers_run: int = 0
+
+
+class EarlyExitLlamaForCausalLM(LlamaForCausalLM):
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        hf = vllm_config.model_config.hf_config
+        self.settings = parse_overrides(getattr(hf, OVERRIDES_KEY, None))
+        self.policies = build_policies(self.settings.policy)
+        check_engine(vllm_config, self.settings)
+        self.num_layers = hf.num_hidden_layers
+        self.exit_heads = ExitClassifiers(self.num_layers, hf.hidden_size)
+        self.has_exit_heads = False
+        self.records: list[StepRecord] = []  # drained by the in-process capture
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        heads: dict[str, torch.Tensor] = {}
+
+        def model_weights():
+            for name, tensor in weights:
+                if name.startswith(EXIT_HEADS_PREFIX):  # exit_heads.safetensors
+                    heads[name.removeprefix(EXIT_HEADS_PREFIX)] = tensor
+                else:
+                    yield name, tensor
+
+        loaded = super().load_weights(model_weights())
+        if heads:
+            self.exit_heads.load_state_dict(heads)
+            self.has_exit_heads = True
+        elif (
+            self.settings.policy.exit_rule == "classifier" and self.policies.batching.is_early_exit
+        ):
+            raise ConfigError("the classifier rule needs exit_heads.safetensors in the checkpoint")
+        return loaded | {f"{EXIT_HEADS_PREFIX}weight", f"{EXIT_HEADS_PREFIX}bias"}
+
+    def drain_records(self) -> list[StepRecord]:
+        records, self.records = self.records, []
+        return records
+
+    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None):
+        metadata = get_forward_context().attn_metadata
+        is_stock = not self.policies.batching.is_early_exit and self.settings.record == "off"
+        if is_stock or not metadata or inputs_embeds is not None:  # dummy runs have no metadata
+            return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds)
+        start_s = time.perf_counter()
+        query_start = next(iter(metadata.values())).query_start_loc.cpu().numpy()
+        hidden, record = self._early_exit_forward(input_ids, positions, query_start)
+        if self.settings.record != "off":
+            record = StepRecord(**{**record.__dict__, "forward_s": time.perf_counter() - start_s})
+            self._keep(record)
+        return hidden
+
+    def _keep(self, record: StepRecord) -> None:
+        if self.settings.record_dir is None:
+            self.records.append(record)
+            return
+        with (self.settings.record_dir / STEP_LOG).open("a") as log:  # `vllm serve`
+            log.write(json.dumps(record.to_json()) + "\n")
+
+    @torch.inference_mode()
+    def _early_exit_forward(self, input_ids, positions, query_start: np.ndarray):
+        num_tokens = int(query_start[-1])  # the rest of the flat batch is padding
+        last = query_start[1:] - 1  # [rows] flat index of each row's last token
+        is_decode = np.diff(query_start) == 1
+        has_prompt = not bool(is_decode.all())
+        rows = _Decode(
+            tokens=torch.from_numpy(last[is_decode]).to(input_ids.device),
+            token_layer=[None] * int(is_decode.sum()),
+            is_forced=np.zeros(int(is_decode.sum()), dtype=bool),
+            out_h=[None] * int(is_decode.sum()),
+        )
+        rows.signals = [{} for _ in rows.token_layer]
+        counters = _Counters()
+        oracle_states = []
+        last_t = torch.from_numpy(last).to(input_ids.device)
+        hidden, residual = self.model.embed_input_ids(input_ids), None
+        h_prev = hidden[rows.tokens]
+        if self.settings.record == "oracle":
+            oracle_states.append(hidden[last_t].clone())
+        for i, layer in enumerate(self.model.layers):
+            if rows.frozen is None or has_prompt:
+                if rows.frozen is not None:  # stopped rows' input is their exit state: copy fill
+                    hidden[rows.tokens], residual[rows.tokens] = rows.frozen, 0
+                hidden, residual = layer(positions, hidden, residual)
+                counters.row_layers += num_tokens
+                counters.layers_run += 1
+            else:
+                self._kv_only(layer, positions[rows.tokens], rows.frozen)
+                counters.kv_only += len(rows.token_layer)
+            if oracle_states:
+                oracle_states.append((hidden + residual)[last_t].clone())
+            if rows.frozen is None:
+                h = (hidden + residual)[rows.tokens]  # [decode rows, hidden]: the true state
+                self._exit_point(i + 1, h, h_prev, rows, positions, counters)
+                h_prev = h
+        final, _ = self.model.norm(hidden, residual)
+        for r, h in enumerate(rows.out_h):
+            if h is not None:  # the exit-layer token: exits share the final norm and LM head
+                final[rows.tokens[r]] = self.model.norm(h)
+        record = self._record(input_ids, positions, query_start, rows, counters, oracle_states)
+        return final, record
+
+    def _kv_only(self, layer, positions: torch.Tensor, h: torch.Tensor) -> None:
+        """What a skipped layer owes the cache: input norm, QKV projection, rotary, cache write."""
+        attn = layer.self_attn
+        qkv, _ = attn.qkv_proj(layer.input_layernorm(h))
+        q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
+        q, k = attn.rotary_emb(positions, q, k)
+        core = attn.attn
+        if core.attn_backend.forward_includes_kv_cache_update:
+            core(q, k, v)  # this backend writes the cache only while attending; output dropped
+        else:
+            unified_kv_cache_update(
+                k.view(-1, core.num_kv_heads, core.head_size),
+                v.view(-1, core.num_kv_heads, core.head_size_v),
+                core.layer_name,
+            )
+
+    def _exit_point(self, layer, h, h_prev, rows: _Decode, positions, counters) -> None:
+        p = self.policies
+        if not p.batching.is_early_exit or not len(rows.token_layer):
+            return
+        if not p.exit_points.is_exit_point(layer, self.num_layers):
+            return
+        has_token = np.array([t is not None for t in rows.token_layer])
+        need = np.flatnonzero(~has_token)
+        confident = np.zeros(len(has_token), dtype=bool)
+        if p.batching.needs_signals and len(need):
+            values = self._signal(layer, h[need], h_prev[need])
+            counters.rule_evals += len(need)
+            for r, v in zip(need.tolist(), values.tolist(), strict=True):
+                rows.signals[r][layer] = v
+            signal = {p.exit_rule.signal: values}
+            confident[need] = p.exit_rule.confident(
+                _signals(signal), positions=np.zeros(len(need)), max_tokens=np.ones(len(need))
+            )
+        counters.exit_points += 1
+        decision = p.batching.decide(
+            layer=layer, num_layers=self.num_layers, confident=confident, has_token=has_token,
+            positions=positions[rows.tokens].cpu().numpy(),
+        )  # fmt: skip
+        # the policies vLLM runs stop all decode rows together or none (options.REFUSED_*)
+        assert decision.keep_running.all() or not decision.keep_running.any(), decision
+        for r in np.flatnonzero(decision.take_token).tolist():
+            rows.token_layer[r], rows.out_h[r] = layer, h[r].clone()
+        rows.is_forced |= decision.is_forced
+        if decision.stop:
+            rows.frozen, rows.stop_layer = h.clone(), layer
+
+    def _signal(self, layer: int, h: torch.Tensor, h_prev: torch.Tensor) -> np.ndarray:
+        name = self.policies.exit_rule.signal
+        if name == "hidden_cosine":
+            return hidden_cosine(h, h_prev).cpu().numpy()
+        if name == "softmax_margin":
+            return softmax_margin(self.compute_logits(self.model.norm(h))).cpu().numpy()
+        return classifier_prob(self, self.exit_heads, layer, h).cpu().numpy()
+
+    def _record(self, input_ids, positions, query_start, rows: _Decode, counters, oracle):
+        if self.settings.record == "off":
+            return None
+        query_lens = np.diff(query_start)
+        last, is_decode = query_start[1:] - 1, query_lens == 1
+        oracle_rows = self._oracle(oracle) if oracle else None
+        decode_index = np.cumsum(is_decode) - 1
+        out = []
+        for r, flat in enumerate(last.tolist()):
+            d = int(decode_index[r]) if is_decode[r] else None
+            exit_layer = self.num_layers
+            executed, forced, signals = self.num_layers, False, {}
+            if d is not None:
+                exit_layer = rows.token_layer[d] or self.num_layers
+                executed = rows.stop_layer or self.num_layers
+                forced = bool(rows.is_forced[d])
+                if rows.signals[d]:
+                    values = [rows.signals[d].get(layer) for layer in range(1, self.num_layers + 1)]
+                    signals = {self.policies.exit_rule.signal: values}
+            argmax = None
+            if oracle_rows is not None:
+                signals, argmax = oracle_rows[0][r], oracle_rows[1][r]
+            out.append(RowRecord(
+                is_decode=bool(is_decode[r]), num_query_tokens=int(query_lens[r]),
+                position=int(positions[flat]), input_token_id=int(input_ids[flat]),
+                exit_layer=exit_layer, is_forced=forced, executed_layers=executed,
+                filled_layers=self.num_layers - executed, signals=signals, argmax=argmax,
+            ))  # fmt: skip
+        return StepRecord(
+            rows=tuple(out), num_row_layers_executed=counters.row_layers,
+            num_kv_only_row_layers=counters.kv_only, num_rule_evals=counters.rule_evals,
+            num_forced_exits=int(rows.is_forced.sum()), num_exit_points=counters.exit_points,
+            num_layers_run=counters.layers_run, forward_s=0.0,
+        )  # fmt: skip
+
+    def _oracle(self, states: list[torch.Tensor]):
+        """Every signal and the exit head's argmax at every layer, for each row's last token."""
+        stacked = torch.stack(states)  # [L + 1, rows, hidden]; index 0 is the embedding
+        deep, shallow = stacked[1:], stacked[:-1]
+        normed = self.model.norm(deep.flatten(0, 1))  # [L * rows, hidden]
+        logits = self.compute_logits(normed).unflatten(0, deep.shape[:2])  # [L, rows, vocab]
+        top2 = logits.float().softmax(-1).topk(2, dim=-1).values
+        per_signal = {
+            "softmax_margin": (top2[..., 0] - top2[..., 1]).T,
+            "hidden_cosine": hidden_cosine(deep, shallow).T,
+        }
+        if self.has_exit_heads:
+            w, b = self.exit_heads.weight, self.exit_heads.bias
+            prob = torch.sigmoid(torch.einsum("lrh,lh->lr", normed.view_as(deep), w) + b[:, None])
+            per_signal["classifier_prob"] = prob.T
+        signals = [
+            {name: values[r].tolist() for name, values in per_signal.items()}
+            for r in range(deep.shape[1])
+        ]
+        return signals, logits.argmax(-1).T.tolist()
+
+
+def _signals(values: dict[str, np.ndarray]) -> ExitSignals:
+    return ExitSignals(**{name: values.get(name) for name in SIGNAL_NAMES})

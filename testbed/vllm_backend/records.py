@@ -1,0 +1,44 @@
+"""What one forward of the early-exit model did, row by row: the trace's raw material.
+
+Rows are vLLM's scheduled requests in batch order (the order of ``ModelRunnerOutput.req_ids``).
+Torch-free so that the step log of a ``vllm serve`` process can be read anywhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class RowRecord:
+    is_decode: bool  # one query token: its token may exit early (prompt rows never do)
+    num_query_tokens: int  # tokens this row fed in the forward
+    position: int  # position of the row's last fed token
+    input_token_id: int  # the row's last fed token (a decode row's previous output)
+    exit_layer: int  # layers run when the row's token was taken (num_layers: full depth)
+    is_forced: bool  # quorum forced the token out before it was confident
+    executed_layers: int  # full layers computed for the row's last token
+    filled_layers: int  # K/V-only layers written for it (copy fill)
+    signals: dict[str, list[float | None]] = field(default_factory=dict)  # name -> per layer
+    argmax: list[int] | None = None  # oracle: the exit head's argmax after layer 1..L
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    rows: tuple[RowRecord, ...]
+    num_row_layers_executed: int  # full layers summed over every token of the forward
+    num_kv_only_row_layers: int
+    num_rule_evals: int
+    num_forced_exits: int
+    num_exit_points: int
+    num_layers_run: int  # layers at least one token ran fully
+    forward_s: float  # wall time of the model forward
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @staticmethod
+    def from_json(raw: dict[str, Any]) -> StepRecord:
+        rows = tuple(RowRecord(**r) for r in raw["rows"])
+        return StepRecord(**{**raw, "rows": rows})
