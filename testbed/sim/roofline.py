@@ -190,6 +190,10 @@ class RooflineCostModel:
     _spread_cache: dict[int, np.ndarray] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
+    # memo of _layer_groups by trace depth; not part of the model's value
+    _group_cache: dict[int, tuple] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         if not 0 < self.efficiency <= 1:
@@ -258,8 +262,69 @@ class RooflineCostModel:
             work = work @ self._spread_matrix(work.shape[1])  # [4, L_tgt]
         return work
 
-    def step_time_s(self, f: StepFeatures) -> float:
+    def reference_step_time_s(self, f: StepFeatures) -> float:
+        """step_time_s as the matrix form above: the reference its plain-Python path must equal
+        (up to rounding; tests/test_sim_fastpath.py)."""
         total_s = self._work_s(self._layer_work(f)) + self.lm_head_time_s(f.num_rows)
         if f.rule == "softmax":
             total_s += self.lm_head_time_s(f.num_rule_evals)
         return self.overhead_s + total_s
+
+    def step_time_s(self, f: StepFeatures) -> float:
+        # Plain Python over groups of identical target layers: a typical step has few rows, and
+        # numpy's per-call overhead cost more than the arithmetic.
+        tokens, context, kv_only = f.layer_tokens, f.layer_context_tokens, f.layer_kv_only_tokens
+        if not len(tokens) == len(context) == len(kv_only):
+            raise CostModelError("step features: per-layer tuples differ in length")
+        if not tokens:
+            raise CostModelError("step features: no per-layer counts (a trace has >= 1 layer)")
+        top, n = max(context), f.num_context_tokens
+        reads = [min(max(n - (top - c), 0), c) for c in context]  # see kv_read_tokens
+        a_t, a_c, m_kv, m_w, f_k, g_kv, g_w = self._coefficients
+        total_s = 0.0
+        for count, sources in self._layer_groups(len(tokens)):
+            t = c = r = k = 0.0
+            for i, w in sources:
+                t, c, r, k = (
+                    t + w * tokens[i],
+                    c + w * context[i],
+                    r + w * reads[i],
+                    k + w * kv_only[i],
+                )
+            layer_s = max(a_t * t + a_c * c, m_kv * t + m_kv * r + (m_w if t > 0 else 0.0))
+            fill_s = max(f_k * k, g_kv * k + (g_w if k > 0 else 0.0))
+            total_s += count * (layer_s + fill_s)
+        total_s += self.lm_head_time_s(f.num_rows)
+        if f.rule == "softmax":
+            total_s += self.lm_head_time_s(f.num_rule_evals)
+        return self.overhead_s + total_s
+
+    @cached_property
+    def _coefficients(self) -> tuple[float, ...]:
+        """The non-zero entries of _unit_s, by name: layer compute per token and per context
+        token, layer memory per K/V token and its weights, fill compute, fill memory, weights."""
+        u = self._unit_s
+        assert u[1, 0] == u[1, 2], "K/V written and read cost the same per token"
+        return tuple(
+            float(x) for x in (u[0, 0], u[0, 1], u[1, 0], u[1, 4], u[2, 3], u[3, 3], u[3, 5])
+        )
+
+    def _layer_groups(
+        self, num_source: int
+    ) -> tuple[tuple[int, tuple[tuple[int, float], ...]], ...]:
+        """Target layers as (how many, ((source layer, weight), ...)), consecutive identical
+        layers merged: 8 trace layers on 32 target layers are 8 groups of 4 one-source layers."""
+        if num_source not in self._group_cache:
+            if num_source == self.shape.num_layers:
+                spread = np.eye(num_source)
+            else:
+                spread = self._spread_matrix(num_source)
+            groups: list[tuple[int, tuple[tuple[int, float], ...]]] = []
+            for column in spread.T:  # [L_src] weights of one target layer
+                sources = tuple((int(i), float(column[i])) for i in np.flatnonzero(column))
+                if groups and groups[-1][1] == sources:
+                    groups[-1] = (groups[-1][0] + 1, sources)
+                else:
+                    groups.append((1, sources))
+            self._group_cache[num_source] = tuple(groups)
+        return self._group_cache[num_source]
