@@ -100,7 +100,7 @@ class ValidationResult:
 # --- engines --------------------------------------------------------------------------------
 
 
-class _Engine:
+class EngineRuns:
     """Live and oracle captures on the chosen engine, for this run's requests."""
 
     def __init__(self, cfg: ValidationConfig) -> None:
@@ -223,7 +223,7 @@ def _write_json(path: Path, doc: dict[str, Any]) -> None:
 
 
 def _validate_one(
-    index: int, policy: PolicyConfig, engine: _Engine, oracle: str, cost_model: str,
+    index: int, policy: PolicyConfig, engine: EngineRuns, oracle: str, cost_model: str,
     out: Path, full_outputs: dict[int, list[int]] | None, references: dict[int, str] | None,
 ) -> dict[str, Any]:  # fmt: skip
     cfg = engine.cfg
@@ -272,7 +272,7 @@ def _validate_one(
 # --- the whole validation -----------------------------------------------------------------------
 
 
-def _calibrate(engine: _Engine, out: Path, progress: ProgressFn | None) -> str:
+def calibrate(engine: EngineRuns, out: Path, progress: ProgressFn | None) -> str:
     """The cost model's calibration captures: live runs of `full` and of one validated policy per
     exit rule, on another workload seed (never the validated runs themselves). Live, not oracle:
     an oracle run also pays for recording every signal, which a served step does not."""
@@ -300,7 +300,7 @@ def _calibrate(engine: _Engine, out: Path, progress: ProgressFn | None) -> str:
     return "fitted:" + "+".join(dirs)
 
 
-def _oracle(engine: _Engine, out: Path, progress: ProgressFn | None) -> str:
+def oracle_trace(engine: EngineRuns, out: Path, progress: ProgressFn | None) -> str:
     if engine.cfg.trace:
         cap = read_capture(engine.cfg.trace)
         if cap.meta.get("mode") != "oracle":
@@ -316,7 +316,7 @@ def _oracle(engine: _Engine, out: Path, progress: ProgressFn | None) -> str:
     return str(path)
 
 
-def _references(cfg: ValidationConfig, engine: _Engine) -> dict[int, str] | None:
+def _references(cfg: ValidationConfig, engine: EngineRuns) -> dict[int, str] | None:
     from testbed.datasets import load_summaries
 
     if all(r.source_index is None for r in engine.requests):
@@ -334,10 +334,10 @@ def run_validation(
     out = Path(out)
     (out / "configs").mkdir(parents=True, exist_ok=True)
     write_run_info(out, cfg, seed=cfg.seed)
-    engine = _Engine(cfg)
-    cost_model = _calibrate(engine, out, progress)
+    engine = EngineRuns(cfg)
+    cost_model = calibrate(engine, out, progress)
     fit = build_cost_model(cost_model)
-    oracle = _oracle(engine, out, progress)
+    oracle = oracle_trace(engine, out, progress)
     references = _references(cfg, engine)
     done: list[dict[str, Any]] = []
     failed: list[dict[str, Any]] = []

@@ -1,0 +1,29 @@
+"""``eetb demo``: calibrate → capture → sweep → validate → report, offline, on the built-in model."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from testbed.commands.common import ProgressLine, add_data_dir, guarded, parser
+from testbed.demo import DemoConfig, run_demo
+
+
+@guarded
+def main(argv: list[str]) -> int:
+    p = parser("demo", "The whole loop on the built-in model: capture, simulate, validate, report.")
+    p.add_argument("--out", type=Path, default=Path("runs/demo"),
+                   help="result folder (rerun with the same folder to resume)")  # fmt: skip
+    add_data_dir(p)
+    args = p.parse_args(argv)
+    start = time.perf_counter()
+    path = run_demo(DemoConfig(), args.out, data_dir=args.data_dir,
+                    progress=ProgressLine(min_interval_s=0))  # fmt: skip
+    print(path.read_text())
+    print(f"wrote {path} in {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

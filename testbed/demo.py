@@ -1,0 +1,116 @@
+"""`eetb demo`: the whole loop on the built-in model, offline, in a few minutes on a laptop CPU.
+
+calibrate (live runs of another request stream: the fitted cost model) → capture an oracle trace
+→ simulate a grid of policies (sweep) → validate the top 3 and `full` on the native engine →
+report. Each stage leaves its files under OUT and is skipped when rerun with the same OUT.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from analysis.report import write_report
+from testbed.core.policy_set import PolicyConfig
+from testbed.datasets import load_summaries
+from testbed.errors import DataError
+from testbed.runinfo import to_jsonable, write_run_info
+from testbed.sim.simulator import simulate
+from testbed.sweep import Grid, PolicyGrid, run_sweep
+from testbed.validate import (
+    EngineRuns,
+    ProgressFn,
+    ValidationConfig,
+    calibrate,
+    oracle_trace,
+    run_validation,
+    select_from_sweep,
+)
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    # a Poisson load the 2-core reference machine serves without queueing up
+    workload: str = "poisson:rate=6,n=48,prompt=64-320,output=48"
+    higher_load: str = "poisson:rate=12,n=48,prompt=64-320,output=48"  # simulated only
+    calibration_workload: str = "poisson:rate=6,n=32,prompt=64-320,output=48"
+    batching: tuple[tuple[str, tuple[tuple[str, float], ...]], ...] = (
+        ("consensus", ()),
+        ("quorum", (("fraction", 0.75),)),
+        ("shrink", ()),
+        ("rebatch", ()),
+    )
+    rules: tuple[str, ...] = ("hidden",)
+    thresholds: tuple[float, ...] = (0.85, 0.9, 0.95)
+    min_exit_layer: int = 4  # the built-in model's first layers agree with its last on ~half
+    min_agreement: float = 0.7  # the ranking's quality constraint (estimated agreement)
+    top_k: int = 3
+    seed: int = 0
+    model: str = "builtin"
+    workers: int = 2
+
+
+def choose_dataset(data_dir: str | None) -> str:
+    """CNN/DM articles when the data directory has them, else text the model writes itself."""
+    try:
+        load_summaries("cnndm", "eval", data_dir)
+    except DataError:
+        return "self"
+    return "cnndm"
+
+
+def demo_grid(cfg: DemoConfig, trace: str, cost_model: str) -> Grid:
+    policies = tuple(
+        PolicyGrid(batching=name, rules=cfg.rules, thresholds=cfg.thresholds,
+                   batching_params=params, min_exit_layer=cfg.min_exit_layer)
+        for name, params in cfg.batching
+    )  # fmt: skip
+    return Grid(trace=trace, workloads=(cfg.workload, cfg.higher_load), cost_models=(cost_model,),
+                policies=policies, seed=cfg.seed, min_agreement=cfg.min_agreement)  # fmt: skip
+
+
+def run_demo(
+    cfg: DemoConfig, out: Path, *, data_dir: str | None, progress: ProgressFn | None = None
+) -> Path:
+    """Run every stage into out; return the report's path."""
+    out = Path(out)
+    dataset = choose_dataset(data_dir)
+    write_run_info(out, cfg, seed=cfg.seed, dataset=dataset)
+    # the calibration runs cover each exit rule of the grid, with a representative policy
+    representative = tuple(
+        PolicyConfig(batching=cfg.batching[0][0], exit_rule=rule, threshold=cfg.thresholds[-1],
+                     min_exit_layer=cfg.min_exit_layer)
+        for rule in cfg.rules
+    )  # fmt: skip
+    base = ValidationConfig(
+        policies=representative, workload=cfg.workload,
+        calibration_workload=cfg.calibration_workload, model=cfg.model, dataset=dataset,
+        seed=cfg.seed, data_dir=data_dir,
+    )  # fmt: skip
+    engine = EngineRuns(base)
+    cost_model = calibrate(engine, out / "validate", progress)
+    trace = oracle_trace(engine, out / "validate", progress)
+    grid = demo_grid(cfg, trace, cost_model)
+    configs = [dataclasses.replace(c, data_dir=data_dir) for c in grid.expand()]
+    write_run_info(out / "sweep", grid, seed=cfg.seed, num_runs=len(configs),
+                   min_agreement=cfg.min_agreement)  # fmt: skip
+    with ProcessPoolExecutor(max_workers=cfg.workers) as pool:
+        report = run_sweep(
+            configs, out / "sweep", executor=pool, run_fn=simulate, progress=progress
+        )
+    if report.failures:
+        first = report.failures[0]
+        raise DataError(
+            f"{len(report.failures)} simulated runs failed, e.g. {first.label}: {first.message}"
+        )
+    selection = select_from_sweep(out / "sweep", cfg.top_k, workload=cfg.workload)
+    validation = dataclasses.replace(
+        base, policies=selection.policies, calibration=cost_model.removeprefix("fitted:"),
+        calibration_workload="", trace=trace,
+    )  # fmt: skip
+    (out / "selection.json").write_text(json.dumps(to_jsonable(selection), indent=1) + "\n")
+    run_validation(validation, out / "validate", progress=progress)
+    return write_report(out)

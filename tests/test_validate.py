@@ -1,0 +1,211 @@
+"""`eetb validate`: A/B runs on the native engine against the simulator, on the built-in model."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from policies.errors import PolicyConfigError
+from testbed.cli import main as cli
+from testbed.core.policy_set import PolicyConfig
+from testbed.errors import ConfigError
+from testbed.sim.simulator import SimulationConfig
+from testbed.sweep import config_columns
+from testbed.trace import read_capture
+from testbed.validate import (
+    BASELINE,
+    EngineRuns,
+    ValidationConfig,
+    ValidationError,
+    agreement_with,
+    capture_records,
+    policy_of,
+    run_validation,
+    select_from_sweep,
+)
+
+WORKLOAD = "poisson:rate=20,n=6,prompt=16-64,output=10"
+CALIBRATE = "poisson:rate=20,n=6,prompt=16-64,output=10"
+EARLY = PolicyConfig(batching="consensus", exit_rule="hidden", threshold=0.9, min_exit_layer=4)
+
+
+def _cfg(**kw) -> ValidationConfig:
+    args = dict(policies=(EARLY,), workload=WORKLOAD, calibration_workload=CALIBRATE,
+                dataset="synthetic", seed=3)  # fmt: skip
+    return ValidationConfig(**{**args, **kw})
+
+
+@pytest.fixture(scope="module")
+def validated(tmp_path_factory):
+    out = tmp_path_factory.mktemp("validate")
+    return run_validation(_cfg(), out), out
+
+
+def test_validation_writes_measured_and_predicted_for_full_and_each_policy(validated):
+    result, out = validated
+    doc = json.loads((out / "validation.json").read_text())
+    assert doc == json.loads(json.dumps(result.summary))
+    labels = [c["label"] for c in doc["configurations"]]
+    assert labels == ["full", EARLY.label()]
+    full, early = doc["configurations"]
+    # full computes every layer in both worlds and agrees with itself
+    assert full["mean_exit_layer_measured"] == full["mean_exit_layer_predicted"] == 8
+    assert full["agreement_measured"] == 1.0 and full["exit_hist_tv"] == 0
+    assert full["speedup_measured"] == 1.0
+    # the early-exit run really exited early, as the replay of the oracle trace predicts
+    assert early["mean_exit_layer_measured"] < 8 and early["mean_exit_layer_predicted"] < 8
+    assert sum(early["exit_hist_measured"]) == pytest.approx(1.0)
+    assert 0 <= early["exit_hist_tv"] <= 1
+    assert 0 <= early["agreement_measured"] <= 1
+    # every measured number comes from the live capture of that configuration
+    live = read_capture(out / "live" / "01")
+    assert live.meta["mode"] == "live" and live.meta["policy"]["batching"] == "consensus"
+    records = capture_records(live)
+    layers = [x for r in records for x in r.exit_layers]
+    assert early["measured"]["mean_exit_layer"] == pytest.approx(sum(layers) / len(layers))
+    assert early["measured"]["num_output_tokens"] == live.tokens.num_rows
+
+
+def test_validation_error_table_and_tau(validated):
+    result, out = validated
+    s = result.summary
+    rows = pq.read_table(out / "validation.parquet").to_pylist()
+    assert {r["policy"] for r in rows} == {"full", EARLY.label()}
+    for r in rows:
+        if r["error"] is not None:
+            assert r["error"] == pytest.approx(r["predicted"] / r["measured"] - 1, rel=1e-9)
+    assert s["kendall_tau_throughput"] in (-1.0, 1.0)  # two items: concordant or not
+    assert s["cost_model"].startswith("fitted:") and "calibration" in s["cost_model"]
+    assert s["fit"]["num_steps"] > 0 and s["missing"] == []
+    lat = pq.read_table(out / "latencies.parquet").to_pylist()
+    assert len(lat) == 2 * 2 * 6  # configurations × (measured, simulated) × requests
+
+
+def test_calibration_is_a_separate_request_stream(validated):
+    _, out = validated
+    calib = read_capture(out / "calibration" / "full")
+    oracle = read_capture(out / "oracle")
+    assert calib.meta["mode"] == "live" and oracle.meta["mode"] == "oracle"
+    # another seed: the same workload shape, other arrivals and prompts
+    assert calib.requests["arrival_s"].to_pylist() != oracle.requests["arrival_s"].to_pylist()
+
+
+def test_rerun_reuses_finished_configurations(validated, monkeypatch):
+    _, out = validated
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a finished run was redone")
+
+    monkeypatch.setattr(EngineRuns, "capture", refuse)
+    again = run_validation(_cfg(), out)
+    assert [c["label"] for c in again.summary["configurations"]] == ["full", EARLY.label()]
+
+
+def test_a_configuration_the_engine_cannot_run_is_recorded_and_the_rest_kept(tmp_path, monkeypatch):
+    bad = PolicyConfig(batching="shrink", exit_rule="hidden", threshold=0.9, min_exit_layer=4)
+    original = EngineRuns.capture
+
+    def capture(self, policy, mode, out, requests=None):
+        if policy == bad and mode == "live" and "live" in str(out):
+            raise ConfigError("this engine cannot run shrink")
+        return original(self, policy, mode, out, requests)
+
+    monkeypatch.setattr(EngineRuns, "capture", capture)
+    result = run_validation(_cfg(policies=(bad, EARLY)), tmp_path)
+    s = result.summary
+    assert [c["label"] for c in s["configurations"]] == ["full", EARLY.label()]
+    assert s["missing"] == [
+        {"label": bad.label(), "message": "ConfigError: this engine cannot run shrink"}
+    ]
+    assert (tmp_path / "configs" / "01.error.json").is_file()
+    assert (tmp_path / "configs" / "02.json").is_file()
+
+
+def test_bad_configurations_fail_before_any_run(tmp_path):
+    with pytest.raises(ValidationError, match="no configuration"):
+        _cfg(policies=())
+    with pytest.raises(ValidationError, match="calibration"):
+        _cfg(calibration_workload="")
+    with pytest.raises(ValidationError, match="unknown engine"):
+        _cfg(engine="tensorrt")
+    with pytest.raises(PolicyConfigError):
+        _cfg(policies=(PolicyConfig(batching="nonesuch"),))
+    with pytest.raises(ValidationError, match="not a capture directory"):
+        run_validation(
+            _cfg(calibration=str(tmp_path / "missing"), calibration_workload=""), tmp_path / "o"
+        )
+
+
+def test_agreement_with_full_is_token_weighted():
+    full = {0: [1, 2, 3, 4], 1: [5, 6]}
+    assert agreement_with(full, full) == 1.0
+    assert agreement_with({0: [1, 2, 9, 9], 1: [5, 6]}, full) == pytest.approx(4 / 6)
+    assert agreement_with({0: [1, 2], 1: [5, 6]}, full) == pytest.approx(4 / 6)  # shorter output
+
+
+# --- choosing from a sweep ----------------------------------------------------------------------
+
+POLICIES = [
+    BASELINE,
+    PolicyConfig(
+        batching="quorum",
+        batching_params=(("fraction", 0.75),),
+        threshold=0.95,
+        min_exit_layer=4,
+        decay_tau=2.0,
+    ),  # fmt: skip
+    PolicyConfig(batching="shrink", exit_rule="classifier", threshold=0.7, kv_fill="skip"),
+    PolicyConfig(batching="consensus", threshold=0.9, exit_stride=2),
+]
+
+
+def _fake_sweep(path, throughputs, agreements):
+    rows = []
+    for policy, tput, agree in zip(POLICIES, throughputs, agreements, strict=True):
+        cfg = SimulationConfig(trace="t", workload="poisson:rate=1,n=2", policy=policy)
+        rows.append(
+            {**config_columns(cfg), "throughput_tokens_per_s": tput, "est_agreement": agree}
+        )
+    path.mkdir()
+    pq.write_table(pa.Table.from_pylist(rows), path / "results.parquet")
+    (path / "run.json").write_text(json.dumps({"min_agreement": 0.8}))
+    return path
+
+
+def test_policy_of_inverts_the_sweep_columns():
+    for policy in POLICIES:
+        row = config_columns(SimulationConfig(trace="t", workload="w", policy=policy))
+        assert policy_of(row) == policy
+
+
+def test_select_from_sweep_takes_the_best_runs_meeting_the_constraint(tmp_path):
+    sweep = _fake_sweep(tmp_path / "s", [100, 130, 150, 120], [1.0, 0.9, 0.5, 0.85])
+    sel = select_from_sweep(sweep, 2)
+    # shrink is fastest but misses min_agreement 0.8; full is never a candidate
+    assert sel.policies == (POLICIES[1], POLICIES[3])
+    assert (sel.trace, sel.workload) == ("t", "poisson:rate=1,n=2")
+
+
+def test_select_from_sweep_bad_input(tmp_path):
+    with pytest.raises(ValidationError, match="no results.parquet"):
+        select_from_sweep(tmp_path, 3)
+    sweep = _fake_sweep(tmp_path / "s", [100, 130, 150, 120], [1.0, 0.1, 0.1, 0.1])
+    with pytest.raises(ValidationError, match="ranking is empty"):
+        select_from_sweep(sweep, 3)
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "results.parquet").write_bytes(b"not parquet")
+    with pytest.raises(ValidationError, match="unreadable"):
+        select_from_sweep(tmp_path / "c", 3)
+
+
+def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
+    assert cli(["validate", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no results.parquet" in err[0]
+    assert cli(["validate", "--calibrate", CALIBRATE, "--out", str(tmp_path / "o")]) == 2
+    assert "--workload is needed" in capsys.readouterr().err
+    assert cli(["validate", "--workload", WORKLOAD, "--out", str(tmp_path / "o")]) == 2
+    assert "calibration" in capsys.readouterr().err
