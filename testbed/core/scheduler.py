@@ -240,7 +240,7 @@ class Scheduler:
         end = start + num_new
         return RowPlan(
             seq_id=seq.seq_id,
-            token_ids=seq.all_token_ids[start:end],
+            token_ids=seq.token_ids_between(start, end),
             start_position=start,
             is_prefill=not seq.is_prefill_done,
             is_sampling=end == seq.num_tokens,

@@ -67,6 +67,15 @@ class Sequence:
     def all_token_ids(self) -> tuple[int, ...]:
         return self.prompt_token_ids + tuple(self.output_token_ids)
 
+    def token_ids_between(self, start: int, end: int) -> tuple[int, ...]:
+        """all_token_ids[start:end] without building the whole tuple (a decode row feeds one)."""
+        num_prompt = len(self.prompt_token_ids)
+        if start >= num_prompt:
+            return tuple(self.output_token_ids[start - num_prompt : end - num_prompt])
+        if end <= num_prompt:
+            return self.prompt_token_ids[start:end]
+        return self.prompt_token_ids[start:] + tuple(self.output_token_ids[: end - num_prompt])
+
     @property
     def last_token_id(self) -> int:
         """The newest token: the input of the next decode row."""

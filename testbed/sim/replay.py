@@ -92,9 +92,6 @@ class ReplayRunner:
     ) -> None:
         self.seqs[seq_id] = self._factory.build(stream, num_prompt_tokens, max_tokens)
 
-    def stream(self, seq_id: int) -> TokenStream:
-        return self.seqs[seq_id].stream
-
     def release(self, seq_id: int) -> None:
         self.seqs.pop(seq_id, None)
         self.deferred.pop(seq_id, None)

@@ -271,33 +271,42 @@ class RooflineCostModel:
         return self.overhead_s + total_s
 
     def step_time_s(self, f: StepFeatures) -> float:
-        # Plain Python over groups of identical target layers: a typical step has few rows, and
-        # numpy's per-call overhead cost more than the arithmetic.
+        # Plain Python: a typical step has few rows, and numpy's per-call overhead cost more than
+        # the arithmetic. Target layers fed by the same trace layers cost the same, and so do
+        # consecutive trace layers with equal counts, so each distinct layer is priced once.
         tokens, context, kv_only = f.layer_tokens, f.layer_context_tokens, f.layer_kv_only_tokens
         if not len(tokens) == len(context) == len(kv_only):
             raise CostModelError("step features: per-layer tuples differ in length")
         if not tokens:
             raise CostModelError("step features: no per-layer counts (a trace has >= 1 layer)")
         top, n = max(context), f.num_context_tokens
-        reads = [min(max(n - (top - c), 0), c) for c in context]  # see kv_read_tokens
-        a_t, a_c, m_kv, m_w, f_k, g_kv, g_w = self._coefficients
-        total_s = 0.0
+        total_s, last, layer_s = 0.0, None, 0.0
         for count, sources in self._layer_groups(len(tokens)):
-            t = c = r = k = 0.0
-            for i, w in sources:
-                t, c, r, k = (
-                    t + w * tokens[i],
-                    c + w * context[i],
-                    r + w * reads[i],
-                    k + w * kv_only[i],
-                )
-            layer_s = max(a_t * t + a_c * c, m_kv * t + m_kv * r + (m_w if t > 0 else 0.0))
-            fill_s = max(f_k * k, g_kv * k + (g_w if k > 0 else 0.0))
-            total_s += count * (layer_s + fill_s)
+            if len(sources) == 1 and sources[0][1] == 1.0:  # one whole trace layer
+                i = sources[0][0]
+                key = (tokens[i], context[i], kv_only[i])
+                if key != last:
+                    read = min(max(n - (top - context[i]), 0), context[i])  # see kv_read_tokens
+                    layer_s, last = self._layer_s(tokens[i], context[i], read, kv_only[i]), key
+            else:  # a target layer straddling trace layers: their weighted mix
+                t = c = r = k = 0.0
+                for i, w in sources:
+                    read = min(max(n - (top - context[i]), 0), context[i])
+                    t, c, r = t + w * tokens[i], c + w * context[i], r + w * read
+                    k += w * kv_only[i]
+                layer_s, last = self._layer_s(t, c, r, k), None
+            total_s += count * layer_s
         total_s += self.lm_head_time_s(f.num_rows)
         if f.rule == "softmax":
             total_s += self.lm_head_time_s(f.num_rule_evals)
         return self.overhead_s + total_s
+
+    def _layer_s(self, tokens: float, context: float, read: float, kv_only: float) -> float:
+        """One target layer: its kernel plus its K/V-fill kernel (see the class docstring)."""
+        a_t, a_c, m_kv, m_w, f_k, g_kv, g_w = self._coefficients
+        layer_s = max(a_t * tokens + a_c * context,
+                      m_kv * tokens + m_kv * read + (m_w if tokens > 0 else 0.0))  # fmt: skip
+        return layer_s + max(f_k * kv_only, g_kv * kv_only + (g_w if kv_only > 0 else 0.0))
 
     @cached_property
     def _coefficients(self) -> tuple[float, ...]:
