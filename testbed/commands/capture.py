@@ -1,7 +1,8 @@
-"""``eetb capture``: run a workload on the native engine and write an oracle or live trace."""
+"""``eetb capture``: run a workload on the native engine or vLLM; write an oracle or live trace."""
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -20,12 +21,16 @@ from testbed.datasets import FILES
 from testbed.engine.capture import CaptureConfig, build_requests, run_capture
 from testbed.engine.engine import EngineConfig
 from testbed.engine.recorder import MODES
+from testbed.errors import ConfigError
 from testbed.model.checkpoint import load_checkpoint
+from testbed.vllm_backend.options import check_supported
+
+ENGINES = ("native", "vllm")
 
 
 @guarded
 def main(argv: list[str]) -> int:
-    p = parser("capture", "Capture a trace (DESIGN §6) from a run of the native engine.")
+    p = parser("capture", "Capture a trace (DESIGN §6) from a run of the native engine or vLLM.")
     add_model(p)
     add_data_dir(p)
     add_policy_args(p)
@@ -38,8 +43,17 @@ def main(argv: list[str]) -> int:
     p.add_argument("--profile", action="store_true", help="record per-layer timings")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-num-seqs", type=int, default=32)
+    p.add_argument("--engine", choices=ENGINES, default="native",
+                   help="vllm: the early-exit model as a vLLM plugin (docs/vllm.md)")  # fmt: skip
     args = p.parse_args(argv)
-    ckpt = load_checkpoint(resolve_model_dir(args.model))
+    if args.engine == "vllm":
+        check_supported(policy_from_args(args))
+    if args.engine == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise ConfigError(
+            "--engine vllm needs vLLM installed (pip install -e '.[vllm]'; docs/vllm.md)"
+        )
+    model_dir = resolve_model_dir(args.model)
+    ckpt = load_checkpoint(model_dir)
     requests, clipped = build_requests(
         args.workload, args.dataset, ckpt, seed=args.seed, data_dir=args.data_dir
     )
@@ -62,8 +76,14 @@ def main(argv: list[str]) -> int:
         done.append(1)
         progress("capture", len(done), len(requests))
 
-    run_capture(ckpt, requests, cfg, args.out, on_finish=on_finish)
-    print(f"wrote {args.out} ({len(requests)} requests, mode {args.mode})")
+    if args.engine == "vllm":
+        # vLLM is optional: its module is imported only when asked for
+        from testbed.vllm_backend.capture import run_vllm_capture  # noqa: PLC0415
+
+        run_vllm_capture(model_dir, requests, cfg, args.out, on_finish=on_finish)
+    else:
+        run_capture(ckpt, requests, cfg, args.out, on_finish=on_finish)
+    print(f"wrote {args.out} ({len(requests)} requests, mode {args.mode}, engine {args.engine})")
     return 0
 
 

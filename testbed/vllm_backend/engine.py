@@ -25,7 +25,9 @@ class VllmEngineConfig:
     seed: int = 0
 
 
-def engine_kwargs(ckpt_dir: Path, settings: VllmEarlyExitConfig, cfg: VllmEngineConfig) -> dict[str, Any]:
+def engine_kwargs(
+    ckpt_dir: Path, settings: VllmEarlyExitConfig, cfg: VllmEngineConfig
+) -> dict[str, Any]:
     """Arguments of ``vllm.LLM`` for the early-exit model (also the stock model's, less the
     overrides). Eager, no prefix caching, synchronous scheduling: see docs/vllm.md."""
     return {
