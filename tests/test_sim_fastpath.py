@@ -1,0 +1,264 @@
+"""The simulator's fast paths equal its general paths (DESIGN §4), on random inputs:
+
+* policies.fast_path.step_exits against asking the batching policy at every exit point;
+* confident_layers against ThresholdRule.confident, fill_kind against KvFillPolicy.decide;
+* whole simulations with the replay fast path on and off: same plans, results and records;
+* the roofline's plain-Python step price against its matrix form.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from policies import (
+    ConsensusBatching,
+    CopyFill,
+    ExitPoints,
+    ExitSignals,
+    FullBatching,
+    LazyFill,
+    QuorumBatching,
+    RecomputeFill,
+    ShrinkBatching,
+    SkipDecodeBatching,
+    SkipFill,
+    create,
+)
+from policies.fast_path import confident_layers, fill_kind, step_exits
+from testbed.core import SchedulerConfig
+from testbed.core.policy_set import PolicyConfig
+from testbed.sim.cost_model import ModelShape, RooflineCostModel, StepFeatures
+from testbed.sim.replay import ReplayRunner
+from testbed.sim.roofline import gpu_spec
+from testbed.sim.simulator import Simulation, SimulationConfig
+from testbed.trace import CaptureWriter, read_capture
+from testbed.workload_files import LengthSpec
+
+# ---- batching: whole-step outcome against one decide() per exit point -------------------------
+
+
+def _general_exits(policy, confident: np.ndarray, positions: np.ndarray, points: ExitPoints):
+    """The replay runner's general loop for decode rows starting at layer 0: confident is bool
+    [rows, num_layers] (column ℓ-1: confident after ℓ layers)."""
+    rows, L = confident.shape
+    running, has_token = np.ones(rows, bool), np.zeros(rows, bool)
+    executed, token_layer, forced = [L] * rows, [L] * rows, [False] * rows
+    num_points = num_evals = 0
+    for layer in range(1, L):
+        if not running.any():
+            break
+        if not policy.is_early_exit or not points.is_exit_point(layer, L):
+            continue
+        cand = np.flatnonzero(running)
+        conf = np.zeros(len(cand), bool)
+        need = ~has_token[cand]
+        if policy.needs_signals and need.any():
+            num_evals += int(need.sum())
+            conf[need] = confident[cand[need], layer - 1]
+        num_points += 1
+        d = policy.decide(layer=layer, num_layers=L, confident=conf,
+                          has_token=has_token[cand], positions=positions[cand])  # fmt: skip
+        for i, r in enumerate(cand):
+            if d.take_token[i]:
+                has_token[r], token_layer[r], forced[r] = True, layer, bool(d.is_forced[i])
+            if not d.keep_running[i]:
+                running[r], executed[r] = False, layer
+    return executed, token_layer, forced, num_points, num_evals
+
+
+POLICY = st.one_of(
+    st.just(FullBatching()),
+    st.just(ConsensusBatching()),
+    st.just(ShrinkBatching()),
+    st.builds(QuorumBatching, fraction=st.sampled_from([0.1, 0.3, 0.5, 0.75, 1.0])),
+    st.builds(SkipDecodeBatching, max_tokens=st.integers(1, 40), min_layer=st.integers(1, 9)),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    policy=POLICY,
+    num_layers=st.integers(2, 9),
+    rows=st.integers(1, 7),
+    min_exit_layer=st.integers(1, 9),
+    stride=st.integers(1, 3),
+    seed=st.integers(0, 2**31),
+)
+def test_step_exits_equal_one_decision_per_exit_point(
+    policy, num_layers, rows, min_exit_layer, stride, seed
+):
+    rng = np.random.default_rng(seed)
+    confident = rng.random((rows, num_layers)) < rng.random()
+    positions = rng.integers(0, 50, rows)
+    points = ExitPoints(min_exit_layer=min_exit_layer, stride=stride)
+    exit_layers = points.layers(num_layers)
+    first = [next((e for e in exit_layers if confident[r, e - 1]), num_layers) for r in range(rows)]
+    fast = step_exits(policy, confident=first, positions=positions.tolist(),
+                      exit_layers=exit_layers, num_layers=num_layers)  # fmt: skip
+    assert fast is not None
+    got = (fast.executed, fast.token_layer, fast.is_forced, fast.num_exit_points,
+           fast.num_rule_evals)  # fmt: skip
+    assert got == _general_exits(policy, confident, positions, points)
+
+
+# ---- exit rules and KV fill ----------------------------------------------------------------------
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    rule=st.sampled_from(["softmax", "hidden", "classifier"]),
+    threshold=st.floats(0.0, 1.0),
+    decay_tau=st.one_of(st.none(), st.floats(0.0, 5.0)),
+    num_layers=st.integers(2, 8),
+    max_tokens=st.integers(1, 30),
+    seed=st.integers(0, 2**31),
+)
+def test_confident_layers_equal_the_rule_at_every_exit_point(
+    rule, threshold, decay_tau, num_layers, max_tokens, seed
+):
+    r = create("exit_rule", rule, threshold=threshold, decay_tau=decay_tau)
+    rng = np.random.default_rng(seed)
+    values = rng.random((max_tokens, num_layers))
+    values[rng.random(values.shape) < 0.2] = np.nan
+    values[rng.random(values.shape) < 0.1] = threshold  # ties at λ count as confident
+    exit_layers = ExitPoints(min_exit_layer=1 + seed % 2).layers(num_layers)
+    positions = np.arange(max_tokens)
+    got = confident_layers(r, values, exit_layers=exit_layers, num_layers=num_layers,
+                           positions=positions, max_tokens=max_tokens)  # fmt: skip
+    masks = {
+        layer: r.confident(ExitSignals(**{r.signal: values[:, layer - 1]}), positions=positions,
+                           max_tokens=np.full(max_tokens, max_tokens))
+        for layer in exit_layers
+    }  # fmt: skip
+    expected = [next((e for e in exit_layers if masks[e][p]), num_layers) for p in positions]
+    assert got == expected
+
+
+@pytest.mark.parametrize("policy", [CopyFill(), LazyFill(), RecomputeFill(), SkipFill()])
+@settings(max_examples=50, deadline=None)
+@given(executed=st.lists(st.integers(0, 8), min_size=1, max_size=6))
+def test_fill_kind_equals_decide(policy, executed):
+    kind = fill_kind(policy)
+    d = policy.decide(executed_layers=np.array(executed), num_layers=8)
+    skipped = np.arange(8)[None, :] >= np.array(executed)[:, None]
+    assert (d.fill_now == (skipped & kind.is_filled_now)).all()
+    assert (d.owe == (skipped & kind.is_owed)).all()
+
+
+# ---- whole simulations, fast path on and off -----------------------------------------------------
+
+L = 6
+POLICIES = [
+    PolicyConfig(),
+    PolicyConfig(batching="consensus", threshold=0.6, min_exit_layer=2),
+    PolicyConfig(batching="quorum", batching_params=(("fraction", 0.5),), threshold=0.7),
+    PolicyConfig(batching="shrink", threshold=0.6, kv_fill="lazy"),
+    PolicyConfig(batching="consensus", threshold=0.5, kv_fill="recompute", decay_tau=3.0),
+    PolicyConfig(batching="shrink", exit_rule="softmax", threshold=0.4, kv_fill="skip"),
+    PolicyConfig(batching="skipdecode", batching_params=(("max_tokens", 8), ("min_layer", 2))),
+    PolicyConfig(batching="rebatch", threshold=0.6, exit_stride=2),  # general path only
+]
+
+
+def _signal(rng) -> list[float | None]:
+    """One token's signal per layer, a tenth of them unrecorded."""
+    return [None if rng.random() < 0.1 else float(x) for x in rng.random(L)]
+
+
+@pytest.fixture(scope="module")
+def capture(tmp_path_factory):
+    """An oracle trace with random signals (some unrecorded) and EOS tokens here and there."""
+    rng = np.random.default_rng(7)
+    path = tmp_path_factory.mktemp("fast") / "oracle"
+    meta = {"mode": "oracle", "model": {"num_layers": L, "name": "rand", "checkpoint_hash": "-",
+                                        "config": {"eos_token_id": 2}},
+            "engine": {"name": "native", "version": "test"}, "policy": {"batching": "full"},
+            "seed": 0}  # fmt: skip
+    with CaptureWriter(path, meta) as w:
+        for r in range(5):
+            n = int(rng.integers(3, 16))
+            for pos in range(n):
+                w.append("tokens", {
+                    "request_id": r, "position": pos, "token_id": 2 if rng.random() < 0.05 else 9,
+                    "exit_layer": L, "is_forced": False, "executed_layers": L, "filled_layers": 0,
+                    "softmax_margin": _signal(rng), "hidden_cosine": _signal(rng),
+                    "classifier_prob": _signal(rng), "matches_final": (rng.random(L) < 0.7).tolist(),
+                })  # fmt: skip
+            w.append("requests", {"request_id": r, "arrival_s": 0.0, "num_prompt_tokens": 4,
+                                  "num_output_tokens": n, "max_tokens": n, "first_token_s": 0.1,
+                                  "finish_s": 0.2, "num_preemptions": 0})  # fmt: skip
+    return read_capture(path)
+
+
+def _run(capture, policy, lengths, num_kv_blocks, *, use_fast_path):
+    cfg = SimulationConfig(
+        trace=str(capture.path), workload="", policy=policy, cost_model="roofline:H100",
+        scheduler=SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=24, max_model_len=48),
+        block_size=4, num_kv_blocks=num_kv_blocks,
+    )  # fmt: skip
+    cost = RooflineCostModel(gpu_spec("H100"), ModelShape.preset("llama-2-7b"))
+    sim = Simulation(capture, lengths, cfg, cost, keep_plans=True)
+    sim.runner = ReplayRunner(sim.policies, sim.num_layers, use_fast_path=use_fast_path)
+    works = []
+    sim.on_step = lambda plan, work: works.append(work)
+    return sim.run(), works
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    policy=st.sampled_from(POLICIES),
+    requests=st.lists(
+        st.tuples(
+            st.sampled_from([0.0, 0.0, 0.001, 0.004, 0.02]), st.integers(1, 30), st.integers(1, 20)
+        ),
+        min_size=1,
+        max_size=10,
+    ),  # fmt: skip
+    num_kv_blocks=st.integers(12, 40),
+)
+def test_replay_fast_path_equals_general_path(capture, policy, requests, num_kv_blocks):
+    lengths, arrival_s = [], 0.0
+    for gap_s, num_prompt, num_output in requests:
+        arrival_s += gap_s
+        lengths.append(LengthSpec(arrival_s, num_prompt, num_output))
+    fast, fast_works = _run(capture, policy, lengths, num_kv_blocks, use_fast_path=True)
+    slow, slow_works = _run(capture, policy, lengths, num_kv_blocks, use_fast_path=False)
+    assert fast.plans == slow.plans
+    assert fast_works == slow_works
+    assert fast.requests == slow.requests and fast.steps == slow.steps
+    assert fast.num_rejected == slow.num_rejected
+
+
+# ---- roofline: plain Python against the matrix form ----------------------------------------------
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    num_source=st.integers(1, 12),
+    num_target=st.sampled_from([1, 5, 8, 24, 32, 40]),
+    rule=st.sampled_from(["none", "hidden", "softmax"]),
+    efficiency=st.floats(0.2, 1.0),
+    seed=st.integers(0, 2**31),
+)
+def test_roofline_plain_python_equals_matrix_form(num_source, num_target, rule, efficiency, seed):
+    rng = np.random.default_rng(seed)
+    shape = ModelShape(num_target, 4096, 11008, 32, 8, 128, 32000, 2)
+    model = RooflineCostModel(gpu_spec("a100"), shape, overhead_s=1e-4, efficiency=efficiency)
+    tokens = np.sort(rng.integers(0, 40, num_source))[::-1]  # rows exit: counts fall with depth
+    if rng.random() < 0.5:
+        tokens[:] = tokens[0]  # ... or every layer runs the same rows
+    context = tokens * rng.integers(1, 900)
+    kv_only = tokens[0] - tokens
+    f = StepFeatures(
+        num_rows=int(rng.integers(1, 40)), num_prefill_tokens=0, num_decode_rows=1,
+        num_context_tokens=int(rng.integers(0, int(context.max()) + 2)),
+        num_row_layers_executed=int(tokens.sum()), num_kv_only_row_layers=int(kv_only.sum()),
+        num_rule_evals=int(rng.integers(0, 40)), rule=rule, layer_tokens=tuple(tokens.tolist()),
+        layer_context_tokens=tuple(context.tolist()), layer_kv_only_tokens=tuple(kv_only.tolist()),
+    )  # fmt: skip
+    assert model.step_time_s(f) == pytest.approx(model.reference_step_time_s(f), rel=1e-12)
