@@ -20,6 +20,7 @@ OUT/
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -118,6 +119,17 @@ class EngineRuns:
             cfg.workload, cfg.dataset, self.ckpt, seed=cfg.seed, data_dir=cfg.data_dir
         )
         self._build_requests = build_requests
+
+    def with_config(self, cfg: ValidationConfig) -> EngineRuns:
+        """This loaded model and request stream under another configuration list."""
+        same = ("workload", "engine", "model", "dataset", "seed", "data_dir")
+        if any(getattr(cfg, k) != getattr(self.cfg, k) for k in same):
+            raise ValidationError(
+                f"an engine loaded for {self.cfg.workload!r} cannot run another setup"
+            )
+        other = copy.copy(self)
+        other.cfg = cfg
+        return other
 
     @property
     def scheduler(self) -> SchedulerConfig:
@@ -284,7 +296,7 @@ def calibrate(engine: EngineRuns, out: Path, progress: ProgressFn | None) -> str
                 raise ValidationError(f"calibration run {d!r} is not a capture directory")
         build_cost_model(f"fitted:{cfg.calibration}")  # a bad calibration fails before any run
         return f"fitted:{cfg.calibration}"
-    reqs = engine.calibration_requests(cfg.calibration_workload)
+    reqs = None
     by_rule = {
         p.exit_rule: p for p in cfg.configurations if build_policies(p).batching.is_early_exit
     }
@@ -295,6 +307,7 @@ def calibrate(engine: EngineRuns, out: Path, progress: ProgressFn | None) -> str
             progress("calibrate", i, len(runs), policy.label())
         path = out / "calibration" / ("full" if policy == BASELINE else policy.exit_rule)
         if not (path / "meta.json").is_file():
+            reqs = reqs or engine.calibration_requests(cfg.calibration_workload)
             engine.capture(policy, "live", path, reqs)
         dirs.append(str(path))
     return "fitted:" + "+".join(dirs)
@@ -327,14 +340,16 @@ def _references(cfg: ValidationConfig, engine: EngineRuns) -> dict[int, str] | N
 
 
 def run_validation(
-    cfg: ValidationConfig, out: Path, *, progress: ProgressFn | None = None
-) -> ValidationResult:
+    cfg: ValidationConfig, out: Path, *, progress: ProgressFn | None = None,
+    engine: EngineRuns | None = None,
+) -> ValidationResult:  # fmt: skip
     """Run every configuration; a failed one is recorded and the others go on. Rerunning with
-    the same OUT reuses finished configurations."""
+    the same OUT reuses finished configurations. ``engine``: one already loaded for the same
+    model, workload, dataset and seed (the demo's)."""
     out = Path(out)
     (out / "configs").mkdir(parents=True, exist_ok=True)
     write_run_info(out, cfg, seed=cfg.seed)
-    engine = EngineRuns(cfg)
+    engine = EngineRuns(cfg) if engine is None else engine.with_config(cfg)
     cost_model = calibrate(engine, out, progress)
     fit = build_cost_model(cost_model)
     oracle = oracle_trace(engine, out, progress)

@@ -1,0 +1,62 @@
+"""`eetb demo` end to end on a small configuration: every stage leaves its files and the report."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+
+from testbed.demo import DemoConfig, choose_dataset, run_demo
+from testbed.trace import read_capture
+
+SMALL = DemoConfig(
+    workload="poisson:rate=30,n=6,prompt=16-48,output=8",
+    higher_load="poisson:rate=60,n=6,prompt=16-48,output=8",
+    calibration_workload="poisson:rate=30,n=6,prompt=16-48,output=8",
+    thresholds=(0.95, 0.99),
+    min_agreement=0.0,
+    top_k=2,
+    workers=1,
+)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    empty = tmp_path_factory.mktemp("no-data")  # no data set: the model writes its own prompts
+    return run_demo(SMALL, out, data_dir=str(empty)), out
+
+
+def test_demo_runs_every_stage(demo):
+    report, out = demo
+    assert json.loads((out / "run.json").read_text())["dataset"] == "self"
+    oracle = read_capture(out / "validate" / "oracle")
+    assert oracle.meta["mode"] == "oracle" and oracle.requests.num_rows == 6
+    rows = pq.read_table(out / "sweep" / "results.parquet").to_pylist()
+    # 4 batching policies × 2 rules × 2 thresholds, plus full, at each of two loads
+    assert len(rows) == 2 * (4 * 2 * 2 + 1) >= 2 * 12
+    summary = json.loads((out / "validate" / "validation.json").read_text())
+    labels = [c["label"] for c in summary["configurations"]]
+    selection = json.loads((out / "selection.json").read_text())
+    assert labels[0] == "full" and len(labels) == 1 + SMALL.top_k
+    assert len(selection["policies"]) == SMALL.top_k
+    text = report.read_text()
+    assert "## Simulated against measured" in text and "## Sweep" in text
+    assert (out / "figures" / "sim_vs_measured.png").is_file()
+
+
+def test_demo_rerun_resumes(demo, monkeypatch):
+    report, out = demo
+    import testbed.validate
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a finished engine run was redone")
+
+    monkeypatch.setattr(testbed.validate.EngineRuns, "capture", refuse)
+    assert run_demo(SMALL, out, data_dir=str(out / "none")) == report
+
+
+def test_choose_dataset(tmp_path, monkeypatch):
+    monkeypatch.delenv("EETB_DATA_DIR", raising=False)
+    assert choose_dataset(str(tmp_path)) == "self"
