@@ -19,14 +19,11 @@ test: install
 	$(MAKE) --no-print-directory lint
 	$(PYTHON) -m pytest -q
 
-# Until the capture → simulate → validate loop exists, the demo runs the built-in model on a few
-# prompts (held-out CNN/DM articles when EETB_DATA_DIR is set), full depth and with early exit.
-DEMO_PROMPTS = $(if $(EETB_DATA_DIR),--prompts-from-data 3,--prompt "The court said on Tuesday that" --prompt "Scientists have found")
-
+# The whole loop on the built-in model (calibrate → capture → sweep → validate → report) into
+# runs/demo; CNN/DM prompts when EETB_DATA_DIR is set, else prompts the model writes itself.
 demo: install
-	$(PYTHON) -m testbed.cli generate $(DEMO_PROMPTS) --max-tokens 40
-	$(PYTHON) -m testbed.cli generate $(DEMO_PROMPTS) --max-tokens 40 --batching quorum \
-		--batching-param fraction=0.75 --rule hidden --threshold 0.95 --min-exit-layer 4
+	rm -rf runs/demo
+	$(PYTHON) -m testbed.cli demo --out runs/demo
 
 format:
 	$(PYTHON) -m ruff format .

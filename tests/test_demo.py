@@ -60,3 +60,12 @@ def test_demo_rerun_resumes(demo, monkeypatch):
 def test_choose_dataset(tmp_path, monkeypatch):
     monkeypatch.delenv("EETB_DATA_DIR", raising=False)
     assert choose_dataset(str(tmp_path)) == "self"
+
+
+def test_cli_refuses_a_used_folder_without_resume(tmp_path, capsys):
+    from testbed.cli import main as cli
+
+    (tmp_path / "old.txt").write_text("keep me")
+    assert cli(["demo", "--out", str(tmp_path)]) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert (tmp_path / "old.txt").read_text() == "keep me"

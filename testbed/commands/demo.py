@@ -8,15 +8,21 @@ from pathlib import Path
 
 from testbed.commands.common import ProgressLine, add_data_dir, guarded, parser
 from testbed.demo import DemoConfig, run_demo
+from testbed.errors import ConfigError
 
 
 @guarded
 def main(argv: list[str]) -> int:
     p = parser("demo", "The whole loop on the built-in model: capture, simulate, validate, report.")
-    p.add_argument("--out", type=Path, default=Path("runs/demo"),
-                   help="result folder (rerun with the same folder to resume)")  # fmt: skip
+    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="result folder")
+    p.add_argument("--resume", action="store_true",
+                   help="keep what an earlier run into --out finished and do the rest")  # fmt: skip
     add_data_dir(p)
     args = p.parse_args(argv)
+    if args.out.exists() and any(args.out.iterdir()) and not args.resume:
+        raise ConfigError(
+            f"{args.out} is not empty: pass --resume to continue it, or another --out"
+        )
     start = time.perf_counter()
     path = run_demo(DemoConfig(), args.out, data_dir=args.data_dir,
                     progress=ProgressLine(min_interval_s=0))  # fmt: skip
