@@ -69,7 +69,8 @@ def demo_grid(cfg: DemoConfig, trace: str, cost_model: str) -> Grid:
                    batching_params=params, min_exit_layer=cfg.min_exit_layer)
         for name, params in cfg.batching
     )  # fmt: skip
-    return Grid(trace=trace, workloads=(cfg.workload, cfg.higher_load), cost_models=(cost_model,),
+    workloads = tuple(w for w in (cfg.workload, cfg.higher_load) if w)  # "": one load only
+    return Grid(trace=trace, workloads=workloads, cost_models=(cost_model,),
                 policies=policies, seed=cfg.seed, min_agreement=cfg.min_agreement)  # fmt: skip
 
 

@@ -61,7 +61,7 @@ def main(argv: list[str]) -> int:
     add_data_dir(p)
     p.add_argument(
         "--suite",
-        choices=("throughput", "early-exit", "capture", "sim-speed", "fidelity"),
+        choices=("throughput", "early-exit", "capture", "sim-speed", "fidelity", "validation"),
         default="throughput",
     )
     p.add_argument("--trace", default="traces/samples/oracle_cnndm", help="sim-speed: the trace")
@@ -76,6 +76,10 @@ def main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     if args.suite == "sim-speed":
         return _sim_speed(args)
+    if args.suite == "validation":
+        from testbed.commands import bench_validation
+
+        return bench_validation.run(args.out, args.data_dir)
     if args.suite == "fidelity":
         return _fidelity(args, load_checkpoint(resolve_model_dir(args.model)))
     ckpt = load_checkpoint(resolve_model_dir(args.model))
