@@ -17,6 +17,7 @@ from __future__ import annotations
 from bisect import bisect_right
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -73,9 +74,9 @@ def has_step_exits(policy: BatchingPolicy) -> bool:
     return type(policy) in _FAST_BATCHING
 
 
-@dataclass(frozen=True)
-class StepExits:
-    """A step's decode rows after every exit point; lists are per row, in the given order."""
+class StepExits(NamedTuple):
+    """A step's decode rows after every exit point; lists are per row, in the given order.
+    A NamedTuple rather than a frozen dataclass: it is built once per simulated step."""
 
     executed: list[int]  # layers each row computed
     token_layer: list[int]  # layer whose head gives the row's token (num_layers: the final one)

@@ -75,7 +75,8 @@ class BlockManager:
             raise OutOfBlocksError(
                 f"seq {seq.seq_id} needs {num_missing} more blocks, {self.num_free_blocks} free"
             )
-        seq.block_table.extend(heapq.heappop(self._free_heap) for _ in range(num_missing))
+        if num_missing:  # most calls (decode steps inside a block) need none
+            seq.block_table.extend(heapq.heappop(self._free_heap) for _ in range(num_missing))
 
     def free(self, seq: Sequence) -> None:
         """Return all of seq's blocks to the free list and clear its table."""

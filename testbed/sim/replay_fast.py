@@ -39,31 +39,32 @@ class FastReplay:
     ) -> StepWork | None:
         """Execute ``plan`` like the general path; None, state untouched, when it can't."""
         L, rows = self.num_layers, plan.rows
-        decode = [r for r, row in enumerate(rows) if not row.is_prefill]
-        if any(rows[r].start_layer for r in decode):
-            return None
-        replays = [seqs[row.seq_id] for row in rows]
-        out_pos = [
-            row.end_position - s.num_prompt_tokens for row, s in zip(rows, replays, strict=True)
-        ]
-        exits = None
-        if decode:
-            reads = self.batching.needs_signals
-            exits = step_exits(
-                self.batching,
-                confident=[replays[r].confident_at(out_pos[r]) if reads else L for r in decode],
-                positions=[out_pos[r] for r in decode], exit_layers=self.exit_layers,
-                num_layers=L,
-            )  # fmt: skip
-            if exits is None:
-                return None
+        reads_signals = self.batching.needs_signals
+        replays, out_pos, decode, confident, positions = [], [], [], [], []
+        for r, row in enumerate(rows):  # one pass: these lists are what the step reads
+            seq = seqs[row.seq_id]
+            pos = row.start_position + len(row.token_ids) - seq.num_prompt_tokens
+            replays.append(seq)
+            out_pos.append(pos)
+            if not row.is_prefill:
+                if row.start_layer:  # a rebatch resume row: the general path's business
+                    return None
+                decode.append(r)
+                positions.append(pos)
+                confident.append(seq.confident_at(pos) if reads_signals else L)
         executed = [L] * len(rows)
         token_layer: list[int | None] = [L if row.is_sampling else None for row in rows]
         forced = [False] * len(rows)
-        if exits is not None:
+        num_points = num_evals = 0
+        if decode:
+            exits = step_exits(self.batching, confident=confident, positions=positions,
+                               exit_layers=self.exit_layers, num_layers=L)  # fmt: skip
+            if exits is None:
+                return None
             for i, r in enumerate(decode):
                 executed[r], token_layer[r] = exits.executed[i], exits.token_layer[i]
                 forced[r] = exits.is_forced[i]
+            num_points, num_evals = exits.num_exit_points, exits.num_rule_evals
         for row in rows:
             if row.is_prefill and row.start_position == 0:  # re-prefill after a preemption
                 deferred.pop(row.seq_id, None)
@@ -84,9 +85,9 @@ class FastReplay:
             ),
             num_row_layers_executed=sum(layer_tokens),
             num_kv_only_row_layers=sum(kv_only),
-            num_rule_evals=exits.num_rule_evals if exits is not None else 0,
+            num_rule_evals=num_evals,
             num_forced_exits=sum(forced),
-            num_exit_points=exits.num_exit_points if exits is not None else 0,
+            num_exit_points=num_points,
             duration_s=duration_s,
         )
         return StepWork(result, layer_tokens, layer_ctx, kv_only, tuple(executed))
@@ -101,14 +102,15 @@ class FastReplay:
         """Deferred positions advance as far as their row ran; then the KV fill of exited rows.
         Returns the K/V-only tokens per layer."""
         L = self.num_layers
+        if deferred:
+            for r in decode:
+                seq_id, reached = plan.rows[r].seq_id, executed[r]
+                if seq_id in deferred:
+                    deferred[seq_id] = [
+                        Deferred(d.position, max(d.layer, reached))
+                        for d in deferred[seq_id] if max(d.layer, reached) < L
+                    ]  # fmt: skip
         kv_only = [0] * (L + 1)  # difference array
-        for r in decode:
-            seq_id, reached = plan.rows[r].seq_id, executed[r]
-            if seq_id in deferred:
-                deferred[seq_id] = [
-                    Deferred(d.position, max(d.layer, reached))
-                    for d in deferred[seq_id] if max(d.layer, reached) < L
-                ]  # fmt: skip
         for r in decode:
             if executed[r] >= L:
                 continue
@@ -130,13 +132,13 @@ def _layer_counts(
     [0, executed); a deferred position rides along with its row from its first owed layer."""
     tokens, ctx = [0] * (L + 1), [0] * (L + 1)  # difference arrays
     for row, stop in zip(plan.rows, executed, strict=True):
-        n, first = row.num_tokens, row.start_position
+        n, first = len(row.token_ids), row.start_position
         tokens[0] += n
         tokens[stop] -= n
         span_ctx = n * first + n * (n + 1) // 2  # sum of (position + 1) over the fed tokens
         ctx[0] += span_ctx
         ctx[stop] -= span_ctx
-        if row.is_prefill:
+        if row.is_prefill or not deferred:
             continue
         for d in deferred.get(row.seq_id, ()):
             if d.layer < stop:

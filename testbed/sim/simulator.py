@@ -85,6 +85,7 @@ class Simulation:
             invariant_check_interval=INVARIANT_CHECK_INTERVAL,
         )  # fmt: skip
         self.runner = ReplayRunner(self.policies, self.num_layers)
+        self._rule = cfg.policy.exit_rule if self.policies.batching.is_early_exit else "none"
         self.env = simpy.Environment()
         self.rng = np.random.default_rng(cfg.seed)
         self.keep_plans = keep_plans
@@ -166,17 +167,25 @@ class Simulation:
             self._finish_step(plan, work, start_s, duration_s)
 
     def _features(self, plan: StepPlan, work: StepWork) -> StepFeatures:
+        num_prefill_tokens = num_decode_rows = num_context_tokens = 0
+        for row in plan.rows:  # one pass instead of StepPlan's three properties
+            num_tokens = len(row.token_ids)
+            num_context_tokens += row.start_position + num_tokens
+            if row.is_prefill:
+                num_prefill_tokens += num_tokens
+            else:
+                num_decode_rows += 1
         r = work.result
         return StepFeatures(
-            num_rows=len(plan.rows), num_prefill_tokens=plan.num_prefill_tokens,
-            num_decode_rows=plan.num_decode_rows, num_context_tokens=plan.num_context_tokens,
+            num_rows=len(plan.rows), num_prefill_tokens=num_prefill_tokens,
+            num_decode_rows=num_decode_rows, num_context_tokens=num_context_tokens,
             num_row_layers_executed=r.num_row_layers_executed,
             num_kv_only_row_layers=r.num_kv_only_row_layers, num_rule_evals=r.num_rule_evals,
-            rule=self.cfg.policy.exit_rule if self.policies.batching.is_early_exit else "none",
-            layer_tokens=work.layer_tokens, layer_context_tokens=work.layer_context_tokens,
+            rule=self._rule, layer_tokens=work.layer_tokens,
+            layer_context_tokens=work.layer_context_tokens,
             layer_kv_only_tokens=work.layer_kv_only_tokens,
-            num_layers_run=sum(1 for n in work.layer_tokens if n),
-            num_exit_points=work.result.num_exit_points,
+            num_layers_run=len(work.layer_tokens) - work.layer_tokens.count(0),
+            num_exit_points=r.num_exit_points,
         )  # fmt: skip
 
     def _finish_step(
