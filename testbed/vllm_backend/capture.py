@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import vllm
+from vllm.platforms import current_platform
 
 from testbed.core.policy_set import PolicyConfig
 from testbed.engine.capture import CaptureConfig, CaptureRequest
@@ -88,7 +89,7 @@ def vllm_capture_meta(
             "version": vllm.__version__,
             "plugin": importlib.metadata.version("eetb"),
         },
-        "device": "cpu" if vllm.platforms.current_platform.is_cpu() else "gpu",
+        "device": "cpu" if current_platform.is_cpu() else "gpu",
         "dtype": engine_cfg.dtype,
         "policy": to_jsonable(settings.policy),
         "scheduler": to_jsonable(engine_cfg),

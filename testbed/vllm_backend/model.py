@@ -39,9 +39,9 @@ from testbed.model.llama import ExitClassifiers
 from testbed.model.signals import SIGNAL_NAMES, classifier_prob, hidden_cosine, softmax_margin
 from testbed.vllm_backend.options import OVERRIDES_KEY, VllmEarlyExitConfig, parse_overrides
 from testbed.vllm_backend.records import RowRecord, StepRecord
+from testbed.vllm_backend.serve_log import STEP_LOG
 
 EXIT_HEADS_PREFIX = "exit_heads."
-STEP_LOG = "steps.jsonl"
 
 
 def check_engine(vllm_config: VllmConfig, settings: VllmEarlyExitConfig) -> None:
@@ -129,11 +129,12 @@ class EarlyExitLlamaForCausalLM(LlamaForCausalLM):
         is_stock = not self.policies.batching.is_early_exit and self.settings.record == "off"
         if is_stock or not metadata or inputs_embeds is not None:  # dummy runs have no metadata
             return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds)
-        start_s = time.perf_counter()
+        start_s, start_unix_s = time.perf_counter(), time.time()
         query_start = next(iter(metadata.values())).query_start_loc.cpu().numpy()
         hidden, record = self._early_exit_forward(input_ids, positions, query_start)
         if self.settings.record != "off":
-            record = StepRecord(**{**record.__dict__, "forward_s": time.perf_counter() - start_s})
+            timing = {"forward_s": time.perf_counter() - start_s, "start_unix_s": start_unix_s}
+            record = StepRecord(**{**record.__dict__, **timing})
             self._keep(record)
         return hidden
 

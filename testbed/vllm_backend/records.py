@@ -34,6 +34,7 @@ class StepRecord:
     num_exit_points: int
     num_layers_run: int  # layers at least one token ran fully
     forward_s: float  # wall time of the model forward
+    start_unix_s: float = 0.0  # time.time() when the forward began (joins a `vllm serve` log)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
