@@ -128,15 +128,18 @@ class Scheduler:
         step_id = self._next_step_id
         self._next_step_id += 1
         draft = _StepDraft(token_budget=self._config.max_num_batched_tokens)
-        if self._queues.parked and self._should_resume(step_id):
+        if self._queues.num_parked and self._should_resume(step_id):
             self._schedule_resumes(draft)
-        self._schedule_running(draft, is_decode_pass=True)
-        self._schedule_running(draft, is_decode_pass=False)
+        # One snapshot for both passes: the decode pass only removes (preempts) sequences, and
+        # _schedule_running skips those by status.
+        running = self._queues.running
+        self._schedule_running(draft, running, is_decode_pass=True)
+        self._schedule_running(draft, running, is_decode_pass=False)
         if draft.num_preempted == 0 or not draft.rows:
             self._schedule_waiting(draft)
         # The gate trades waiting for a fuller deep batch, but an idle step gains nothing and,
         # with every block held by parked rows, would deadlock: resume them anyway.
-        if not draft.rows and self._queues.parked:
+        if not draft.rows and self._queues.num_parked:
             self._schedule_resumes(draft)
         plan = StepPlan(step_id=step_id, rows=tuple(draft.rows), num_preempted=draft.num_preempted)
         self._in_flight = None if plan.is_empty else plan
@@ -172,9 +175,11 @@ class Scheduler:
             self._queues.resume(seq)
             draft.add(row)
 
-    def _schedule_running(self, draft: _StepDraft, *, is_decode_pass: bool) -> None:
-        # Snapshot: preemption removes sequences from the running list while we walk it.
-        for seq in self._queues.running:
+    def _schedule_running(
+        self, draft: _StepDraft, running: tuple[Sequence, ...], *, is_decode_pass: bool
+    ) -> None:
+        # A snapshot: preemption removes sequences from the running list while we walk it.
+        for seq in running:
             if seq.is_prefill_done != is_decode_pass or seq.seq_id in draft.scheduled_ids:
                 continue
             if seq.status is not SequenceStatus.RUNNING:  # preempted earlier in this walk

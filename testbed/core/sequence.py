@@ -61,7 +61,7 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         """Prompt plus outputs: the length a recompute prefill has to feed."""
-        return self.num_prompt_tokens + self.num_output_tokens
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
 
     @property
     def all_token_ids(self) -> tuple[int, ...]:
@@ -91,7 +91,7 @@ class Sequence:
         self.output_token_ids.append(token_id)
         if self.eos_token_id is not None and token_id == self.eos_token_id:
             self._finish(FinishReason.EOS)
-        elif self.num_output_tokens >= self.max_tokens:
+        elif len(self.output_token_ids) >= self.max_tokens:
             self._finish(FinishReason.LENGTH)
 
     def _finish(self, reason: FinishReason) -> None:

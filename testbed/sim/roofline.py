@@ -190,8 +190,11 @@ class RooflineCostModel:
     _spread_cache: dict[int, np.ndarray] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
-    # memo of _layer_groups by trace depth; not part of the model's value
+    # memos of _layer_groups and _whole_layers by trace depth; not part of the model's value
     _group_cache: dict[int, tuple] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+    _whole_cache: dict[int, tuple | None] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
 
@@ -236,10 +239,15 @@ class RooflineCostModel:
         """num_vectors hidden states through the LM head in one kernel."""
         if num_vectors <= 0:
             return 0.0
-        p = self.shape.lm_head_params
-        compute_s = 2.0 * p * num_vectors / self.gpu.peak_flops_per_s
-        memory_s = p * self.shape.bytes_per_param / self.gpu.memory_bytes_per_s
+        flops_per_vector, memory_s = self._lm_head
+        compute_s = flops_per_vector * num_vectors / self.gpu.peak_flops_per_s
         return max(compute_s, memory_s) / self.efficiency
+
+    @cached_property
+    def _lm_head(self) -> tuple[float, float]:
+        """FLOPs per vector and weight-read seconds of the LM head (computed once per model)."""
+        p = self.shape.lm_head_params
+        return 2.0 * p, p * self.shape.bytes_per_param / self.gpu.memory_bytes_per_s
 
     def _spread_matrix(self, num_source: int) -> np.ndarray:
         """[L_src, L_tgt]: spread_layers is linear, so one matrix maps every row of counts."""
@@ -280,22 +288,23 @@ class RooflineCostModel:
         if not tokens:
             raise CostModelError("step features: no per-layer counts (a trace has >= 1 layer)")
         top, n = max(context), f.num_context_tokens
-        total_s, last, layer_s = 0.0, None, 0.0
-        for count, sources in self._layer_groups(len(tokens)):
-            if len(sources) == 1 and sources[0][1] == 1.0:  # one whole trace layer
-                i = sources[0][0]
+        total_s, layer_s, last = 0.0, 0.0, None
+        whole = self._whole_layers(len(tokens))
+        if whole is not None:  # every target layer repeats one trace layer (8 → 32: 4 each)
+            for count, i in whole:
                 key = (tokens[i], context[i], kv_only[i])
-                if key != last:
+                if key != last:  # consecutive trace layers often run the same rows
                     read = min(max(n - (top - context[i]), 0), context[i])  # see kv_read_tokens
                     layer_s, last = self._layer_s(tokens[i], context[i], read, kv_only[i]), key
-            else:  # a target layer straddling trace layers: their weighted mix
+                total_s += count * layer_s
+        else:  # some target layers straddle trace layers: price each group's weighted mix
+            reads = [min(max(n - (top - c), 0), c) for c in context]
+            for count, sources in self._layer_groups(len(tokens)):
                 t = c = r = k = 0.0
                 for i, w in sources:
-                    read = min(max(n - (top - context[i]), 0), context[i])
-                    t, c, r = t + w * tokens[i], c + w * context[i], r + w * read
+                    t, c, r = t + w * tokens[i], c + w * context[i], r + w * reads[i]
                     k += w * kv_only[i]
-                layer_s, last = self._layer_s(t, c, r, k), None
-            total_s += count * layer_s
+                total_s += count * self._layer_s(t, c, r, k)
         total_s += self.lm_head_time_s(f.num_rows)
         if f.rule == "softmax":
             total_s += self.lm_head_time_s(f.num_rule_evals)
@@ -317,6 +326,16 @@ class RooflineCostModel:
         return tuple(
             float(x) for x in (u[0, 0], u[0, 1], u[1, 0], u[1, 4], u[2, 3], u[3, 3], u[3, 5])
         )
+
+    def _whole_layers(self, num_source: int) -> tuple[tuple[int, int], ...] | None:
+        """(how many target layers, trace layer) when each target layer is one whole trace
+        layer (depths equal, or the target a multiple of the trace); else None."""
+        if num_source not in self._whole_cache:
+            groups = self._layer_groups(num_source)
+            is_whole = all(len(src) == 1 and src[0][1] == 1.0 for _, src in groups)
+            whole = tuple((count, src[0][0]) for count, src in groups) if is_whole else None
+            self._whole_cache[num_source] = whole
+        return self._whole_cache[num_source]
 
     def _layer_groups(
         self, num_source: int
