@@ -97,7 +97,10 @@ def run_vllm(ckpt: Checkpoint, prompts, cfg: ThroughputConfig) -> ThroughputRow 
         return None
     import vllm  # noqa: PLC0415  (optional third column)
 
-    llm = vllm.LLM(model=str(ckpt.path), enforce_eager=True, dtype="float32", seed=cfg.seed)
+    # the plugin's architecture (full depth runs vLLM's own Llama forward): stock vLLM refuses a
+    # checkpoint directory that also holds exit_heads.safetensors
+    llm = vllm.LLM(model=str(ckpt.path), enforce_eager=True, dtype="float32", seed=cfg.seed,
+                   hf_overrides={"architectures": ["EarlyExitLlamaForCausalLM"]})  # fmt: skip
     params = vllm.SamplingParams(max_tokens=cfg.max_new_tokens, ignore_eos=True, temperature=0)
     start = time.perf_counter()
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)

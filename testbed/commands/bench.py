@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import itertools
 import json
 import sys
@@ -28,6 +29,7 @@ from testbed.datasets import load_summaries, summarization_prompt
 from testbed.engine.capture import CaptureConfig, CaptureRequest, build_requests, run_capture
 from testbed.engine.engine import EngineConfig, LLMEngine
 from testbed.engine.sampler import SamplingParams
+from testbed.errors import ConfigError
 from testbed.model.checkpoint import load_checkpoint
 from testbed.runinfo import to_jsonable, write_run_info
 from testbed.sim.cost_model import build_cost_model
@@ -61,7 +63,15 @@ def main(argv: list[str]) -> int:
     add_data_dir(p)
     p.add_argument(
         "--suite",
-        choices=("throughput", "early-exit", "capture", "sim-speed", "fidelity", "validation"),
+        choices=(
+            "throughput",
+            "early-exit",
+            "capture",
+            "sim-speed",
+            "fidelity",
+            "validation",
+            "vllm",
+        ),
         default="throughput",
     )
     p.add_argument("--trace", default="traces/samples/oracle_cnndm", help="sim-speed: the trace")
@@ -87,7 +97,52 @@ def main(argv: list[str]) -> int:
         return _throughput(args, ckpt)
     if args.suite == "capture":
         return _capture(args, ckpt)
+    if args.suite == "vllm":
+        return _vllm(args, ckpt)
     return _early_exit(args, ckpt)
+
+
+# vLLM early exit vs vLLM full depth, and vLLM vs the native engine, both at full depth
+VLLM_EARLY_EXIT = PolicyConfig(batching="consensus", exit_rule="hidden", threshold=0.9,
+                               min_exit_layer=4)  # fmt: skip
+
+
+def _vllm(args, ckpt) -> int:
+    if importlib.util.find_spec("vllm") is None:
+        raise ConfigError("--suite vllm needs vLLM installed (docs/vllm.md)")
+    # vLLM is optional: the suite's module imports it
+    from testbed.vllm_backend.bench import run_vllm_policy  # noqa: PLC0415
+
+    cfg = ThroughputConfig(num_requests=args.num_requests or 32, max_prompt_tokens=256,
+                           max_new_tokens=args.max_new_tokens or 64, max_num_seqs=32)  # fmt: skip
+    prompts = random_prompts(cfg, ckpt.config.vocab_size)
+    native = run_engine(ckpt, prompts, cfg)
+    full, early = (
+        run_vllm_policy(
+            ckpt.path,
+            prompts,
+            policy,
+            max_new_tokens=cfg.max_new_tokens,
+            max_num_seqs=cfg.max_num_seqs,
+        )  # fmt: skip
+        for policy in (PolicyConfig(), VLLM_EARLY_EXIT)
+    )
+    print(f"{'system':40s} {'tokens':>7s} {'wall s':>7s} {'tok/s':>7s} {'exit':>5s} {'layers':>6s}")
+    print(f"{native.system:40s} {native.num_output_tokens:7d} {native.wall_s:7.2f} "
+          f"{native.tokens_per_s:7.1f} {'':>5s} {ckpt.config.num_hidden_layers:6d}")  # fmt: skip
+    for r in (full, early):
+        print(f"{r.label:40s} {r.num_output_tokens:7d} {r.wall_s:7.2f} {r.tokens_per_s:7.1f} "
+              f"{r.mean_exit_layer:5.2f} {r.mean_executed_layers:6.2f}")  # fmt: skip
+    ratio_ee = early.tokens_per_s / full.tokens_per_s
+    ratio_native = full.tokens_per_s / native.tokens_per_s
+    print(
+        f"vLLM early exit / vLLM full: {ratio_ee:.2f}x throughput, "
+        f"{early.mean_executed_layers:.2f} of {full.mean_executed_layers:.2f} layers per token"
+    )
+    print(f"vLLM full / native full: {ratio_native:.2f}x throughput")  # fmt: skip
+    write_run_info(args.out, cfg, seed=cfg.seed, suite="vllm", policy=VLLM_EARLY_EXIT.label(),
+                   ratio_early_exit=ratio_ee, ratio_vllm_native=ratio_native)  # fmt: skip
+    return 0
 
 
 def _throughput(args, ckpt) -> int:
