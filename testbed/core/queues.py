@@ -60,6 +60,10 @@ class SequenceQueues:
         """Admitted and unfinished: what max_num_seqs bounds."""
         return len(self._running) + len(self._parked)
 
+    def has_unfinished(self) -> bool:
+        """Anything waiting, running or parked."""
+        return bool(self._waiting or self._running or self._parked)
+
     @property
     def next_waiting(self) -> Sequence | None:
         return self._waiting[0] if self._waiting else None

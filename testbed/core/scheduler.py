@@ -16,7 +16,6 @@ The token budget counts fed tokens: a prefill chunk its length, a decode or resu
 """
 
 import logging
-from dataclasses import dataclass, field
 from typing import Protocol
 
 from testbed.core.admission import SchedulerConfig, validate_request
@@ -37,14 +36,16 @@ class ResumePolicy(Protocol):
     def should_resume(self, *, num_parked: int, oldest_wait_steps: int) -> bool: ...
 
 
-@dataclass
 class _StepDraft:
-    """Scratch state of one schedule() call."""
+    """Scratch state of one schedule() call (a plain slotted class: built once per step)."""
 
-    token_budget: int
-    rows: list[RowPlan] = field(default_factory=list)
-    scheduled_ids: set[int] = field(default_factory=set)
-    num_preempted: int = 0
+    __slots__ = ("num_preempted", "rows", "scheduled_ids", "token_budget")
+
+    def __init__(self, token_budget: int) -> None:
+        self.token_budget = token_budget  # tokens still free in this step
+        self.rows: list[RowPlan] = []
+        self.scheduled_ids: set[int] = set()
+        self.num_preempted = 0
 
     def add(self, row: RowPlan) -> None:
         assert row.num_tokens <= self.token_budget, "row exceeds the token budget"
@@ -101,7 +102,7 @@ class Scheduler:
         return self._queues.num_finished
 
     def has_unfinished(self) -> bool:
-        return self._queues.num_in_flight > 0 or self.num_waiting > 0
+        return self._queues.has_unfinished()
 
     def get(self, seq_id: int) -> Sequence:
         """Any sequence ever added, finished ones included; KeyError if unknown."""

@@ -51,7 +51,10 @@ class FastReplay:
                     return None
                 decode.append(r)
                 positions.append(pos)
-                confident.append(seq.confident_at(pos) if reads_signals else L)
+                if reads_signals:  # SeqReplay.confident_at, inlined: once per row and step
+                    confident.append(seq.confident[min(pos, len(seq.confident) - 1)])
+                else:
+                    confident.append(L)
         executed = [L] * len(rows)
         token_layer: list[int | None] = [L if row.is_sampling else None for row in rows]
         forced = [False] * len(rows)

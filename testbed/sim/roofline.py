@@ -288,14 +288,21 @@ class RooflineCostModel:
         if not tokens:
             raise CostModelError("step features: no per-layer counts (a trace has >= 1 layer)")
         top, n = max(context), f.num_context_tokens
-        total_s, layer_s, last = 0.0, 0.0, None
+        total_s, layer_s = 0.0, 0.0
         whole = self._whole_layers(len(tokens))
         if whole is not None:  # every target layer repeats one trace layer (8 → 32: 4 each)
+            a_t, a_c, m_kv, m_w, f_k, g_kv, g_w = self._coefficients
+            last_t = last_c = last_k = None
             for count, i in whole:
-                key = (tokens[i], context[i], kv_only[i])
-                if key != last:  # consecutive trace layers often run the same rows
-                    read = min(max(n - (top - context[i]), 0), context[i])  # see kv_read_tokens
-                    layer_s, last = self._layer_s(tokens[i], context[i], read, kv_only[i]), key
+                t, c, k = tokens[i], context[i], kv_only[i]
+                if t != last_t or c != last_c or k != last_k:  # else: the previous layer's price
+                    read = min(max(n - (top - c), 0), c)  # see kv_read_tokens
+                    # _layer_s inlined: this loop runs for every simulated step
+                    layer_s = max(
+                        a_t * t + a_c * c, m_kv * t + m_kv * read + (m_w if t > 0 else 0.0)
+                    )
+                    layer_s += max(f_k * k, g_kv * k + (g_w if k > 0 else 0.0))
+                    last_t, last_c, last_k = t, c, k
                 total_s += count * layer_s
         else:  # some target layers straddle trace layers: price each group's weighted mix
             reads = [min(max(n - (top - c), 0), c) for c in context]
