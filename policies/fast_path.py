@@ -59,21 +59,6 @@ def confident_layers(
     return first.tolist()
 
 
-# exact types: a subclass may override `_decide`
-_FAST_BATCHING = (
-    FullBatching,
-    ConsensusBatching,
-    QuorumBatching,
-    ShrinkBatching,
-    SkipDecodeBatching,
-)
-
-
-def has_step_exits(policy: BatchingPolicy) -> bool:
-    """Whether `step_exits` covers ``policy`` (rebatch parks rows and has no fast path)."""
-    return type(policy) in _FAST_BATCHING
-
-
 class StepExits(NamedTuple):
     """A step's decode rows after every exit point; lists are per row, in the given order.
     A NamedTuple rather than a frozen dataclass: it is built once per simulated step."""
@@ -83,6 +68,11 @@ class StepExits(NamedTuple):
     is_forced: list[bool]  # the policy forced the row out before it was confident
     num_exit_points: int  # exit points at which the policy was asked
     num_rule_evals: int  # (row, exit point) pairs where the rule was evaluated
+
+
+def has_step_exits(policy: BatchingPolicy) -> bool:
+    """Whether `step_exits` covers ``policy`` (rebatch parks rows and has no fast path)."""
+    return type(policy) in _STEP_EXITS  # the exact type: a subclass may override `_decide`
 
 
 def step_exits(
@@ -99,32 +89,55 @@ def step_exits(
     positions: per row, the output index of the token it produces; exit_layers: the exit points,
     ascending, all below num_layers.
     """
-    kind = type(policy)
+    fast = _STEP_EXITS.get(type(policy))
+    return None if fast is None else fast(policy, confident, positions, exit_layers, num_layers)
+
+
+def _full(policy, confident, positions, exit_layers, num_layers: int) -> StepExits:
     rows = len(confident)
-    if kind is FullBatching:
-        return StepExits([num_layers] * rows, [num_layers] * rows, [False] * rows, 0, 0)
-    if kind is SkipDecodeBatching:
-        target = policy.target_layer(np.asarray(positions, dtype=np.int64), num_layers)
-        stop = next((e for e in exit_layers if e >= target), num_layers)
-        num_points = bisect_right(exit_layers, stop)
-        return StepExits([stop] * rows, [stop] * rows, [False] * rows, num_points, 0)
-    if kind is ShrinkBatching:
-        deepest = max(confident)
-        num_evals = sum(bisect_right(exit_layers, c) for c in confident)
-        return StepExits(list(confident), list(confident), [False] * rows,
-                         bisect_right(exit_layers, deepest), num_evals)  # fmt: skip
-    if kind is ConsensusBatching:
-        stop = max(confident)
-    elif kind is QuorumBatching:
-        stop = _quorum_stop(policy.fraction, confident, exit_layers, num_layers)
-    else:
-        return None
-    # consensus and quorum: the batch runs together to `stop`; rows not yet confident there are
-    # forced out (quorum only: consensus stops exactly when the last row becomes confident)
-    forced = [c > stop for c in confident]
-    num_evals = sum(bisect_right(exit_layers, min(c, stop)) for c in confident)
-    return StepExits([stop] * rows, [min(c, stop) for c in confident], forced,
+    return StepExits([num_layers] * rows, [num_layers] * rows, [False] * rows, 0, 0)
+
+
+def _skipdecode(policy, confident, positions, exit_layers, num_layers: int) -> StepExits:
+    # the schedule, not confidence, ends the step: no rule evaluations, no forced exits
+    rows = len(confident)
+    target = policy.target_layer(np.asarray(positions, dtype=np.int64), num_layers)
+    stop = next((e for e in exit_layers if e >= target), num_layers)
+    num_points = bisect_right(exit_layers, stop)
+    return StepExits([stop] * rows, [stop] * rows, [False] * rows, num_points, 0)
+
+
+def _shrink(policy, confident, positions, exit_layers, num_layers: int) -> StepExits:
+    # every row leaves at its own first confident exit point
+    num_evals = sum([bisect_right(exit_layers, c) for c in confident])
+    return StepExits(list(confident), list(confident), [False] * len(confident),
+                     bisect_right(exit_layers, max(confident)), num_evals)  # fmt: skip
+
+
+def _consensus(policy, confident, positions, exit_layers, num_layers: int) -> StepExits:
+    # the batch runs until its last row is confident; each row keeps its first confident token
+    stop = max(confident)
+    num_evals = sum([bisect_right(exit_layers, c) for c in confident])
+    return StepExits([stop] * len(confident), list(confident), [False] * len(confident),
                      bisect_right(exit_layers, stop), num_evals)  # fmt: skip
+
+
+def _quorum(policy, confident, positions, exit_layers, num_layers: int) -> StepExits:
+    # the batch runs together to `stop`; rows not yet confident there are forced out
+    stop = _quorum_stop(policy.fraction, confident, exit_layers, num_layers)
+    num_evals = sum([bisect_right(exit_layers, min(c, stop)) for c in confident])
+    return StepExits([stop] * len(confident), [min(c, stop) for c in confident],
+                     [c > stop for c in confident], bisect_right(exit_layers, stop),
+                     num_evals)  # fmt: skip
+
+
+_STEP_EXITS = {
+    FullBatching: _full,
+    ConsensusBatching: _consensus,
+    QuorumBatching: _quorum,
+    ShrinkBatching: _shrink,
+    SkipDecodeBatching: _skipdecode,
+}
 
 
 def _quorum_stop(

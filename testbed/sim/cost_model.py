@@ -17,8 +17,9 @@ import numpy as np
 
 from testbed.errors import EetbError
 from testbed.sim.cost_base import CostModel, CostModelError, StepFeatures, map_layers
+from testbed.sim.hardware import MODEL_PRESETS, GpuSpec, ModelShape, gpu_spec
 from testbed.sim.profile_cost import ProfileCostModel
-from testbed.sim.roofline import MODEL_PRESETS, GpuSpec, ModelShape, RooflineCostModel, gpu_spec
+from testbed.sim.roofline import RooflineCostModel
 from testbed.trace import read_capture
 
 __all__ = [

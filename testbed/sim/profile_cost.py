@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from testbed.sim.cost_base import CostModelError, StepFeatures, spread_layers
-from testbed.sim.roofline import MODEL_PRESETS
+from testbed.sim.hardware import MODEL_PRESETS
 
 log = logging.getLogger(__name__)
 
