@@ -47,6 +47,10 @@ class TraceTokens:
                 ids[a:b], {k: v[a:b] for k, v in sig.items()}, flags[a:b]
             )
         self.available = {k for k, m in sig.items() if not np.isnan(m).all()}
+        # memo of the candidate ids per requested length: the same list, in the same order,
+        # that a fresh scan finds, so the seeded draw does not change
+        self._long_enough: dict[int, list[int]] = {}
+        self._longest = max(self.streams.values(), key=len)  # the first of the longest
 
     def check_signal(self, signal: str) -> None:
         if signal not in self.available:
@@ -62,7 +66,11 @@ class TraceTokens:
         own = self.streams.get(request_id)
         if own is not None:
             return own
-        long_enough = [k for k, s in self.streams.items() if len(s) >= num_tokens]
+        if num_tokens not in self._long_enough:
+            self._long_enough[num_tokens] = [
+                k for k, s in self.streams.items() if len(s) >= num_tokens
+            ]
+        long_enough = self._long_enough[num_tokens]
         if long_enough:
             return self.streams[long_enough[int(rng.integers(len(long_enough)))]]
-        return max(self.streams.values(), key=len)  # positions past its end reuse its last token
+        return self._longest  # positions past its end reuse its last token
