@@ -40,21 +40,24 @@ class FastReplay:
         """Execute ``plan`` like the general path; None, state untouched, when it can't."""
         L, rows = self.num_layers, plan.rows
         reads_signals = self.batching.needs_signals
-        replays, out_pos, decode, confident, positions = [], [], [], [], []
+        replays, out_pos, decode, confident, positions, restarted = [], [], [], [], [], []
         for r, row in enumerate(rows):  # one pass: these lists are what the step reads
             seq = seqs[row.seq_id]
             pos = row.start_position + len(row.token_ids) - seq.num_prompt_tokens
             replays.append(seq)
             out_pos.append(pos)
-            if not row.is_prefill:
-                if row.start_layer:  # a rebatch resume row: the general path's business
-                    return None
-                decode.append(r)
-                positions.append(pos)
-                if reads_signals:  # SeqReplay.confident_at, inlined: once per row and step
-                    confident.append(seq.confident[min(pos, len(seq.confident) - 1)])
-                else:
-                    confident.append(L)
+            if row.is_prefill:
+                if row.start_position == 0:
+                    restarted.append(row.seq_id)
+                continue
+            if row.start_layer:  # a rebatch resume row: the general path's business
+                return None
+            decode.append(r)
+            positions.append(pos)
+            if reads_signals:  # SeqReplay.confident_at, inlined: once per row and step
+                confident.append(seq.confident[min(pos, len(seq.confident) - 1)])
+            else:
+                confident.append(L)
         executed = [L] * len(rows)
         token_layer: list[int | None] = [L if row.is_sampling else None for row in rows]
         forced = [False] * len(rows)
@@ -68,24 +71,24 @@ class FastReplay:
                 executed[r], token_layer[r] = exits.executed[i], exits.token_layer[i]
                 forced[r] = exits.is_forced[i]
             num_points, num_evals = exits.num_exit_points, exits.num_rule_evals
-        for row in rows:
-            if row.is_prefill and row.start_position == 0:  # re-prefill after a preemption
-                deferred.pop(row.seq_id, None)
+        for seq_id in restarted:  # a prefill from position 0 is a re-prefill after preemption
+            deferred.pop(seq_id, None)
         layer_tokens, layer_ctx = _layer_counts(plan, executed, deferred, L)
         kv_only = self._settle(plan, executed, decode, deferred)
+        row_results = [
+            RowResult(
+                seq_id=row.seq_id,
+                token_id=None if token_layer[r] is None else replays[r].token_at(out_pos[r]),
+                exit_layer=token_layer[r],
+                is_forced=forced[r],
+                is_parked=False,
+                parked_layer=None,
+            )  # fmt: skip
+            for r, row in enumerate(rows)
+        ]
         result = StepResult(
             step_id=plan.step_id,
-            rows=tuple(
-                RowResult(
-                    seq_id=row.seq_id,
-                    token_id=None if token_layer[r] is None else replays[r].token_at(out_pos[r]),
-                    exit_layer=token_layer[r],
-                    is_forced=forced[r],
-                    is_parked=False,
-                    parked_layer=None,
-                )  # fmt: skip
-                for r, row in enumerate(rows)
-            ),
+            rows=tuple(row_results),
             num_row_layers_executed=sum(layer_tokens),
             num_kv_only_row_layers=sum(kv_only),
             num_rule_evals=num_evals,
