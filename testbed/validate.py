@@ -296,20 +296,27 @@ def calibrate(engine: EngineRuns, out: Path, progress: ProgressFn | None) -> str
                 raise ValidationError(f"calibration run {d!r} is not a capture directory")
         build_cost_model(f"fitted:{cfg.calibration}")  # a bad calibration fails before any run
         return f"fitted:{cfg.calibration}"
-    reqs = None
-    by_rule = {
-        p.exit_rule: p for p in cfg.configurations if build_policies(p).batching.is_early_exit
-    }
-    runs = [BASELINE, *by_rule.values()]
-    dirs = []
-    for i, policy in enumerate(runs):
-        if progress is not None:
-            progress("calibrate", i, len(runs), policy.label())
-        path = out / "calibration" / ("full" if policy == BASELINE else policy.exit_rule)
-        if not (path / "meta.json").is_file():
+    early = [p for p in cfg.configurations if build_policies(p).batching.is_early_exit]
+    rules = list(dict.fromkeys(p.exit_rule for p in early))
+    groups = [("full", [BASELINE]), *((r, [p for p in early if p.exit_rule == r]) for r in rules)]
+    reqs, dirs = None, []
+    for i, (name, candidates) in enumerate(groups):
+        path = out / "calibration" / name
+        for policy in candidates:  # the first of the rule's policies that this engine runs
+            if progress is not None:
+                progress("calibrate", i, len(groups), policy.label())
+            if (path / "meta.json").is_file():
+                break
             reqs = reqs or engine.calibration_requests(cfg.calibration_workload)
-            engine.capture(policy, "live", path, reqs)
-        dirs.append(str(path))
+            try:
+                engine.capture(policy, "live", path, reqs)
+                break
+            except EetbError:
+                if name == "full":
+                    raise
+                continue  # e.g. vLLM refuses shrink: the rule's next policy calibrates it
+        if (path / "meta.json").is_file():
+            dirs.append(str(path))
     return "fitted:" + "+".join(dirs)
 
 
