@@ -33,6 +33,12 @@ from policies.exit_rules import ThresholdRule
 from policies.kv_fill import CopyFill, KvFillPolicy, LazyFill, RecomputeFill, SkipFill
 
 
+def has_confident_layers(rule: ThresholdRule) -> bool:
+    """Whether `confident_layers` reproduces ``rule``: it does unless a subclass (a third-party
+    rule) overrides `confident` itself; overriding `threshold_at` is fine."""
+    return type(rule).confident is ThresholdRule.confident
+
+
 def confident_layers(
     rule: ThresholdRule,
     values: np.ndarray,

@@ -19,6 +19,7 @@ from policies import (
     ExitPoints,
     ExitSignals,
     FullBatching,
+    HiddenCosineRule,
     LazyFill,
     QuorumBatching,
     RecomputeFill,
@@ -27,7 +28,13 @@ from policies import (
     SkipFill,
     create,
 )
-from policies.fast_path import confident_layers, fill_kind, step_exits
+from policies.fast_path import (
+    confident_layers,
+    fill_kind,
+    has_confident_layers,
+    has_step_exits,
+    step_exits,
+)
 from testbed.core import SchedulerConfig
 from testbed.core.policy_set import PolicyConfig
 from testbed.sim.cost_model import ModelShape, RooflineCostModel, StepFeatures
@@ -102,6 +109,22 @@ def test_step_exits_equal_one_decision_per_exit_point(
     got = (fast.executed, fast.token_layer, fast.is_forced, fast.num_exit_points,
            fast.num_rule_evals)  # fmt: skip
     assert got == _general_exits(policy, confident, positions, points)
+
+
+def test_subclasses_take_the_general_path():
+    """A third-party subclass may change the decision itself: only exact built-ins are fast."""
+
+    class Hurried(ConsensusBatching):
+        def _decide(self, **kw):
+            return ShrinkBatching._decide(self, **kw)
+
+    class Inverted(HiddenCosineRule):
+        def confident(self, signals, *, positions, max_tokens):
+            return ~super().confident(signals, positions=positions, max_tokens=max_tokens)
+
+    assert has_step_exits(ConsensusBatching()) and not has_step_exits(Hurried())
+    assert has_confident_layers(HiddenCosineRule(0.5)) and not has_confident_layers(Inverted(0.5))
+    assert fill_kind(CopyFill()) is not None
 
 
 # ---- exit rules and KV fill ----------------------------------------------------------------------

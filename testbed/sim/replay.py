@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from policies.exit_rules import ExitSignals
-from policies.fast_path import fill_kind, has_step_exits
+from policies.fast_path import fill_kind, has_confident_layers, has_step_exits
 from testbed.core.policy_set import PolicySet
 from testbed.core.step import RowResult, StepPlan, StepResult
 from testbed.sim.replay_fast import FastReplay
@@ -82,10 +82,15 @@ class ReplayRunner:
         self.seqs: dict[int, SeqReplay] = {}
         self.deferred: dict[int, list[Deferred]] = {}
         self.parked: set[int] = set()
-        self._factory = SeqReplayFactory(policies, num_layers)
         fill = fill_kind(policies.kv_fill)
-        is_fast = use_fast_path and fill is not None and has_step_exits(policies.batching)
+        is_fast = (
+            use_fast_path
+            and fill is not None
+            and has_step_exits(policies.batching)
+            and has_confident_layers(policies.exit_rule)
+        )
         self._fast = FastReplay(policies, fill, num_layers) if is_fast else None
+        self._factory = SeqReplayFactory(policies, num_layers, with_confident=is_fast)
 
     def add_sequence(
         self, seq_id: int, stream: TokenStream, num_prompt_tokens: int, max_tokens: int

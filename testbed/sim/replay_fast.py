@@ -54,7 +54,7 @@ class FastReplay:
                 return None
             decode.append(r)
             positions.append(pos)
-            if reads_signals:  # SeqReplay.confident_at, inlined: once per row and step
+            if reads_signals:  # clamped to its last entry, like SeqReplay.token_at
                 confident.append(seq.confident[min(pos, len(seq.confident) - 1)])
             else:
                 confident.append(L)

@@ -29,6 +29,7 @@ class SeqReplay:
     tokens: list[int]  # [n] emitted token per trace index
     # per output position (per trace index when λ is constant): first exit layer where the run's
     # rule is confident, num_layers where it never is; None when the policy reads no signals
+    # or the fast path is off
     confident: list[int] | None
     num_prompt_tokens: int
     max_tokens: int
@@ -36,17 +37,15 @@ class SeqReplay:
     def token_at(self, out_pos: int) -> int:
         return self.tokens[min(out_pos, len(self.tokens) - 1)]
 
-    def confident_at(self, out_pos: int) -> int:
-        assert self.confident is not None, "the policy reads no signals"
-        return self.confident[min(out_pos, len(self.confident) - 1)]
-
 
 class SeqReplayFactory:
     """Builds SeqReplay records, sharing the work between requests that borrow one stream: its
     token list always, and its confident layers when λ does not depend on the output length."""
 
-    def __init__(self, policies: PolicySet, num_layers: int) -> None:
+    def __init__(self, policies: PolicySet, num_layers: int, *, with_confident: bool) -> None:
         self.policies, self.num_layers = policies, num_layers
+        # only the fast path reads confident layers, and only a policy that reads signals
+        self.with_confident = with_confident and policies.batching.needs_signals
         self.exit_layers = policies.exit_points.layers(num_layers)
         # keyed by id(stream): the streams live as long as the TraceTokens that owns them
         self._tokens: dict[int, list[int]] = {}
@@ -57,7 +56,7 @@ class SeqReplayFactory:
         if key not in self._tokens:
             self._tokens[key] = stream.token_ids.tolist()
         confident = None
-        if self.policies.batching.needs_signals and max_tokens > 0:
+        if self.with_confident and max_tokens > 0:
             is_const = self.policies.exit_rule.decay_tau is None
             ckey = (key, None if is_const else max_tokens)
             if ckey not in self._confident:
