@@ -110,10 +110,8 @@ def run_demo(
             f"{len(report.failures)} simulated runs failed, e.g. {first.label}: {first.message}"
         )
     selection = select_from_sweep(out / "sweep", cfg.top_k, workload=cfg.workload)
-    validation = dataclasses.replace(
-        base, policies=selection.policies, calibration=cost_model.removeprefix("fitted:"),
-        calibration_workload="", trace=trace,
-    )  # fmt: skip
+    # the validation adds calibration runs of the chosen policies to those the sweep used
+    validation = dataclasses.replace(base, policies=selection.policies, trace=trace)
     (out / "selection.json").write_text(json.dumps(to_jsonable(selection), indent=1) + "\n")
     run_validation(validation, out / "validate", progress=progress, engine=engine)
     return write_report(out)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -285,9 +286,11 @@ def _validate_one(
 
 
 def calibrate(engine: EngineRuns, out: Path, progress: ProgressFn | None) -> str:
-    """The cost model's calibration captures: live runs of `full` and of one validated policy per
-    exit rule, on another workload seed (never the validated runs themselves). Live, not oracle:
-    an oracle run also pays for recording every signal, which a served step does not."""
+    """The cost model: fitted on live runs of `full` and of every configuration, on another
+    request stream (another seed: never the validated runs themselves), together with any
+    earlier calibration runs under OUT/calibration. Each policy mix of steps is then in the fit,
+    which keeps per-row and per-exit-point costs apart. Live, not oracle: an oracle run also
+    pays for recording every signal, which a served step does not."""
     cfg = engine.cfg
     if cfg.calibration:
         dirs = cfg.calibration.split("+")
@@ -296,28 +299,28 @@ def calibrate(engine: EngineRuns, out: Path, progress: ProgressFn | None) -> str
                 raise ValidationError(f"calibration run {d!r} is not a capture directory")
         build_cost_model(f"fitted:{cfg.calibration}")  # a bad calibration fails before any run
         return f"fitted:{cfg.calibration}"
-    early = [p for p in cfg.configurations if build_policies(p).batching.is_early_exit]
-    rules = list(dict.fromkeys(p.exit_rule for p in early))
-    groups = [("full", [BASELINE]), *((r, [p for p in early if p.exit_rule == r]) for r in rules)]
-    reqs, dirs = None, []
-    for i, (name, candidates) in enumerate(groups):
-        path = out / "calibration" / name
-        for policy in candidates:  # the first of the rule's policies that this engine runs
-            if progress is not None:
-                progress("calibrate", i, len(groups), policy.label())
-            if (path / "meta.json").is_file():
-                break
-            reqs = reqs or engine.calibration_requests(cfg.calibration_workload)
-            try:
-                engine.capture(policy, "live", path, reqs)
-                break
-            except EetbError:
-                if name == "full":
-                    raise
-                continue  # e.g. vLLM refuses shrink: the rule's next policy calibrates it
+    reqs = None
+    root = out / "calibration"
+    for i, policy in enumerate(cfg.configurations):
+        path = root / _slug(policy.label())
+        if progress is not None:
+            progress("calibrate", i, len(cfg.configurations), policy.label())
         if (path / "meta.json").is_file():
-            dirs.append(str(path))
+            continue
+        reqs = reqs or engine.calibration_requests(cfg.calibration_workload)
+        try:
+            engine.capture(policy, "live", path, reqs)
+        except EetbError:
+            if policy == BASELINE:
+                raise
+            shutil.rmtree(path, ignore_errors=True)  # the engine refuses it: validation says so
+    dirs = sorted(str(d) for d in root.iterdir() if (d / "meta.json").is_file())
     return "fitted:" + "+".join(dirs)
+
+
+def _slug(label: str) -> str:
+    """A folder name for a policy label ('+' separates the fitted model's captures)."""
+    return re.sub(r"[^\w.@=()≥-]", "_", label)
 
 
 def oracle_trace(engine: EngineRuns, out: Path, progress: ProgressFn | None) -> str:
