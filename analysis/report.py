@@ -52,6 +52,14 @@ def _validation_section(doc: dict[str, Any]) -> list[str]:
         ok = "meets" if tau >= GOAL_TAU else "misses"
         verdict.append(f"Kendall tau of the throughput order: {tau:.3f} ({ok} the {GOAL_TAU} goal)")
     lines += ["", "; ".join(verdict) + "." if verdict else "", ""]
+    spread = [c for c in doc["configurations"] if len(c.get("throughput_runs", [])) > 1]
+    if spread:
+        lines += [f"Measured values are medians over {doc.get('repeats', '?')} rounds of runs "
+                  "(round-robin over the configurations). Each round's values:", ""]  # fmt: skip
+        rows = [[c["label"], " / ".join(f"{v:.1f}" for v in c["throughput_runs"]),
+                 " / ".join(_fmt(v and 1e3 * v, ".2f") for v in c["tpot_mean_runs_s"])]
+                for c in spread]  # fmt: skip
+        lines += [*_table(["configuration", "throughput tok/s", "mean TPOT ms"], rows), ""]
     lines += ["### Speedup and replay error", "",
               "The oracle trace holds the full-depth token stream; a live early-exit run "
               "diverges once one of its tokens differs. Exit TV is the total variation distance "

@@ -49,6 +49,7 @@ class DemoConfig:
     min_exit_layer: int = 1
     min_agreement: float = 0.7  # the ranking's quality constraint (estimated agreement)
     top_k: int = 3
+    repeats: int = 3  # validation rounds; measured = median (a shared machine is noisy)
     seed: int = 0
     model: str = "builtin"
     workers: int = 2
@@ -91,7 +92,7 @@ def run_demo(
     base = ValidationConfig(
         policies=representative, workload=cfg.workload,
         calibration_workload=cfg.calibration_workload, model=cfg.model, dataset=dataset,
-        seed=cfg.seed, data_dir=data_dir,
+        seed=cfg.seed, data_dir=data_dir, repeats=cfg.repeats,
     )  # fmt: skip
     engine = EngineRuns(base)
     cost_model = calibrate(engine, out / "validate", progress)

@@ -73,8 +73,13 @@ class ValidationConfig:
     dataset: str = "cnndm"  # prompt source (references for ROUGE-L when it has them)
     seed: int = 0
     data_dir: str | None = None
+    # rounds of runs, round-robin over the configurations (calibration runs first in each): a
+    # slow spell of a shared machine then spreads over every configuration; measured = median
+    repeats: int = 3
 
     def __post_init__(self) -> None:
+        if self.repeats < 1:
+            raise ValidationError(f"repeats must be >= 1, got {self.repeats}")
         if self.engine not in ENGINES:
             raise ValidationError(f"unknown engine {self.engine!r} (known: {', '.join(ENGINES)})")
         if not self.policies:
@@ -235,20 +240,33 @@ def _write_json(path: Path, doc: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def _median_metrics(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Per metric, the median over repeated runs (None where any run has none)."""
+    out = {}
+    for key in runs[0]:
+        values = [r[key] for r in runs]
+        out[key] = None if any(v is None for v in values) else float(np.median(values))
+    return out
+
+
 def _validate_one(
     index: int, policy: PolicyConfig, engine: EngineRuns, oracle: str, cost_model: str,
-    out: Path, full_outputs: dict[int, list[int]] | None, references: dict[int, str] | None,
+    lives: Sequence[Capture], full_outputs: dict[int, list[int]] | None,
+    references: dict[int, str] | None,
 ) -> dict[str, Any]:  # fmt: skip
+    """Measured (median over the repeated live runs) against predicted, for one configuration.
+    Quality and agreement come from the first run; exit layers and latencies pool every run."""
     cfg = engine.cfg
-    live = read_capture(engine.capture(policy, "live", out / "live" / f"{index:02d}"))
-    records = capture_records(live)
-    measured = compute_metrics(records, [])
+    records_by_run = [capture_records(live) for live in lives]
+    per_run = [compute_metrics(records, []).to_dict() for records in records_by_run]
+    measured = _median_metrics(per_run)
+    records = [r for run in records_by_run for r in run]
     sim = simulate(SimulationConfig(
         trace=oracle, workload=cfg.workload, policy=policy, cost_model=cost_model,
         scheduler=engine.scheduler, seed=cfg.seed, data_dir=cfg.data_dir,
     ))  # fmt: skip
-    outputs = capture_outputs(live)
-    num_layers = live.num_layers
+    outputs = capture_outputs(lives[0])
+    num_layers = lives[0].num_layers
     hist_real = exit_histogram([x for r in records for x in r.exit_layers], num_layers)
     hist_sim = exit_histogram([x for r in sim.requests for x in r.exit_layers], num_layers)
     if index == 0:
@@ -267,14 +285,14 @@ def _validate_one(
         "exit_hist_measured": hist_real,
         "exit_hist_predicted": hist_sim,
         "exit_hist_tv": total_variation(hist_real, hist_sim),
-        "mean_exit_layer_measured": measured.mean_exit_layer,
+        "mean_exit_layer_measured": measured["mean_exit_layer"],
         "mean_exit_layer_predicted": sim.metrics.mean_exit_layer,
         "agreement_measured": measured_agreement,
         "agreement_predicted": sim.metrics.est_agreement,
     }
     return {
         "index": index, "policy": to_jsonable(policy), "label": policy.label(),
-        "measured": measured.to_dict(), "predicted": sim.metrics.to_dict(),
+        "measured": measured, "measured_runs": per_run, "predicted": sim.metrics.to_dict(),
         "rouge_l": rouge_l, "replay": replay,
         "latencies": _latency_rows(policy.label(), "measured", records)
         + _latency_rows(policy.label(), "simulated", sim.requests),
@@ -285,12 +303,15 @@ def _validate_one(
 # --- the whole validation -----------------------------------------------------------------------
 
 
-def calibrate(engine: EngineRuns, out: Path, progress: ProgressFn | None) -> str:
-    """The cost model: fitted on live runs of `full` and of every configuration, on another
-    request stream (another seed: never the validated runs themselves), together with any
-    earlier calibration runs under OUT/calibration. Each policy mix of steps is then in the fit,
-    which keeps per-row and per-exit-point costs apart. Live, not oracle: an oracle run also
-    pays for recording every signal, which a served step does not."""
+def calibrate(
+    engine: EngineRuns, out: Path, progress: ProgressFn | None, *, round_index: int = 0
+) -> str:
+    """The cost model: fitted on live runs of `full` and of every configuration on another
+    request stream (another seed: never the validated runs themselves), pooled with every
+    earlier calibration run under OUT/calibration. Each policy's mix of steps is then in the
+    fit, which keeps per-row and per-exit-point costs apart. Live, not oracle: an oracle run
+    also pays for recording every signal, which a served step does not. Runs round
+    ``round_index`` of them; returns the cost-model spec over all runs so far."""
     cfg = engine.cfg
     if cfg.calibration:
         dirs = cfg.calibration.split("+")
@@ -302,19 +323,20 @@ def calibrate(engine: EngineRuns, out: Path, progress: ProgressFn | None) -> str
     reqs = None
     root = out / "calibration"
     for i, policy in enumerate(cfg.configurations):
-        path = root / _slug(policy.label())
+        path = root / _slug(policy.label()) / f"r{round_index}"
         if progress is not None:
-            progress("calibrate", i, len(cfg.configurations), policy.label())
-        if (path / "meta.json").is_file():
+            progress(f"calibrate {round_index + 1}", i, len(cfg.configurations), policy.label())
+        if (path / "meta.json").is_file() or (path.parent / "refused").is_file():
             continue
         reqs = reqs or engine.calibration_requests(cfg.calibration_workload)
         try:
             engine.capture(policy, "live", path, reqs)
-        except EetbError:
+        except EetbError as exc:
             if policy == BASELINE:
                 raise
             shutil.rmtree(path, ignore_errors=True)  # the engine refuses it: validation says so
-    dirs = sorted(str(d) for d in root.iterdir() if (d / "meta.json").is_file())
+            (path.parent / "refused").write_text(f"{exc}\n")
+    dirs = sorted(str(m.parent) for m in root.rglob("meta.json"))
     return "fitted:" + "+".join(dirs)
 
 
@@ -353,48 +375,49 @@ def run_validation(
     cfg: ValidationConfig, out: Path, *, progress: ProgressFn | None = None,
     engine: EngineRuns | None = None,
 ) -> ValidationResult:  # fmt: skip
-    """Run every configuration; a failed one is recorded and the others go on. Rerunning with
-    the same OUT reuses finished configurations. ``engine``: one already loaded for the same
-    model, workload, dataset and seed (the demo's)."""
+    """Run every configuration `repeats` times, round-robin; one the engine cannot run is
+    recorded and the others go on. Rerunning with the same OUT reuses every finished run.
+    ``engine``: one already loaded for the same model, workload, dataset and seed (the demo's)."""
     out = Path(out)
     (out / "configs").mkdir(parents=True, exist_ok=True)
     write_run_info(out, cfg, seed=cfg.seed)
     engine = EngineRuns(cfg) if engine is None else engine.with_config(cfg)
-    cost_model = calibrate(engine, out, progress)
-    fit = build_cost_model(cost_model)
     oracle = oracle_trace(engine, out, progress)
     references = _references(cfg, engine)
-    done: list[dict[str, Any]] = []
-    failed: list[dict[str, Any]] = []
-    full_outputs = None
     configs = cfg.configurations
-    for i, policy in enumerate(configs):
-        if progress is not None:
-            progress("validate", i, len(configs), policy.label())
-        path = out / "configs" / f"{i:02d}.json"
-        doc = json.loads(path.read_text()) if path.is_file() else None
-        if doc is None or doc["label"] != policy.label():
-            try:
-                doc = _validate_one(
-                    i, policy, engine, oracle, cost_model, out, full_outputs, references
-                )
-            except EetbError as exc:  # this configuration cannot run: record it, go on
-                error = {
-                    "index": i,
-                    "label": policy.label(),
-                    "message": f"{type(exc).__name__}: {exc}",
-                }
-                _write_json(out / "configs" / f"{i:02d}.error.json", error)
-                failed.append(error)
+    failed: dict[int, dict[str, Any]] = {}
+    cost_model = ""
+    for k in range(cfg.repeats):
+        cost_model = calibrate(engine, out, progress, round_index=k)
+        for i, policy in enumerate(configs):
+            path = out / "live" / f"{i:02d}" / f"r{k}"
+            if i in failed or (path / "meta.json").is_file():
                 continue
-            _write_json(path, doc)
-            (out / "configs" / f"{i:02d}.error.json").unlink(missing_ok=True)
+            if progress is not None:
+                progress(f"validate {k + 1}/{cfg.repeats}", i, len(configs), policy.label())
+            try:
+                engine.capture(policy, "live", path)
+            except EetbError as exc:  # this configuration cannot run: record it, go on
+                shutil.rmtree(path, ignore_errors=True)
+                failed[i] = {"index": i, "label": policy.label(),
+                             "message": f"{type(exc).__name__}: {exc}"}  # fmt: skip
+                _write_json(out / "configs" / f"{i:02d}.error.json", failed[i])
+    fit = build_cost_model(cost_model)
+    done: list[dict[str, Any]] = []
+    full_outputs = None
+    for i, policy in enumerate(configs):
+        if i in failed:
+            continue
+        lives = [read_capture(out / "live" / f"{i:02d}" / f"r{k}") for k in range(cfg.repeats)]
+        doc = _validate_one(i, policy, engine, oracle, cost_model, lives, full_outputs, references)
         if i == 0:
-            full_outputs = {int(k): v for k, v in doc["outputs"].items()}
+            full_outputs = doc["outputs"]
+        _write_json(out / "configs" / f"{i:02d}.json", doc)
+        (out / "configs" / f"{i:02d}.error.json").unlink(missing_ok=True)
         done.append(doc)
     if progress is not None:
-        progress("validate", len(configs), len(configs), "")
-    summary = summarise(cfg, done, failed, cost_model, getattr(fit, "report", None))
+        progress("validate", len(configs), len(configs), "compared with the simulator")
+    summary = summarise(cfg, done, list(failed.values()), cost_model, getattr(fit, "report", None))
     _write_outputs(out, summary, done)
     return ValidationResult(out, summary)
 
@@ -422,11 +445,15 @@ def summarise(
             "speedup_measured": speedup_m, "speedup_predicted": speedup_p,
             "speedup_error": relative_error(speedup_p, speedup_m),
             "rouge_l": d["rouge_l"], **d["replay"],
+            # the spread the medians hide: each repeated run's throughput and mean TPOT
+            "throughput_runs": [r["throughput_tokens_per_s"] for r in d["measured_runs"]],
+            "tpot_mean_runs_s": [r["tpot_mean_s"] for r in d["measured_runs"]],
             "measured": d["measured"], "predicted": d["predicted"],
         })  # fmt: skip
     return {
         "schema_version": VALIDATION_SCHEMA_VERSION,
         "config": to_jsonable(cfg),
+        "repeats": cfg.repeats,
         "engine": cfg.engine,
         "workload": cfg.workload,
         "cost_model": cost_model,

@@ -18,6 +18,7 @@ SMALL = DemoConfig(
     min_agreement=0.0,
     top_k=2,
     workers=1,
+    repeats=1,
 )
 
 

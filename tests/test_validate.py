@@ -34,7 +34,7 @@ EARLY = PolicyConfig(batching="consensus", exit_rule="hidden", threshold=0.9, mi
 
 def _cfg(**kw) -> ValidationConfig:
     args = dict(policies=(EARLY,), workload=WORKLOAD, calibration_workload=CALIBRATE,
-                dataset="synthetic", seed=3)  # fmt: skip
+                dataset="synthetic", seed=3, repeats=1)  # fmt: skip
     return ValidationConfig(**{**args, **kw})
 
 
@@ -61,7 +61,7 @@ def test_validation_writes_measured_and_predicted_for_full_and_each_policy(valid
     assert 0 <= early["exit_hist_tv"] <= 1
     assert 0 <= early["agreement_measured"] <= 1
     # every measured number comes from the live capture of that configuration
-    live = read_capture(out / "live" / "01")
+    live = read_capture(out / "live" / "01" / "r0")
     assert live.meta["mode"] == "live" and live.meta["policy"]["batching"] == "consensus"
     records = capture_records(live)
     layers = [x for r in records for x in r.exit_layers]
@@ -86,7 +86,7 @@ def test_validation_error_table_and_tau(validated):
 
 def test_calibration_is_a_separate_request_stream(validated):
     _, out = validated
-    calib = read_capture(out / "calibration" / "full")
+    calib = read_capture(out / "calibration" / "full" / "r0")
     oracle = read_capture(out / "oracle")
     assert calib.meta["mode"] == "live" and oracle.meta["mode"] == "oracle"
     # another seed: the same workload shape, other arrivals and prompts
@@ -209,3 +209,19 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     assert "--workload is needed" in capsys.readouterr().err
     assert cli(["validate", "--workload", WORKLOAD, "--out", str(tmp_path / "o")]) == 2
     assert "calibration" in capsys.readouterr().err
+
+
+def test_repeated_rounds_report_the_median_and_the_spread(tmp_path):
+    cfg = _cfg(repeats=2, workload="poisson:rate=40,n=3,prompt=16-32,output=6",
+               calibration_workload="poisson:rate=40,n=3,prompt=16-32,output=6")  # fmt: skip
+    s = run_validation(cfg, tmp_path).summary
+    assert s["repeats"] == 2
+    for c in s["configurations"]:
+        runs = c["throughput_runs"]
+        assert len(runs) == 2 and len(c["tpot_mean_runs_s"]) == 2
+        assert c["measured"]["throughput_tokens_per_s"] == pytest.approx(sum(runs) / 2)
+    # both rounds ran: a live and a calibration capture per configuration and round
+    for k in (0, 1):
+        assert (tmp_path / "live" / "00" / f"r{k}" / "meta.json").is_file()
+        assert (tmp_path / "calibration" / "full" / f"r{k}" / "meta.json").is_file()
+    assert s["cost_model"].count("+") == 2 * 2 - 1  # four calibration captures in the fit

@@ -27,7 +27,7 @@ from testbed.runinfo import git_commit, to_jsonable
 from testbed.trace import CaptureWriter
 from testbed.vllm_backend.engine import VllmEngineConfig, model_runner_call, start_llm
 from testbed.vllm_backend.options import VllmEarlyExitConfig, check_supported
-from testbed.vllm_backend.records import RowRecord, StepRecord
+from testbed.vllm_backend.records import RowRecord, StepRecord, steps_row
 
 
 @dataclass
@@ -153,7 +153,7 @@ def _write_step(run: _Run, start_s, duration_s, req_ids, records, outputs, on_fi
     rows = {
         req_id.rpartition("-")[0]: row for req_id, row in zip(req_ids, record.rows, strict=True)
     }
-    run.writer.append("steps", _step_row(run.num_steps, start_s, duration_s, record))
+    run.writer.append("steps", steps_row(run.num_steps, start_s, duration_s, record))
     run.num_steps += 1
     now = run.clock()
     for out in outputs:
@@ -167,22 +167,6 @@ def _write_step(run: _Run, start_s, duration_s, req_ids, records, outputs, on_fi
             del run.live[out.request_id]
             if on_finish is not None:
                 on_finish(state.output)
-
-
-def _step_row(step_id: int, start_s: float, duration_s: float, record: StepRecord) -> dict:
-    return {
-        "step_id": step_id, "start_s": start_s, "duration_s": duration_s,
-        "num_rows": len(record.rows),
-        "num_prefill_tokens": sum(r.num_query_tokens for r in record.rows if not r.is_decode),
-        "num_decode_rows": sum(r.is_decode for r in record.rows),
-        "num_context_tokens": sum(r.position + 1 for r in record.rows),
-        "num_row_layers_executed": record.num_row_layers_executed,
-        "num_kv_only_row_layers": record.num_kv_only_row_layers,
-        "num_rule_evals": record.num_rule_evals, "num_forced_exits": record.num_forced_exits,
-        "num_preempted": 0,  # vLLM does not report it per step
-        "num_layers_run": record.num_layers_run, "num_exit_points": record.num_exit_points,
-        "layer_times_s": None,
-    }  # fmt: skip
 
 
 def _write_token(run: _Run, state: _Request, row: RowRecord, token: int, now: float) -> None:

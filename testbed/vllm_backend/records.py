@@ -43,3 +43,20 @@ class StepRecord:
     def from_json(raw: dict[str, Any]) -> StepRecord:
         rows = tuple(RowRecord(**r) for r in raw["rows"])
         return StepRecord(**{**raw, "rows": rows})
+
+
+def steps_row(step_id: int, start_s: float, duration_s: float, step: StepRecord) -> dict[str, Any]:
+    """One row of a capture's steps table (testbed.trace schema) from a forward's record."""
+    return {
+        "step_id": step_id, "start_s": start_s, "duration_s": duration_s,
+        "num_rows": len(step.rows),
+        "num_prefill_tokens": sum(r.num_query_tokens for r in step.rows if not r.is_decode),
+        "num_decode_rows": sum(r.is_decode for r in step.rows),
+        "num_context_tokens": sum(r.position + 1 for r in step.rows),
+        "num_row_layers_executed": step.num_row_layers_executed,
+        "num_kv_only_row_layers": step.num_kv_only_row_layers,
+        "num_rule_evals": step.num_rule_evals, "num_forced_exits": step.num_forced_exits,
+        "num_preempted": 0,  # vLLM does not report it per step
+        "num_layers_run": step.num_layers_run, "num_exit_points": step.num_exit_points,
+        "layer_times_s": None,
+    }  # fmt: skip

@@ -19,7 +19,7 @@ from typing import Any
 from testbed.errors import ConfigError
 from testbed.model.signals import SIGNAL_NAMES
 from testbed.trace import CaptureWriter
-from testbed.vllm_backend.records import RowRecord, StepRecord
+from testbed.vllm_backend.records import RowRecord, StepRecord, steps_row
 
 STEP_LOG = "steps.jsonl"
 
@@ -69,7 +69,12 @@ def write_served_capture(
     tokens: dict[tuple[int, int], dict] = {}
     with CaptureWriter(out, meta) as writer:
         for step_id, step in enumerate(steps):
-            writer.append("steps", _step_row(step_id, step, run_start_unix_s))
+            writer.append(
+                "steps",
+                steps_row(
+                    step_id, max(0.0, step.start_unix_s - run_start_unix_s), step.forward_s, step
+                ),
+            )
             for row in step.rows:
                 owner = _owner(row, requests, set(tokens))
                 if owner is not None:
@@ -86,21 +91,6 @@ def write_served_capture(
                 "finish_s": r.finish_s, "num_preemptions": 0,
             })  # fmt: skip
     return out
-
-
-def _step_row(step_id: int, step: StepRecord, run_start_unix_s: float) -> dict:
-    return {
-        "step_id": step_id, "start_s": max(0.0, step.start_unix_s - run_start_unix_s),
-        "duration_s": step.forward_s, "num_rows": len(step.rows),
-        "num_prefill_tokens": sum(r.num_query_tokens for r in step.rows if not r.is_decode),
-        "num_decode_rows": sum(r.is_decode for r in step.rows),
-        "num_context_tokens": sum(r.position + 1 for r in step.rows),
-        "num_row_layers_executed": step.num_row_layers_executed,
-        "num_kv_only_row_layers": step.num_kv_only_row_layers,
-        "num_rule_evals": step.num_rule_evals, "num_forced_exits": step.num_forced_exits,
-        "num_preempted": 0, "num_layers_run": step.num_layers_run,
-        "num_exit_points": step.num_exit_points, "layer_times_s": None,
-    }  # fmt: skip
 
 
 def _token_row(r: ServedRequest, k: int, row: RowRecord, num_layers: int) -> dict:
