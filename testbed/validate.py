@@ -335,6 +335,7 @@ def calibrate(
             if policy == BASELINE:
                 raise
             shutil.rmtree(path, ignore_errors=True)  # the engine refuses it: validation says so
+            path.parent.mkdir(parents=True, exist_ok=True)
             (path.parent / "refused").write_text(f"{exc}\n")
     dirs = sorted(str(m.parent) for m in root.rglob("meta.json"))
     return "fitted:" + "+".join(dirs)
