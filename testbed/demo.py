@@ -33,10 +33,11 @@ from testbed.validate import (
 
 @dataclass(frozen=True)
 class DemoConfig:
-    # a Poisson load the 2-core reference machine serves without queueing up
-    workload: str = "poisson:rate=6,n=48,prompt=64-320,output=48"
-    higher_load: str = "poisson:rate=12,n=48,prompt=64-320,output=48"  # simulated only
-    calibration_workload: str = "poisson:rate=6,n=32,prompt=64-320,output=48"
+    # more than the 2-core reference machine serves (about 550 tokens/s at full depth): requests
+    # queue, so throughput measures capacity and early exit can raise it
+    workload: str = "poisson:rate=24,n=64,prompt=64-320,output=48"
+    higher_load: str = "poisson:rate=48,n=64,prompt=64-320,output=48"  # simulated only
+    calibration_workload: str = "poisson:rate=24,n=48,prompt=64-320,output=48"
     batching: tuple[tuple[str, tuple[tuple[str, float], ...]], ...] = (
         ("consensus", ()),
         ("quorum", (("fraction", 0.75),)),
