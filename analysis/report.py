@@ -25,14 +25,25 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     return lines + ["| " + " | ".join(row) + " |" for row in rows]
 
 
+def short_cost_model(spec: str) -> str:
+    """A fitted model over many captures reads as their count and common folder."""
+    kind, _, arg = spec.partition(":")
+    parts = arg.split("+")
+    if kind != "fitted" or len(parts) < 3:
+        return spec
+    common = os.path.commonpath(parts)
+    return f"fitted on {len(parts)} calibration captures under {common}"
+
+
 def _validation_section(doc: dict[str, Any]) -> list[str]:
     lines = ["## Simulated against measured", ""]
     fit = doc.get("fit")
     fit_text = "" if fit is None else f" (R² {fit['r2']:.3f} over {fit['num_steps']} steps)"
     lines += [
         f"Engine `{doc['engine']}`, workload `{doc['workload']}`. The simulator replays the "
-        f"workload's oracle trace with the cost model `{doc['cost_model']}`{fit_text}, fitted on "
-        "a separate calibration run. Error is simulated / measured − 1.",
+        f"workload's oracle trace with the cost model `{short_cost_model(doc['cost_model'])}`"
+        f"{fit_text}; calibration runs use another request stream than the runs measured here. "
+        "Error is simulated / measured − 1.",
         "",
     ]
     goal = {"throughput_tokens_per_s", "tpot_mean_s", "ttft_mean_s", "e2e_mean_s"}
@@ -87,7 +98,7 @@ def _sweep_section(rows: Sequence[dict[str, Any]]) -> list[str]:
     for workload, cost_model in groups:
         group = sorted((r for r in ranked if (r["workload"], r["cost_model"]) == (workload, cost_model)),
                        key=lambda r: -r["throughput_tokens_per_s"])  # fmt: skip
-        lines += [f"### `{workload}` · `{cost_model}`", ""]
+        lines += [f"### `{workload}` · `{short_cost_model(cost_model)}`", ""]
         table = [
             [r["policy"], f"{r['throughput_tokens_per_s']:.1f}", _fmt(r["speedup"], ".3f"),
              _fmt(r["est_agreement"], ".1%"), f"{r['mean_exit_layer']:.2f}",
