@@ -17,7 +17,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 
-from analysis.rank import pareto_front, with_speedups  # noqa: E402
+from analysis.rank import first_group, pareto_front, with_speedups  # noqa: E402
 
 DPI = 110
 
@@ -30,8 +30,10 @@ def _save(fig, path: Path) -> Path:
 
 
 def speedup_vs_lambda(rows: Sequence[dict[str, Any]], path: Path) -> Path | None:
-    """Speedup over `full` against λ, one panel per exit rule, one line per batching policy."""
-    ranked = [r for r in with_speedups(rows) if not r["is_baseline"] and r["speedup"] is not None]
+    """Speedup over `full` against λ, one panel per exit rule, one line per batching policy
+    (the sweep's first workload × cost model)."""
+    group, workload = first_group(rows)
+    ranked = [r for r in with_speedups(group) if not r["is_baseline"] and r["speedup"] is not None]
     rules = sorted({r["rule"] for r in ranked})
     if not rules:
         return None
@@ -47,13 +49,17 @@ def speedup_vs_lambda(rows: Sequence[dict[str, Any]], path: Path) -> Path | None
             ax.plot(*zip(*points, strict=True), marker="o", label=key)
         ax.axhline(1.0, color="grey", lw=0.8, ls=":")
         ax.set(title=f"rule: {rule}", xlabel="threshold λ", ylabel="speedup over full")
+        ax.title.set_fontsize(9)
         ax.legend(fontsize=7)
+    fig.suptitle(workload, fontsize=8)
     return _save(fig, path)
 
 
 def quality_vs_speedup(rows: Sequence[dict[str, Any]], path: Path) -> Path | None:
-    """Estimated agreement with full depth against speedup; the Pareto front of each policy."""
-    ranked = [r for r in with_speedups(rows)
+    """Estimated agreement with full depth against speedup; the Pareto front of each policy
+    (the sweep's first workload × cost model)."""
+    group, workload = first_group(rows)
+    ranked = [r for r in with_speedups(group)
               if r["speedup"] is not None and r["est_agreement"] is not None]  # fmt: skip
     if not ranked:
         return None
@@ -67,6 +73,7 @@ def quality_vs_speedup(rows: Sequence[dict[str, Any]], path: Path) -> Path | Non
         front = pareto_front(points)
         ax.plot(*zip(*front, strict=True), color=color, marker="o", label=name)
     ax.set(xlabel="speedup over full (simulated)", ylabel="estimated agreement with full depth")
+    ax.set_title(workload, fontsize=8)
     ax.legend(fontsize=8)
     return _save(fig, path)
 

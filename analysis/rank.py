@@ -28,3 +28,12 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[tuple[float, flo
         if not front or y > front[-1][1]:
             front.append((x, y))
     return sorted(front)
+
+
+def first_group(rows: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], str]:
+    """The rows of the first workload × cost model of a sweep (a figure's one comparable set),
+    and a title naming that workload."""
+    if not rows:
+        return [], ""
+    key = _group(rows[0])
+    return [r for r in rows if _group(r) == key], rows[0]["workload"]

@@ -50,7 +50,7 @@ class DemoConfig:
     min_exit_layer: int = 1
     min_agreement: float = 0.7  # the ranking's quality constraint (estimated agreement)
     top_k: int = 3
-    repeats: int = 3  # validation rounds; measured = median (a shared machine is noisy)
+    repeats: int = 5  # validation rounds; measured = median (a shared machine is noisy)
     seed: int = 0
     model: str = "builtin"
     workers: int = 2
