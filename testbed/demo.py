@@ -50,6 +50,7 @@ class DemoConfig:
     min_exit_layer: int = 1
     min_agreement: float = 0.7  # the ranking's quality constraint (estimated agreement)
     top_k: int = 3
+    spread: int = 2  # lower-ranked policies validated too: contrast for the rank test
     repeats: int = 5  # validation rounds; measured = median (a shared machine is noisy)
     seed: int = 0
     model: str = "builtin"
@@ -111,7 +112,8 @@ def run_demo(
         raise DataError(
             f"{len(report.failures)} simulated runs failed, e.g. {first.label}: {first.message}"
         )
-    selection = select_from_sweep(out / "sweep", cfg.top_k, workload=cfg.workload)
+    selection = select_from_sweep(out / "sweep", cfg.top_k, workload=cfg.workload,
+                                  spread=cfg.spread)  # fmt: skip
     # the validation adds calibration runs of the chosen policies to those the sweep used
     validation = dataclasses.replace(base, policies=selection.policies, trace=trace)
     (out / "selection.json").write_text(json.dumps(to_jsonable(selection), indent=1) + "\n")

@@ -501,17 +501,20 @@ def policy_of(row: dict[str, Any]) -> PolicyConfig:
 
 
 def select_from_sweep(
-    sweep_dir: Path, top_k: int, *, workload: str | None = None, cost_model: str | None = None
-) -> Selection:
+    sweep_dir: Path, top_k: int, *, workload: str | None = None, cost_model: str | None = None,
+    spread: int = 0,
+) -> Selection:  # fmt: skip
     """The top k early-exit runs of a sweep's ranking (its quality constraint applied), from one
-    workload × cost-model group: the first one, or the one named."""
+    workload × cost-model group: the first one, or the one named. ``spread`` more come from
+    the rest of that group's runs, evenly down to the slowest: near-ties at the top make a
+    rank test measure noise, configurations far apart test whether the ranking holds."""
     from testbed.sweep import rank_runs
 
     results = Path(sweep_dir) / "results.parquet"
     if not results.is_file():
         raise ValidationError(f"{sweep_dir}: no results.parquet (not a finished sweep?)")
-    if top_k < 1:
-        raise ValidationError(f"--top must be >= 1, got {top_k}")
+    if top_k < 1 or spread < 0:
+        raise ValidationError(f"--top must be >= 1 and --spread >= 0, got {top_k} and {spread}")
     try:
         rows = pq.read_table(results).to_pylist()
     except (OSError, pa.ArrowInvalid) as exc:
@@ -530,12 +533,19 @@ def select_from_sweep(
             f"{sweep_dir}: the ranking is empty (no early-exit run meets the constraint)"
         )
     first = ranked[0]
-    group = [
-        r
-        for r in ranked
-        if (r["workload"], r["cost_model"]) == (first["workload"], first["cost_model"])
-    ]
+    key = (first["workload"], first["cost_model"])
+    group = [r for r in ranked if (r["workload"], r["cost_model"]) == key]
+    chosen = group[:top_k]
+    if spread:
+        # the rest of the group's early-exit runs, constraint or not, best first
+        taken = {policy_of(r) for r in chosen}
+        rest = [r for r in rank_runs(rows, None) if not r["is_baseline"]
+                and (r["workload"], r["cost_model"]) == key and policy_of(r) not in taken]  # fmt: skip
+        # evenly down the rest: the middle, ..., the slowest
+        ends = np.linspace(0, len(rest) - 1, spread + 1)[1:] if rest else []
+        picks = sorted({round(float(x)) for x in ends})
+        chosen += [rest[i] for i in picks]
     return Selection(
         trace=first["trace"], workload=first["workload"], cost_model=first["cost_model"],
-        policies=tuple(policy_of(r) for r in group[:top_k]),
+        policies=tuple(policy_of(r) for r in chosen),
     )  # fmt: skip

@@ -19,6 +19,7 @@ SMALL = DemoConfig(
     top_k=2,
     workers=1,
     repeats=1,
+    spread=1,
 )
 
 
@@ -40,8 +41,8 @@ def test_demo_runs_every_stage(demo):
     summary = json.loads((out / "validate" / "validation.json").read_text())
     labels = [c["label"] for c in summary["configurations"]]
     selection = json.loads((out / "selection.json").read_text())
-    assert labels[0] == "full" and len(labels) == 1 + SMALL.top_k
-    assert len(selection["policies"]) == SMALL.top_k
+    assert labels[0] == "full" and len(labels) == 1 + SMALL.top_k + SMALL.spread
+    assert len(selection["policies"]) == SMALL.top_k + SMALL.spread
     text = report.read_text()
     assert "## Simulated against measured" in text and "## Sweep" in text
     assert (out / "figures" / "sim_vs_measured.png").is_file()

@@ -189,6 +189,16 @@ def test_select_from_sweep_takes_the_best_runs_meeting_the_constraint(tmp_path):
     assert (sel.trace, sel.workload) == ("t", "poisson:rate=1,n=2")
 
 
+def test_select_from_sweep_spread_reaches_down_to_the_slowest(tmp_path):
+    sweep = _fake_sweep(tmp_path / "s", [100, 130, 150, 120], [1.0, 0.9, 0.5, 0.85])
+    # after the top 1 (quorum), the rest best first: shrink (150, fails the constraint), consensus
+    assert select_from_sweep(sweep, 1, spread=1).policies == (POLICIES[1], POLICIES[3])
+    assert select_from_sweep(sweep, 1, spread=2).policies == (POLICIES[1], POLICIES[2], POLICIES[3])
+    assert select_from_sweep(sweep, 2, spread=5).policies == (POLICIES[1], POLICIES[3], POLICIES[2])
+    with pytest.raises(ValidationError, match="--spread"):
+        select_from_sweep(sweep, 1, spread=-1)
+
+
 def test_select_from_sweep_bad_input(tmp_path):
     with pytest.raises(ValidationError, match="no results.parquet"):
         select_from_sweep(tmp_path, 3)

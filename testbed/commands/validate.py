@@ -26,6 +26,9 @@ def _args(argv: list[str]):
                    help="a sweep's output folder: validate the top policies of its ranking "
                         "(without it: the one policy given by the early-exit options)")  # fmt: skip
     p.add_argument("--top", type=int, default=3, help="how many ranked policies (besides full)")
+    p.add_argument("--spread", type=int, default=0,
+                   help="also validate this many lower-ranked policies, evenly down to the "
+                        "slowest, so the rank test has contrast")  # fmt: skip
     p.add_argument("--workload", default=None,
                    help="arrival-paced workload (default: the sweep's ranked workload)")  # fmt: skip
     p.add_argument("--trace", default=None,
@@ -50,7 +53,7 @@ def main(argv: list[str]) -> int:
     args = _args(argv)
     workload, trace = args.workload, args.trace
     if args.sweep is not None:
-        sel = select_from_sweep(args.sweep, args.top, workload=args.workload)
+        sel = select_from_sweep(args.sweep, args.top, workload=args.workload, spread=args.spread)
         policies, workload = sel.policies, workload or sel.workload
         trace = trace if trace is not None else (sel.trace if workload == sel.workload else "")
     else:
