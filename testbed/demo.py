@@ -97,7 +97,8 @@ def run_demo(
         seed=cfg.seed, data_dir=data_dir, repeats=cfg.repeats,
     )  # fmt: skip
     engine = EngineRuns(base)
-    cost_model = calibrate(engine, out / "validate", progress)
+    # the sweep's cost model: these runs alone, so a resumed demo finds the same sweep keys
+    cost_model = calibrate(engine, out / "validate", progress, pooled=False)
     trace = oracle_trace(engine, out / "validate", progress)
     grid = demo_grid(cfg, trace, cost_model)
     configs = [dataclasses.replace(c, data_dir=data_dir) for c in grid.expand()]

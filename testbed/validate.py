@@ -304,14 +304,16 @@ def _validate_one(
 
 
 def calibrate(
-    engine: EngineRuns, out: Path, progress: ProgressFn | None, *, round_index: int = 0
-) -> str:
+    engine: EngineRuns, out: Path, progress: ProgressFn | None, *, round_index: int = 0,
+    pooled: bool = True,
+) -> str:  # fmt: skip
     """The cost model: fitted on live runs of `full` and of every configuration on another
     request stream (another seed: never the validated runs themselves), pooled with every
     earlier calibration run under OUT/calibration. Each policy's mix of steps is then in the
     fit, which keeps per-row and per-exit-point costs apart. Live, not oracle: an oracle run
     also pays for recording every signal, which a served step does not. Runs round
-    ``round_index`` of them; returns the cost-model spec over all runs so far."""
+    ``round_index`` of them; returns the cost-model spec over all runs so far (``pooled``), or
+    over this configuration list's runs alone (a spec that stays the same when rerun)."""
     cfg = engine.cfg
     if cfg.calibration:
         dirs = cfg.calibration.split("+")
@@ -337,7 +339,12 @@ def calibrate(
             shutil.rmtree(path, ignore_errors=True)  # the engine refuses it: validation says so
             path.parent.mkdir(parents=True, exist_ok=True)
             (path.parent / "refused").write_text(f"{exc}\n")
-    dirs = sorted(str(m.parent) for m in root.rglob("meta.json"))
+    if pooled:
+        dirs = sorted(str(m.parent) for m in root.rglob("meta.json"))
+    else:
+        own = (root / _slug(p.label()) / f"r{k}" for p in cfg.configurations
+               for k in range(round_index + 1))  # fmt: skip
+        dirs = sorted(str(d) for d in own if (d / "meta.json").is_file())
     return "fitted:" + "+".join(dirs)
 
 
