@@ -124,7 +124,6 @@ class EngineRuns:
         self.requests, _ = build_requests(
             cfg.workload, cfg.dataset, self.ckpt, seed=cfg.seed, data_dir=cfg.data_dir
         )
-        self._build_requests = build_requests
 
     def with_config(self, cfg: ValidationConfig) -> EngineRuns:
         """This loaded model and request stream under another configuration list."""
@@ -162,7 +161,9 @@ class EngineRuns:
 
     def calibration_requests(self, workload: str):
         # another seed: the calibration never sees the validation's own requests
-        reqs, _ = self._build_requests(
+        from testbed.engine.capture import build_requests
+
+        reqs, _ = build_requests(
             workload,
             self.cfg.dataset,
             self.ckpt,

@@ -33,9 +33,10 @@ from testbed.errors import ConfigError
 from testbed.model.checkpoint import load_checkpoint
 from testbed.runinfo import to_jsonable, write_run_info
 from testbed.sim.cost_model import build_cost_model
-from testbed.sim.metrics import RequestRecord, compute_metrics
+from testbed.sim.metrics import compute_metrics
 from testbed.sim.simulator import SimulationConfig, simulate
 from testbed.trace import read_capture
+from testbed.validate import capture_records
 from testbed.workload_files import read_azure_csv, resolve_path
 
 # the early-exit grid: (batching, params) × rule × λ; each rule's λ spans "rarely" to "often"
@@ -313,18 +314,7 @@ FIDELITY_TARGETS = (
 
 
 def _measured(capture_dir: Path):
-    cap = read_capture(capture_dir)
-    records = [
-        RequestRecord(
-            request_id=r["request_id"], arrival_s=r["arrival_s"], first_token_s=r["first_token_s"],
-            finish_s=r["finish_s"], num_prompt_tokens=r["num_prompt_tokens"],
-            num_output_tokens=r["num_output_tokens"],
-            exit_layers=(cap.num_layers,) * r["num_output_tokens"], num_forced_exits=0,
-            num_preemptions=r["num_preemptions"],
-        )
-        for r in cap.requests.to_pylist()
-    ]  # fmt: skip
-    return compute_metrics(records, [])
+    return compute_metrics(capture_records(read_capture(capture_dir)), [])
 
 
 def _fidelity(args, ckpt) -> int:
