@@ -24,7 +24,8 @@ import pyarrow.parquet as pq
 from policies.exit_rules import ExitPoints, ThresholdRule
 from testbed.errors import EetbError
 
-SCHEMA_VERSION = 1
+# 2: steps.parquet gained num_attention_pairs (prefill attention grows with chunk × context)
+SCHEMA_VERSION = 2
 PARTIAL_SUFFIX = ".partial"
 _f32_list = pa.list_(pa.float32())
 
@@ -74,6 +75,8 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("num_layers_run", pa.int16()),  # layers at least one token ran fully
             ("num_exit_points", pa.int16()),  # exit points where the policy decided (batched)
             ("layer_times_s", _f32_list),  # profiling mode only, else null
+            # Σ over layers of Σ (position + 1) over the tokens that ran it fully (schema 2)
+            ("num_attention_pairs", pa.int64()),
         ]
     ),
 }

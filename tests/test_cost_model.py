@@ -175,6 +175,7 @@ def test_map_layers_rejects_impossible_mappings():
 TRUE_COEF = {
     "overhead": 2e-3, "row_layers": 5e-6, "kv_only_row_layers": 1e-6, "prefill_tokens": 0.0,
     "context_tokens": 3e-8, "rule_evals_hidden": 2e-6, "rule_evals_softmax": 4e-5,
+    "attention_pairs": 2e-10,
 }  # fmt: skip
 
 
@@ -190,8 +191,9 @@ def synthetic_steps(n: int, seed: int = 0) -> tuple[list[StepFeatures], np.ndarr
             num_kv_only_row_layers=int(rng.integers(0, 500)),
             num_rule_evals=0 if rule == "none" else int(rng.integers(0, 300)), rule=rule,
             layer_tokens=(), layer_context_tokens=(), layer_kv_only_tokens=(),
+            num_attention_pairs=int(rng.integers(0, 4_000_000)),
         )  # fmt: skip
-        term = {"overhead": 1, "row_layers": f.num_row_layers_executed,
+        term = {"attention_pairs": f.num_attention_pairs, "overhead": 1, "row_layers": f.num_row_layers_executed,
                 "kv_only_row_layers": f.num_kv_only_row_layers,
                 "prefill_tokens": f.num_prefill_tokens, "context_tokens": f.num_context_tokens,
                 f"rule_evals_{rule}": f.num_rule_evals}  # fmt: skip
@@ -247,7 +249,7 @@ def test_fitted_on_the_sample_captures():
 
 @pytest.mark.parametrize(
     ("durations", "match"),
-    [([0.01] * 3, "at least 7 steps"), ([0.01] * 10, "same time"), ([-1.0] + [0.01] * 9, ">= 0")],
+    [([0.01] * 3, "at least 8 steps"), ([0.01] * 10, "same time"), ([-1.0] + [0.01] * 9, ">= 0")],
 )
 def test_fitted_rejects_bad_fits(durations, match):
     steps, _ = synthetic_steps(len(durations))

@@ -53,6 +53,7 @@ def _result_key(result):
         result.num_row_layers_executed,
         result.num_kv_only_row_layers,
         result.num_rule_evals,
+        result.num_attention_pairs,
     )
 
 

@@ -20,6 +20,7 @@ from testbed.core.policy_set import PolicyConfig
 from testbed.engine.capture import CaptureConfig, CaptureRequest, run_capture
 from testbed.engine.engine import EngineConfig
 from testbed.trace import (
+    SCHEMA_VERSION,
     SCHEMAS,
     CaptureWriter,
     TraceError,
@@ -78,14 +79,14 @@ def test_round_trip_of_every_table(tmp_path):
                        num_prefill_tokens=4, num_decode_rows=0, num_context_tokens=4,
                        num_row_layers_executed=12, num_kv_only_row_layers=0, num_rule_evals=0,
                        num_forced_exits=0, num_preempted=0, num_layers_run=3, num_exit_points=0,
-                       layer_times_s=[0.001] * 3)],
+                       layer_times_s=[0.001] * 3, num_attention_pairs=30)],
     }  # fmt: skip
     with CaptureWriter(tmp_path / "cap", meta, rows_per_group=1) as w:
         for table, items in rows.items():
             for r in items:
                 w.append(table, r)
     cap = read_capture(tmp_path / "cap")
-    assert cap.meta["schema_version"] == 1 and not cap.is_partial
+    assert cap.meta["schema_version"] == SCHEMA_VERSION == 2 and not cap.is_partial
     for table, items in rows.items():
         got = getattr(cap, table).to_pylist()
         assert len(got) == len(items)
@@ -109,6 +110,26 @@ def test_live_capture_replays_to_the_recorded_exit_layers(live):
     )
     assert (replayed == recorded).all()
     assert (recorded < L).any(), "the live run never exited early: the test proves nothing"
+
+
+def test_steps_count_causal_attention_pairs_per_layer_run(ckpt, tmp_path):
+    """One prompt of n tokens at full depth: the prefill scores 1 + ... + n pairs per layer,
+    each decode step at position p scores p + 1; and an early-exit run counts only the layers
+    its tokens ran (shrink stops rows early)."""
+    n, new_tokens = 9, 4
+    req = [CaptureRequest(0, 0.0, tuple(prompts(1, seed=5, lo=n, hi=n + 1)[0]), new_tokens)]
+    run_capture(ckpt, req, CaptureConfig(mode="live"), tmp_path / "full")
+    pairs = read_capture(tmp_path / "full").steps["num_attention_pairs"].to_pylist()
+    assert pairs == [L * n * (n + 1) // 2] + [L * (n + k + 1) for k in range(new_tokens - 1)]
+    pc = PolicyConfig(batching="shrink", exit_rule="hidden", threshold=0.0, min_exit_layer=1)
+    run_capture(ckpt, req, CaptureConfig(mode="live", engine=EngineConfig(policy=pc)),
+                tmp_path / "early")  # fmt: skip
+    cap = read_capture(tmp_path / "early")
+    executed = cap.tokens["executed_layers"].to_pylist()[1:]  # the decode tokens
+    early = cap.steps["num_attention_pairs"].to_pylist()
+    assert early[0] == pairs[0]  # prompts always run every layer
+    assert early[1:] == [e * (n + k + 1) for k, e in enumerate(executed)]
+    assert max(executed) < L
 
 
 def test_oracle_final_layer_agrees_with_the_emitted_token(oracle):

@@ -115,6 +115,10 @@ class StepResult:
     num_forced_exits: int  # rows forced out by the batching policy
     duration_s: float  # wall (engine) or modelled (simulator) time of the step
     num_exit_points: int = 0  # exit points where the batching policy was asked (batched calls)
+    # Σ over layers of Σ (position + 1) over the tokens that ran that layer fully: the causal
+    # (query, key) pairs attention scored. Prefill chunks grow it quadratically, which no
+    # per-step token or context count captures.
+    num_attention_pairs: int = 0
 
     def __post_init__(self) -> None:
         counters = (
@@ -122,5 +126,6 @@ class StepResult:
             self.num_kv_only_row_layers,
             self.num_rule_evals,
             self.num_forced_exits,
+            self.num_attention_pairs,
         )
         assert min(counters) >= 0 and self.duration_s >= 0, f"step {self.step_id}: negative"

@@ -140,6 +140,7 @@ class TraceRecorder:
             "num_preempted": plan.num_preempted, "num_layers_run": self.probe.num_layers_run,
             "num_exit_points": result.num_exit_points,
             "layer_times_s": self.probe.layer_times_s,
+            "num_attention_pairs": result.num_attention_pairs,
         })  # fmt: skip
         for row in result.rows:
             if row.token_id is not None:

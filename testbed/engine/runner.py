@@ -64,6 +64,7 @@ class _Counters:
     rule_evals: int = 0
     forced: int = 0
     exit_points: int = 0
+    attention_pairs: int = 0
 
 
 class ModelRunner:
@@ -132,6 +133,7 @@ class ModelRunner:
             num_rule_evals=counters.rule_evals,
             num_forced_exits=counters.forced,
             num_exit_points=counters.exit_points,
+            num_attention_pairs=counters.attention_pairs,
             duration_s=time.perf_counter() - start_s,
         )
 
@@ -142,6 +144,8 @@ class ModelRunner:
         if len(units) == 0:
             return bool(state.is_running.any())
         counters.row_layers += len(units)
+        # each active unit's query scores keys 0..position (causal, whatever the kernel pads)
+        counters.attention_pairs += int(batch.unit_position[units].sum()) + len(units)
         layer = self.model.layers[i]
         h_in = batch.hidden[units]
         q, k, v = layer.qkv(h_in, batch.cos[units], batch.sin[units])

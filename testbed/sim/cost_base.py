@@ -36,6 +36,7 @@ class StepFeatures:
     layer_kv_only_tokens: tuple[int, ...]  # per layer: tokens that only computed K/V there
     num_layers_run: int = 0  # layers at least one token ran fully
     num_exit_points: int = 0  # exit points where the policy decided: one batched call each
+    num_attention_pairs: int = 0  # Σ layers, Σ tokens run there fully: position + 1 (causal)
 
 
 class CostModel(Protocol):

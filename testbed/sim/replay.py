@@ -140,6 +140,7 @@ class ReplayRunner:
             num_rule_evals=st.counters["evals"],
             num_forced_exits=st.counters["forced"],
             num_exit_points=st.counters["points"],
+            num_attention_pairs=int(st.layer_ctx.sum()),
             duration_s=duration_s,
         )
         return StepWork(result, tuple(st.layer_tokens.tolist()), tuple(st.layer_ctx.tolist()),

@@ -94,6 +94,7 @@ class FastReplay:
             num_rule_evals=num_evals,
             num_forced_exits=sum(forced),
             num_exit_points=num_points,
+            num_attention_pairs=sum(layer_ctx),
             duration_s=duration_s,
         )
         return StepWork(result, layer_tokens, layer_ctx, kv_only, tuple(executed))

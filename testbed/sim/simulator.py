@@ -186,7 +186,7 @@ class Simulation:
             layer_context_tokens=work.layer_context_tokens,
             layer_kv_only_tokens=work.layer_kv_only_tokens,
             num_layers_run=len(work.layer_tokens) - work.layer_tokens.count(0),
-            num_exit_points=r.num_exit_points,
+            num_exit_points=r.num_exit_points, num_attention_pairs=r.num_attention_pairs,
         )  # fmt: skip
 
     def _finish_step(

@@ -59,4 +59,12 @@ def steps_row(step_id: int, start_s: float, duration_s: float, step: StepRecord)
         "num_preempted": 0,  # vLLM does not report it per step
         "num_layers_run": step.num_layers_run, "num_exit_points": step.num_exit_points,
         "layer_times_s": None,
+        "num_attention_pairs": sum(_attention_pairs(r) for r in step.rows),
     }  # fmt: skip
+
+
+def _attention_pairs(row: RowRecord) -> int:
+    """Causal (query, key) pairs of a row's fed tokens over the layers it ran fully: token p
+    scores keys 0..p, and the fed tokens end at ``row.position``."""
+    n, last = row.num_query_tokens, row.position
+    return (n * (last + 1) - n * (n - 1) // 2) * row.executed_layers
