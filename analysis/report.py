@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,9 +27,10 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
 
 
 def short_cost_model(spec: str) -> str:
-    """A fitted model over many captures reads as their count and common folder."""
+    """A fitted model over many captures reads as their count and common folder (each
+    capture's time factor, ``F*DIR``, left out)."""
     kind, _, arg = spec.partition(":")
-    parts = arg.split("+")
+    parts = [re.sub(r"^[0-9.eE+-]+\*", "", p) for p in arg.split("+")]
     if kind != "fitted" or len(parts) < 3:
         return spec
     common = os.path.commonpath(parts)

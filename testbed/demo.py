@@ -98,7 +98,7 @@ def run_demo(
     )  # fmt: skip
     engine = EngineRuns(base)
     # the sweep's cost model: these runs alone, so a resumed demo finds the same sweep keys
-    cost_model = calibrate(engine, out / "validate", progress, pooled=False)
+    cost_model = calibrate(engine, out / "validate", progress, pooled=False).cost_model
     trace = oracle_trace(engine, out / "validate", progress)
     grid = demo_grid(cfg, trace, cost_model)
     configs = [dataclasses.replace(c, data_dir=data_dir) for c in grid.expand()]

@@ -7,11 +7,18 @@ predicted metrics, quality (ROUGE-L, agreement with `full`'s output) and the rep
 the exit layers the simulator derived from the oracle trace differ from what the live run did),
 plus a table of errors and the Kendall tau of the two throughput orders.
 
+A shared machine's speed wanders by tens of percent between runs. A short fixed probe (speed_probe)
+is timed right before and after every calibration and measured run; the fit normalises each
+calibration run to the calibration's median probe time, and each measured run is predicted at its
+own probe time (``F*fitted:...``). The run's own timings never enter its prediction; the
+prediction at the reference speed (no probe) is reported beside it.
+
 OUT/
   run.json               config, seed, git commit
   calibration/           captures the cost model is fitted on (when made here)
   oracle/                the oracle trace the simulator replays (when captured here)
-  live/NN/               the live capture of configuration NN
+  live/NN/rK             the live capture of configuration NN in round K
+  live/NN/rK.speed.json  the speed probe's seconds right before and after that run
   configs/NN.json        one finished configuration (written as soon as it finishes)
   configs/NN.error.json  a configuration that failed; the others go on
   validation.json        everything above, summarised; validation.parquet the error table
@@ -124,6 +131,7 @@ class EngineRuns:
         self.requests, _ = build_requests(
             cfg.workload, cfg.dataset, self.ckpt, seed=cfg.seed, data_dir=cfg.data_dir
         )
+        self._probe = None  # SpeedProbe, made when first timed
 
     def with_config(self, cfg: ValidationConfig) -> EngineRuns:
         """This loaded model and request stream under another configuration list."""
@@ -139,6 +147,25 @@ class EngineRuns:
     @property
     def scheduler(self) -> SchedulerConfig:
         return SchedulerConfig(max_model_len=self.max_model_len)
+
+    def probe_s(self) -> float:
+        """The speed probe's seconds now (built on first use; one warm-up run)."""
+        from testbed.engine.speed_probe import SpeedProbe
+
+        if self._probe is None:
+            self._probe = SpeedProbe(self.ckpt)
+            self._probe.measure_s()
+        return self._probe.measure_s()
+
+    def timed_capture(self, policy: PolicyConfig, mode: str, out: Path, requests=None) -> Path:
+        """``capture`` between two speed probes, recorded in ``speed_file(out)`` last: a run
+        without that file is unfinished."""
+        speed_file(out).unlink(missing_ok=True)
+        before_s = self.probe_s()
+        path = self.capture(policy, mode, out, requests)
+        after_s = self.probe_s()
+        _write_json(speed_file(out), {"before_s": before_s, "after_s": after_s})
+        return path
 
     def capture(self, policy: PolicyConfig, mode: str, out: Path, requests=None) -> Path:
         from testbed.engine.capture import CaptureConfig, run_capture
@@ -174,6 +201,52 @@ class EngineRuns:
 
     def decode(self, token_ids: Sequence[int]) -> str:
         return self.ckpt.tokenizer.decode(list(token_ids))
+
+
+# --- machine speed -----------------------------------------------------------------------------
+
+
+def speed_file(run: Path) -> Path:
+    return run.with_name(f"{run.name}.speed.json")
+
+
+def probe_time_s(run: Path) -> float | None:
+    """Mean of the probes around a run; None for a run made without them."""
+    file = speed_file(Path(run))
+    if not file.is_file():
+        return None
+    doc = json.loads(file.read_text())
+    return (doc["before_s"] + doc["after_s"]) / 2
+
+
+def _is_finished(run: Path) -> bool:
+    return (run / "meta.json").is_file() and speed_file(run).is_file()
+
+
+@dataclass(frozen=True)
+class Calibration:
+    cost_model: str  # fitted on the calibration runs, at the reference speed where probed
+    reference_probe_s: float | None  # their median probe time; None: runs made unprobed
+
+
+def fitted_at_reference(dirs: Sequence[str]) -> Calibration:
+    """The fitted spec over calibration runs, each run's durations scaled to the median probe
+    time of them all (``F*DIR``, F = reference / its probe time). Unprobed runs (given with
+    --calibration from elsewhere) are fitted as they are."""
+    probes = [probe_time_s(Path(d)) for d in dirs]
+    if any(p is None for p in probes):
+        return Calibration("fitted:" + "+".join(dirs), None)
+    reference = float(np.median(probes))
+    parts = [f"{reference / p:.5f}*{d}" for d, p in zip(dirs, probes, strict=True)]
+    return Calibration("fitted:" + "+".join(parts), reference)
+
+
+def dilation(run: Path, calibration: Calibration) -> float:
+    """How much slower than the calibration's reference the machine was around this run."""
+    probe = probe_time_s(run)
+    if probe is None or calibration.reference_probe_s is None:
+        return 1.0
+    return probe / calibration.reference_probe_s
 
 
 # --- measured side ------------------------------------------------------------------------------
@@ -250,26 +323,36 @@ def _median_metrics(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def _simulate_at(engine: EngineRuns, policy: PolicyConfig, oracle: str, cost_model: str,
+                 factor: float):  # fmt: skip
+    cfg = engine.cfg
+    spec = cost_model if factor == 1.0 else f"{factor:.5f}*{cost_model}"
+    return simulate(SimulationConfig(
+        trace=oracle, workload=cfg.workload, policy=policy, cost_model=spec,
+        scheduler=engine.scheduler, seed=cfg.seed, data_dir=cfg.data_dir,
+    ))  # fmt: skip
+
+
 def _validate_one(
     index: int, policy: PolicyConfig, engine: EngineRuns, oracle: str, cost_model: str,
-    lives: Sequence[Capture], full_outputs: dict[int, list[int]] | None,
-    references: dict[int, str] | None,
+    lives: Sequence[Capture], dilations: Sequence[float],
+    full_outputs: dict[int, list[int]] | None, references: dict[int, str] | None,
 ) -> dict[str, Any]:  # fmt: skip
-    """Measured (median over the repeated live runs) against predicted, for one configuration.
-    Quality and agreement come from the first run; exit layers and latencies pool every run."""
-    cfg = engine.cfg
+    """Measured (median over the repeated live runs) against predicted (median over the same
+    runs, each simulated at the machine speed its probes saw), for one configuration. Quality
+    and agreement come from the first run; exit layers and latencies pool every run."""
     records_by_run = [capture_records(live) for live in lives]
     per_run = [compute_metrics(records, []).to_dict() for records in records_by_run]
     measured = _median_metrics(per_run)
     records = [r for run in records_by_run for r in run]
-    sim = simulate(SimulationConfig(
-        trace=oracle, workload=cfg.workload, policy=policy, cost_model=cost_model,
-        scheduler=engine.scheduler, seed=cfg.seed, data_dir=cfg.data_dir,
-    ))  # fmt: skip
+    sims = [_simulate_at(engine, policy, oracle, cost_model, d) for d in dilations]
+    predicted = _median_metrics([s.metrics.to_dict() for s in sims])
+    at_reference = _simulate_at(engine, policy, oracle, cost_model, 1.0).metrics.to_dict()
+    sim_requests = [r for s in sims for r in s.requests]
     outputs = capture_outputs(lives[0])
     num_layers = lives[0].num_layers
     hist_real = exit_histogram([x for r in records for x in r.exit_layers], num_layers)
-    hist_sim = exit_histogram([x for r in sim.requests for x in r.exit_layers], num_layers)
+    hist_sim = exit_histogram([x for r in sim_requests for x in r.exit_layers], num_layers)
     if index == 0:
         measured_agreement = 1.0  # `full` itself
     else:  # None when the `full` run failed: nothing to agree with
@@ -287,16 +370,17 @@ def _validate_one(
         "exit_hist_predicted": hist_sim,
         "exit_hist_tv": total_variation(hist_real, hist_sim),
         "mean_exit_layer_measured": measured["mean_exit_layer"],
-        "mean_exit_layer_predicted": sim.metrics.mean_exit_layer,
+        "mean_exit_layer_predicted": predicted["mean_exit_layer"],
         "agreement_measured": measured_agreement,
-        "agreement_predicted": sim.metrics.est_agreement,
+        "agreement_predicted": predicted["est_agreement"],
     }
     return {
         "index": index, "policy": to_jsonable(policy), "label": policy.label(),
-        "measured": measured, "measured_runs": per_run, "predicted": sim.metrics.to_dict(),
+        "measured": measured, "measured_runs": per_run, "predicted": predicted,
+        "predicted_at_reference": at_reference, "dilations": list(dilations),
         "rouge_l": rouge_l, "replay": replay,
         "latencies": _latency_rows(policy.label(), "measured", records)
-        + _latency_rows(policy.label(), "simulated", sim.requests),
+        + _latency_rows(policy.label(), "simulated", sim_requests),
         "outputs": outputs if index == 0 else None,  # `full`'s, for the others' agreement
     }  # fmt: skip
 
@@ -307,33 +391,35 @@ def _validate_one(
 def calibrate(
     engine: EngineRuns, out: Path, progress: ProgressFn | None, *, round_index: int = 0,
     pooled: bool = True,
-) -> str:  # fmt: skip
+) -> Calibration:  # fmt: skip
     """The cost model: fitted on live runs of `full` and of every configuration on another
     request stream (another seed: never the validated runs themselves), pooled with every
     earlier calibration run under OUT/calibration. Each policy's mix of steps is then in the
     fit, which keeps per-row and per-exit-point costs apart. Live, not oracle: an oracle run
     also pays for recording every signal, which a served step does not. Runs round
-    ``round_index`` of them; returns the cost-model spec over all runs so far (``pooled``), or
-    over this configuration list's runs alone (a spec that stays the same when rerun)."""
+    ``round_index`` of them; returns the cost model over all runs so far (``pooled``), or over
+    this configuration list's runs alone (a spec that stays the same when rerun), fitted at the
+    runs' median machine speed (fitted_at_reference)."""
     cfg = engine.cfg
     if cfg.calibration:
         dirs = cfg.calibration.split("+")
         for d in dirs:
             if not Path(d).is_dir():
                 raise ValidationError(f"calibration run {d!r} is not a capture directory")
-        build_cost_model(f"fitted:{cfg.calibration}")  # a bad calibration fails before any run
-        return f"fitted:{cfg.calibration}"
+        calibration = fitted_at_reference(dirs)
+        build_cost_model(calibration.cost_model)  # a bad calibration fails before any run
+        return calibration
     reqs = None
     root = out / "calibration"
     for i, policy in enumerate(cfg.configurations):
         path = root / _slug(policy.label()) / f"r{round_index}"
         if progress is not None:
             progress(f"calibrate {round_index + 1}", i, len(cfg.configurations), policy.label())
-        if (path / "meta.json").is_file() or (path.parent / "refused").is_file():
+        if _is_finished(path) or (path.parent / "refused").is_file():
             continue
         reqs = reqs or engine.calibration_requests(cfg.calibration_workload)
         try:
-            engine.capture(policy, "live", path, reqs)
+            engine.timed_capture(policy, "live", path, reqs)
         except EetbError as exc:
             if policy == BASELINE:
                 raise
@@ -341,12 +427,12 @@ def calibrate(
             path.parent.mkdir(parents=True, exist_ok=True)
             (path.parent / "refused").write_text(f"{exc}\n")
     if pooled:
-        dirs = sorted(str(m.parent) for m in root.rglob("meta.json"))
+        dirs = sorted(str(m.parent) for m in root.rglob("meta.json") if _is_finished(m.parent))
     else:
         own = (root / _slug(p.label()) / f"r{k}" for p in cfg.configurations
                for k in range(round_index + 1))  # fmt: skip
-        dirs = sorted(str(d) for d in own if (d / "meta.json").is_file())
-    return "fitted:" + "+".join(dirs)
+        dirs = sorted(str(d) for d in own if _is_finished(d))
+    return fitted_at_reference(dirs)
 
 
 def _slug(label: str) -> str:
@@ -395,30 +481,34 @@ def run_validation(
     references = _references(cfg, engine)
     configs = cfg.configurations
     failed: dict[int, dict[str, Any]] = {}
-    cost_model = ""
+    calibration = Calibration("", None)
     for k in range(cfg.repeats):
-        cost_model = calibrate(engine, out, progress, round_index=k)
+        calibration = calibrate(engine, out, progress, round_index=k)
         for i, policy in enumerate(configs):
             path = out / "live" / f"{i:02d}" / f"r{k}"
-            if i in failed or (path / "meta.json").is_file():
+            if i in failed or _is_finished(path):
                 continue
             if progress is not None:
                 progress(f"validate {k + 1}/{cfg.repeats}", i, len(configs), policy.label())
             try:
-                engine.capture(policy, "live", path)
+                engine.timed_capture(policy, "live", path)
             except EetbError as exc:  # this configuration cannot run: record it, go on
                 shutil.rmtree(path, ignore_errors=True)
                 failed[i] = {"index": i, "label": policy.label(),
                              "message": f"{type(exc).__name__}: {exc}"}  # fmt: skip
                 _write_json(out / "configs" / f"{i:02d}.error.json", failed[i])
+    cost_model = calibration.cost_model
     fit = build_cost_model(cost_model)
     done: list[dict[str, Any]] = []
     full_outputs = None
     for i, policy in enumerate(configs):
         if i in failed:
             continue
-        lives = [read_capture(out / "live" / f"{i:02d}" / f"r{k}") for k in range(cfg.repeats)]
-        doc = _validate_one(i, policy, engine, oracle, cost_model, lives, full_outputs, references)
+        runs = [out / "live" / f"{i:02d}" / f"r{k}" for k in range(cfg.repeats)]
+        lives = [read_capture(run) for run in runs]
+        dilations = [dilation(run, calibration) for run in runs]
+        doc = _validate_one(i, policy, engine, oracle, cost_model, lives, dilations,
+                            full_outputs, references)  # fmt: skip
         if i == 0:
             full_outputs = doc["outputs"]
         _write_json(out / "configs" / f"{i:02d}.json", doc)
@@ -426,22 +516,27 @@ def run_validation(
         done.append(doc)
     if progress is not None:
         progress("validate", len(configs), len(configs), "compared with the simulator")
-    summary = summarise(cfg, done, list(failed.values()), cost_model, getattr(fit, "report", None))
+    summary = summarise(cfg, done, list(failed.values()), calibration, getattr(fit, "report", None))
     _write_outputs(out, summary, done)
     return ValidationResult(out, summary)
 
 
 def summarise(
     cfg: ValidationConfig, done: Sequence[dict[str, Any]], failed: Sequence[dict[str, Any]],
-    cost_model: str, fit_report: Any,
+    calibration: Calibration, fit_report: Any,
 ) -> dict[str, Any]:  # fmt: skip
-    errors = [row for d in done for row in error_rows(d["label"], d["predicted"], d["measured"])]
-    throughput = [(d["predicted"]["throughput_tokens_per_s"], d["measured"]["throughput_tokens_per_s"])
-                  for d in done]  # fmt: skip
-    tau = kendall_tau([p for p, _ in throughput], [m for _, m in throughput])
-    goal_errors = [
-        abs(r["error"]) for r in errors if r["metric"] in GOAL_METRICS and r["error"] is not None
-    ]
+    def compared(key: str) -> tuple[list[dict[str, Any]], float | None, float | None]:
+        """Error rows, Kendall tau of throughput and the largest goal error of predictions
+        ``key`` (each run at its probed speed, or all at the reference speed)."""
+        rows = [row for d in done for row in error_rows(d["label"], d[key], d["measured"])]
+        tau = kendall_tau([d[key]["throughput_tokens_per_s"] for d in done],
+                          [d["measured"]["throughput_tokens_per_s"] for d in done])  # fmt: skip
+        goal = [abs(r["error"]) for r in rows
+                if r["metric"] in GOAL_METRICS and r["error"] is not None]  # fmt: skip
+        return rows, tau, max(goal) if goal else None
+
+    errors, tau, worst = compared("predicted")
+    errors_ref, tau_ref, worst_ref = compared("predicted_at_reference")
     full = next((d for d in done if d["index"] == 0), None)
     configs = []
     for d in done:
@@ -458,6 +553,9 @@ def summarise(
             "throughput_runs": [r["throughput_tokens_per_s"] for r in d["measured_runs"]],
             "tpot_mean_runs_s": [r["tpot_mean_s"] for r in d["measured_runs"]],
             "measured": d["measured"], "predicted": d["predicted"],
+            "predicted_at_reference": d["predicted_at_reference"],
+            # per run: the probe's time over the calibration's median (1.2: 20% slower)
+            "dilation_runs": d["dilations"],
         })  # fmt: skip
     return {
         "schema_version": VALIDATION_SCHEMA_VERSION,
@@ -465,13 +563,18 @@ def summarise(
         "repeats": cfg.repeats,
         "engine": cfg.engine,
         "workload": cfg.workload,
-        "cost_model": cost_model,
+        "cost_model": calibration.cost_model,
+        "reference_probe_s": calibration.reference_probe_s,
         "fit": None if fit_report is None else {"r2": fit_report.r2, "num_steps": fit_report.num_steps,
                                                  "coefficients": fit_report.coefficients},
         "configurations": configs,
         "errors": errors,
         "kendall_tau_throughput": tau,
-        "max_goal_error": max(goal_errors) if goal_errors else None,
+        "max_goal_error": worst,
+        # the same predictions without the speed probes: every run at the reference speed
+        "errors_at_reference": errors_ref,
+        "kendall_tau_throughput_at_reference": tau_ref,
+        "max_goal_error_at_reference": worst_ref,
         "missing": [{"label": f["label"], "message": f["message"]} for f in failed],
     }  # fmt: skip
 

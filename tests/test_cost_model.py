@@ -323,7 +323,7 @@ def test_factory_builds_each_kind():
 @pytest.mark.parametrize(
     ("spec", "match"),
     [
-        ("magic:x", "known: fitted:PATH.*, roofline:GPU"),
+        ("magic:x", r"known: fitted:\[F\*\]PATH.*, roofline:GPU"),
         ("roofline:", "lacks its argument"),
         ("roofline:tpu-v9", "unknown GPU 'tpu-v9'; known: a100-40gb"),
         ("roofline:h100:gpt-9", "presets: llama-2-7b"),
@@ -334,6 +334,31 @@ def test_factory_builds_each_kind():
 def test_factory_rejects_bad_specs(spec, match):
     with pytest.raises(CostModelError, match=match):
         build_cost_model(spec)
+
+
+def test_a_time_factor_scales_any_model_and_each_fitted_capture():
+    steps, _ = synthetic_steps(5)
+    base = build_cost_model(f"fitted:{ORACLE}")
+    slow = build_cost_model(f"1.25*fitted:{ORACLE}")
+    assert slow.name == base.name == "fitted"
+    for f in steps:
+        assert slow.step_time_s(f) == pytest.approx(1.25 * base.step_time_s(f))
+    roof = build_cost_model("roofline:H100:llama-2-7b")
+    f = replace(steps[0], layer_tokens=(10,) * 32, layer_context_tokens=(900,) * 32,
+                layer_kv_only_tokens=(0,) * 32)  # fmt: skip
+    half = build_cost_model("0.5*roofline:H100:llama-2-7b").step_time_s(f)
+    assert half == pytest.approx(0.5 * roof.step_time_s(f)) and half > 0
+    # inside a fit, F*DIR scales that capture's durations: a capture made at half speed and
+    # scaled by 0.5 fits like the capture itself, so both parts agree with one fit of it alone
+    _, alone = FittedCostModel.from_steps_parquet(str(ORACLE))
+    _, doubled = FittedCostModel.from_steps_parquet(f"2*{ORACLE}")
+    _, mixed = FittedCostModel.from_steps_parquet(f"{ORACLE}+0.5*{ORACLE}")
+    for name, value in alone.coefficients.items():
+        assert doubled.coefficients[name] == pytest.approx(2 * value, rel=1e-6, abs=1e-12)
+        assert mixed.coefficients[name] == pytest.approx(0.75 * value, rel=1e-6, abs=1e-12)
+    for bad in ("0*roofline:H100:llama-2-7b", f"fitted:0*{ORACLE}"):
+        with pytest.raises(CostModelError, match="> 0"):
+            build_cost_model(bad)
 
 
 def test_cost_models_import_no_torch():

@@ -235,3 +235,45 @@ def test_repeated_rounds_report_the_median_and_the_spread(tmp_path):
         assert (tmp_path / "live" / "00" / f"r{k}" / "meta.json").is_file()
         assert (tmp_path / "calibration" / "full" / f"r{k}" / "meta.json").is_file()
     assert s["cost_model"].count("+") == 2 * 2 - 1  # four calibration captures in the fit
+
+
+def test_each_run_is_predicted_at_the_speed_its_probes_measured(tmp_path, monkeypatch):
+    """Calibration probes take 1 s and the measured runs' 2 s: the fit is normalised to the
+    calibration's median, and each measured run is simulated twice as slow as the reference."""
+    cfg = _cfg(workload="poisson:rate=40,n=3,prompt=16-32,output=6",
+               calibration_workload="poisson:rate=40,n=3,prompt=16-32,output=6")  # fmt: skip
+    slow = {"measured": False}
+    original = EngineRuns.timed_capture
+
+    def timed_capture(self, policy, mode, out, requests=None):
+        slow["measured"] = "live" in out.parts and "calibration" not in out.parts
+        return original(self, policy, mode, out, requests)
+
+    monkeypatch.setattr(EngineRuns, "timed_capture", timed_capture)
+    monkeypatch.setattr(EngineRuns, "probe_s", lambda self: 2.0 if slow["measured"] else 1.0)
+    s = run_validation(cfg, tmp_path).summary
+    assert s["reference_probe_s"] == 1.0
+    assert all(part.startswith("1.00000*") for part in s["cost_model"][len("fitted:") :].split("+"))
+    for c in s["configurations"]:
+        assert c["dilation_runs"] == [2.0]
+        assert (tmp_path / "live" / f"{c['index']:02d}" / "r0.speed.json").is_file()
+        slow_tpot = c["predicted"]["tpot_mean_s"]
+        # twice the step times; arrivals batch a little differently at that speed
+        assert 1.7 < slow_tpot / c["predicted_at_reference"]["tpot_mean_s"] < 2.3
+    assert s["max_goal_error_at_reference"] is not None and s["errors_at_reference"]
+
+
+def test_a_run_without_its_probe_record_is_run_again(validated, monkeypatch):
+    _, out = validated
+    (out / "live" / "00" / "r0.speed.json").unlink()
+    ran = []
+    original = EngineRuns.capture
+
+    def capture(self, policy, mode, path, requests=None):
+        ran.append(path)
+        return original(self, policy, mode, path, requests)
+
+    monkeypatch.setattr(EngineRuns, "capture", capture)
+    run_validation(_cfg(), out)
+    assert ran == [out / "live" / "00" / "r0"]
+    assert (out / "live" / "00" / "r0.speed.json").is_file()

@@ -8,6 +8,7 @@ capture's steps.parquet, here), ``roofline`` (a named GPU and model shape, roofl
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,8 +25,8 @@ from testbed.trace import read_capture
 
 __all__ = [
     "CostModel", "CostModelError", "FitReport", "FittedCostModel", "GpuSpec", "ModelShape",
-    "ProfileCostModel", "RooflineCostModel", "StepFeatures", "build_cost_model", "map_layers",
-    "nnls",
+    "ProfileCostModel", "RooflineCostModel", "ScaledCostModel", "StepFeatures",
+    "build_cost_model", "map_layers", "nnls", "split_time_factor",
 ]  # fmt: skip
 
 log = logging.getLogger(__name__)
@@ -206,14 +207,16 @@ class FittedCostModel:
     @classmethod
     def from_steps_parquet(cls, path: str | Path) -> tuple[FittedCostModel, FitReport]:
         """Fit on one or more captures: ``DIR`` or ``DIR1+DIR2`` (capture directories or their
-        steps.parquet). Each capture's rule is its exit rule, none if it ran ``full``. Combining
+        steps.parquet); ``F*DIR`` multiplies that capture's step durations by F (a capture made
+        while the machine ran 1/F of its reference speed). Each capture's rule is its exit rule, none if it ran ``full``. Combining
         an oracle capture (many rows, no rule) with a live one separates per-row layer cost from
         per-row rule cost, which one live capture alone confounds."""
         rows, durations = [], []
         for part in str(path).split("+"):
+            factor, part = split_time_factor(part)
             part_rows, part_durations = _steps_of(Path(part))
             rows += part_rows
-            durations += part_durations
+            durations += [d * factor for d in part_durations]
         model, report = cls.fit(rows, durations)
         log.info(
             "fitted cost model on %s: R² %.3f over %d steps", path, report.r2, report.num_steps
@@ -235,7 +238,39 @@ def _steps_of(path: Path) -> tuple[list[dict[str, Any]], list[float]]:
     return rows, [step["duration_s"] for step in steps]
 
 
-SPEC_FORMS = "fitted:PATH[+PATH...], roofline:GPU[:MODEL], profile:CSV[:MODEL]"
+SPEC_FORMS = (
+    "fitted:[F*]PATH[+[F*]PATH...], roofline:GPU[:MODEL], profile:CSV[:MODEL], "
+    "each optionally F*SPEC (step times x F)"
+)
+_FACTOR = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*\*(.*)$", re.DOTALL)
+
+
+def split_time_factor(spec: str) -> tuple[float, str]:
+    """``"1.25*rest"`` → (1.25, "rest"); no leading factor → (1.0, spec). A factor scales
+    time: a machine at 1/F of the speed the rest describes."""
+    match = _FACTOR.match(spec)
+    if match is None:
+        return 1.0, spec
+    factor = float(match.group(1))
+    if not (np.isfinite(factor) and factor > 0):
+        raise CostModelError(f"time factor in {spec!r} must be finite and > 0")
+    return factor, match.group(2)
+
+
+@dataclass(frozen=True)
+class ScaledCostModel:
+    """Another cost model's step times times a constant: the same work on a machine running
+    at 1/factor of that model's speed (a shared machine's slow spell, a slower part)."""
+
+    base: CostModel
+    factor: float  # > 0; 1.25: every step takes 25% longer
+
+    @property
+    def name(self) -> str:
+        return self.base.name
+
+    def step_time_s(self, f: StepFeatures) -> float:
+        return self.factor * self.base.step_time_s(f)
 
 
 def _shape(model: str, trace_meta: Mapping[str, Any] | None, spec: str) -> ModelShape:
@@ -261,7 +296,11 @@ def _build_profile(arg: str) -> ProfileCostModel:
 def build_cost_model(spec: str, *, trace_meta: Mapping[str, Any] | None = None) -> CostModel:
     """A cost model from a CLI string: ``fitted:PATH`` (capture directory or its steps.parquet),
     ``roofline:GPU`` / ``roofline:GPU:MODEL``, ``profile:CSV`` / ``profile:CSV:MODEL``.
-    trace_meta (a capture's meta.json) gives the model shape when MODEL is omitted."""
+    trace_meta (a capture's meta.json) gives the model shape when MODEL is omitted.
+    ``F*SPEC`` scales that model's step times by F."""
+    factor, spec = split_time_factor(spec)
+    if factor != 1.0:
+        return ScaledCostModel(build_cost_model(spec, trace_meta=trace_meta), factor)
     kind, _, arg = spec.strip().partition(":")
     kind = kind.lower()
     if kind not in ("fitted", "roofline", "profile"):
