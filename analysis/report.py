@@ -48,13 +48,27 @@ def _validation_section(doc: dict[str, Any]) -> list[str]:
         "Error is simulated / measured − 1.",
         "",
     ]
+    if doc.get("reference_probe_s") is not None:
+        lines += [
+            "A short fixed speed probe ran right before and after every run (median over the "
+            f"calibration runs: {1e3 * doc['reference_probe_s']:.1f} ms). The fit is normalised "
+            "to that median, and each measured run is simulated at the speed its own probes "
+            "saw; *at reference* is the same simulation with every run at the median speed.",
+            "",
+        ]
     goal = {"throughput_tokens_per_s", "tpot_mean_s", "ttft_mean_s", "e2e_mean_s"}
     rows = [
         [r["policy"], r["metric_label"], _fmt(r["predicted"], ".4g"), _fmt(r["measured"], ".4g"),
          _fmt(r["error"], "+.1%")]
         for r in doc["errors"] if r["metric"] in goal
     ]  # fmt: skip
-    lines += _table(["configuration", "metric", "simulated", "measured", "error"], rows)
+    reference = {(r["policy"], r["metric"]): r["error"] for r in doc.get("errors_at_reference", [])}
+    header = ["configuration", "metric", "simulated", "measured", "error"]
+    if reference:
+        header.append("error at reference")
+        for row, r in zip(rows, [r for r in doc["errors"] if r["metric"] in goal], strict=True):
+            row.append(_fmt(reference.get((r["policy"], r["metric"])), "+.1%"))
+    lines += _table(header, rows)
     tau, worst = doc.get("kendall_tau_throughput"), doc.get("max_goal_error")
     verdict = []
     if worst is not None:
@@ -64,15 +78,21 @@ def _validation_section(doc: dict[str, Any]) -> list[str]:
     if tau is not None:
         ok = "meets" if tau >= GOAL_TAU else "misses"
         verdict.append(f"Kendall tau of the throughput order: {tau:.3f} ({ok} the {GOAL_TAU} goal)")
+    worst_ref = doc.get("max_goal_error_at_reference")
+    if reference and worst_ref is not None:
+        tau_ref = doc.get("kendall_tau_throughput_at_reference")
+        verdict.append(f"at the reference speed: {worst_ref:.1%} and tau {_fmt(tau_ref, '.3f')}")
     lines += ["", "; ".join(verdict) + "." if verdict else "", ""]
     spread = [c for c in doc["configurations"] if len(c.get("throughput_runs", [])) > 1]
     if spread:
         lines += [f"Measured values are medians over {doc.get('repeats', '?')} rounds of runs "
                   "(round-robin over the configurations). Each round's values:", ""]  # fmt: skip
         rows = [[c["label"], " / ".join(f"{v:.1f}" for v in c["throughput_runs"]),
-                 " / ".join(_fmt(v and 1e3 * v, ".2f") for v in c["tpot_mean_runs_s"])]
+                 " / ".join(_fmt(v and 1e3 * v, ".2f") for v in c["tpot_mean_runs_s"]),
+                 " / ".join(f"{v:.2f}" for v in c.get("dilation_runs", []))]
                 for c in spread]  # fmt: skip
-        lines += [*_table(["configuration", "throughput tok/s", "mean TPOT ms"], rows), ""]
+        header = ["configuration", "throughput tok/s", "mean TPOT ms", "probe time / reference"]
+        lines += [*_table(header, rows), ""]
     lines += ["### Speedup and replay error", "",
               "The oracle trace holds the full-depth token stream; a live early-exit run "
               "diverges once one of its tokens differs. Exit TV is the total variation distance "

@@ -105,6 +105,12 @@ def error_table(summary: dict[str, Any]) -> str:
     lines.append("")
     lines.append(f"Kendall tau (predicted vs measured throughput order): {_num(tau, '.3f')}; "
                  f"largest |error| of throughput and mean TPOT: {_pct(summary['max_goal_error'])}")  # fmt: skip
+    if summary.get("reference_probe_s") is not None:
+        lines.append(
+            "each run predicted at the speed its probes measured; all at the reference speed: "
+            f"tau {_num(summary['kendall_tau_throughput_at_reference'], '.3f')}, largest |error| "
+            f"{_pct(summary['max_goal_error_at_reference'])}"
+        )
     for m in summary["missing"]:
         lines.append(f"missing: {m['label']}: {m['message']}")
     return "\n".join(lines)
