@@ -52,8 +52,8 @@ def _validation_section(doc: dict[str, Any]) -> list[str]:
         lines += [
             "A short fixed speed probe ran right before and after every run (median over the "
             f"calibration runs: {1e3 * doc['reference_probe_s']:.1f} ms). The fit is normalised "
-            "to that median, and each measured run is simulated at the speed its own probes "
-            "saw; *at reference* is the same simulation with every run at the median speed.",
+            "to that median and the simulator predicts at that speed; *error, probed* predicts "
+            "each measured run at the speed its own probes saw instead (median over the runs).",
             "",
         ]
     goal = {"throughput_tokens_per_s", "tpot_mean_s", "ttft_mean_s", "e2e_mean_s"}
@@ -62,12 +62,12 @@ def _validation_section(doc: dict[str, Any]) -> list[str]:
          _fmt(r["error"], "+.1%")]
         for r in doc["errors"] if r["metric"] in goal
     ]  # fmt: skip
-    reference = {(r["policy"], r["metric"]): r["error"] for r in doc.get("errors_at_reference", [])}
+    probed = {(r["policy"], r["metric"]): r["error"] for r in doc.get("errors_probed", [])}
     header = ["configuration", "metric", "simulated", "measured", "error"]
-    if reference:
-        header.append("error at reference")
+    if probed:
+        header.append("error, probed")
         for row, r in zip(rows, [r for r in doc["errors"] if r["metric"] in goal], strict=True):
-            row.append(_fmt(reference.get((r["policy"], r["metric"])), "+.1%"))
+            row.append(_fmt(probed.get((r["policy"], r["metric"])), "+.1%"))
     lines += _table(header, rows)
     tau, worst = doc.get("kendall_tau_throughput"), doc.get("max_goal_error")
     verdict = []
@@ -78,10 +78,11 @@ def _validation_section(doc: dict[str, Any]) -> list[str]:
     if tau is not None:
         ok = "meets" if tau >= GOAL_TAU else "misses"
         verdict.append(f"Kendall tau of the throughput order: {tau:.3f} ({ok} the {GOAL_TAU} goal)")
-    worst_ref = doc.get("max_goal_error_at_reference")
-    if reference and worst_ref is not None:
-        tau_ref = doc.get("kendall_tau_throughput_at_reference")
-        verdict.append(f"at the reference speed: {worst_ref:.1%} and tau {_fmt(tau_ref, '.3f')}")
+    worst_probed = doc.get("max_goal_error_probed")
+    if probed and worst_probed is not None:
+        tau_probed = doc.get("kendall_tau_throughput_probed")
+        verdict.append(f"each run at its probed speed: {worst_probed:.1%} and tau "
+                       f"{_fmt(tau_probed, '.3f')}")  # fmt: skip
     lines += ["", "; ".join(verdict) + "." if verdict else "", ""]
     spread = [c for c in doc["configurations"] if len(c.get("throughput_runs", [])) > 1]
     if spread:

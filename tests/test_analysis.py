@@ -160,13 +160,13 @@ def test_offered_load_from_workload_strings():
     assert offered_load("lengths:path=x.csv") is None
 
 
-def test_report_of_a_probed_validation_shows_the_reference_speed_errors(tmp_path):
+def test_report_of_a_probed_validation_shows_the_probed_errors_beside(tmp_path):
     _validation(tmp_path / "validate")
     file = tmp_path / "validate" / "validation.json"
     doc = json.loads(file.read_text())
     doc["reference_probe_s"] = 0.125
-    doc["errors_at_reference"] = [{**r, "error": 0.25} for r in doc["errors"]]
-    doc["max_goal_error_at_reference"], doc["kendall_tau_throughput_at_reference"] = 0.25, -1.0
+    doc["errors_probed"] = [{**r, "error": 0.25} for r in doc["errors"]]
+    doc["max_goal_error_probed"], doc["kendall_tau_throughput_probed"] = 0.25, -1.0
     for c in doc["configurations"]:
         c["throughput_runs"], c["tpot_mean_runs_s"], c["dilation_runs"] = (
             [1, 2],
@@ -177,5 +177,5 @@ def test_report_of_a_probed_validation_shows_the_reference_speed_errors(tmp_path
     text = write_report(tmp_path).read_text()
     assert "(median over the calibration runs: 125.0 ms)" in text
     assert "| full | throughput tok/s | 100 | 105 | -4.8% | +25.0% |" in text
-    assert "at the reference speed: 25.0% and tau -1.000" in text
+    assert "each run at its probed speed: 25.0% and tau -1.000" in text
     assert "| full | 1.0 / 2.0 | 100.00 / 200.00 | 1.10 / 0.90 |" in text

@@ -33,26 +33,26 @@ def run(out: Path, data_dir: str | None, names: list[str] | None = None) -> int:
         run_demo(cfg, out / name, data_dir=data_dir, progress=ProgressLine(min_interval_s=0))
         summary = json.loads((out / name / "validate" / "validation.json").read_text())
         errors = {(r["policy"], r["metric"]): r["error"] for r in summary["errors"]}
-        at_ref = {(r["policy"], r["metric"]): r["error"] for r in summary["errors_at_reference"]}
+        probed = {(r["policy"], r["metric"]): r["error"] for r in summary["errors_probed"]}
         for c in summary["configurations"]:
             keys = [(c["label"], m) for m in ("throughput_tokens_per_s", "tpot_mean_s")]
             rows.append((name, c["label"], *(errors.get(k) for k in keys),
-                         *(at_ref.get(k) for k in keys), c["speedup_predicted"],
+                         *(probed.get(k) for k in keys), c["speedup_predicted"],
                          c["speedup_measured"], summary["kendall_tau_throughput"],
-                         summary["kendall_tau_throughput_at_reference"]))  # fmt: skip
-    # "probed": each run predicted at the machine speed its speed probes measured beside it;
-    # "reference": every run at the calibration's median speed (no probes)
+                         summary["kendall_tau_throughput_probed"]))  # fmt: skip
+    # errors at the calibration's median speed; "probed": each run predicted at the machine
+    # speed its speed probes measured beside it
     print(f"{'workload':18s} {'configuration':40s} {'tput err':>8s} {'TPOT err':>8s} "
-          f"{'tput ref':>8s} {'TPOT ref':>8s} {'speedup sim':>11s} {'speedup real':>12s} "
-          f"{'tau':>6s} {'tau ref':>7s}")  # fmt: skip
+          f"{'tput prb':>8s} {'TPOT prb':>8s} {'speedup sim':>11s} {'speedup real':>12s} "
+          f"{'tau':>6s} {'tau prb':>7s}")  # fmt: skip
     for name, label, *values in rows:
-        errs, (s_sim, s_real, tau, tau_ref) = values[:4], values[4:]
+        errs, (s_sim, s_real, tau, tau_probed) = values[:4], values[4:]
         print(
             f"{name:18s} {label:40s} "
             + " ".join(f"{_pct(e):>8s}" for e in errs)
-            + f" {_num(s_sim):>11s} {_num(s_real):>12s} {_num(tau):>6s} {_num(tau_ref):>7s}"
+            + f" {_num(s_sim):>11s} {_num(s_real):>12s} {_num(tau):>6s} {_num(tau_probed):>7s}"
         )
-    for title, lo in (("speed-probed", 2), ("at the reference speed", 4)):
+    for title, lo in (("at the reference speed", 2), ("each run at its probed speed", 4)):
         goal = [abs(e) for r in rows for e in r[lo : lo + 2] if e is not None]
         if goal:
             print(f"{title}: largest |error| of throughput and mean TPOT over {len(rows)} "
