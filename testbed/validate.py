@@ -350,11 +350,10 @@ def _validate_one(
     predicted = sim.metrics.to_dict()
     probed = [_simulate_at(engine, policy, oracle, cost_model, d) for d in dilations]
     predicted_probed = _median_metrics([s.metrics.to_dict() for s in probed])
-    sim_requests = sim.requests
     outputs = capture_outputs(lives[0])
     num_layers = lives[0].num_layers
     hist_real = exit_histogram([x for r in records for x in r.exit_layers], num_layers)
-    hist_sim = exit_histogram([x for r in sim_requests for x in r.exit_layers], num_layers)
+    hist_sim = exit_histogram([x for r in sim.requests for x in r.exit_layers], num_layers)
     if index == 0:
         measured_agreement = 1.0  # `full` itself
     else:  # None when the `full` run failed: nothing to agree with
@@ -372,9 +371,9 @@ def _validate_one(
         "exit_hist_predicted": hist_sim,
         "exit_hist_tv": total_variation(hist_real, hist_sim),
         "mean_exit_layer_measured": measured["mean_exit_layer"],
-        "mean_exit_layer_predicted": predicted["mean_exit_layer"],
+        "mean_exit_layer_predicted": sim.metrics.mean_exit_layer,
         "agreement_measured": measured_agreement,
-        "agreement_predicted": predicted["est_agreement"],
+        "agreement_predicted": sim.metrics.est_agreement,
     }
     return {
         "index": index, "policy": to_jsonable(policy), "label": policy.label(),
@@ -382,7 +381,7 @@ def _validate_one(
         "predicted_probed": predicted_probed, "dilations": list(dilations),
         "rouge_l": rouge_l, "replay": replay,
         "latencies": _latency_rows(policy.label(), "measured", records)
-        + _latency_rows(policy.label(), "simulated", sim_requests),
+        + _latency_rows(policy.label(), "simulated", sim.requests),
         "outputs": outputs if index == 0 else None,  # `full`'s, for the others' agreement
     }  # fmt: skip
 

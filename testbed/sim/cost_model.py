@@ -208,9 +208,10 @@ class FittedCostModel:
     def from_steps_parquet(cls, path: str | Path) -> tuple[FittedCostModel, FitReport]:
         """Fit on one or more captures: ``DIR`` or ``DIR1+DIR2`` (capture directories or their
         steps.parquet); ``F*DIR`` multiplies that capture's step durations by F (a capture made
-        while the machine ran 1/F of its reference speed). Each capture's rule is its exit rule, none if it ran ``full``. Combining
-        an oracle capture (many rows, no rule) with a live one separates per-row layer cost from
-        per-row rule cost, which one live capture alone confounds."""
+        while the machine ran 1/F of its reference speed). Each capture's rule is its exit rule,
+        none if it ran ``full``. Combining an oracle capture (many rows, no rule) with a live one
+        separates per-row layer cost from per-row rule cost, which one live capture alone
+        confounds."""
         rows, durations = [], []
         for part in str(path).split("+"):
             factor, part = split_time_factor(part)
