@@ -57,18 +57,15 @@ def _validation_section(doc: dict[str, Any]) -> list[str]:
             "",
         ]
     goal = {"throughput_tokens_per_s", "tpot_mean_s", "ttft_mean_s", "e2e_mean_s"}
+    probed = {(r["policy"], r["metric"]): r["error"] for r in doc.get("errors_probed", [])}
     rows = [
         [r["policy"], r["metric_label"], _fmt(r["predicted"], ".4g"), _fmt(r["measured"], ".4g"),
-         _fmt(r["error"], "+.1%")]
+         _fmt(r["error"], "+.1%"),
+         *([_fmt(probed.get((r["policy"], r["metric"])), "+.1%")] if probed else [])]
         for r in doc["errors"] if r["metric"] in goal
     ]  # fmt: skip
-    probed = {(r["policy"], r["metric"]): r["error"] for r in doc.get("errors_probed", [])}
     header = ["configuration", "metric", "simulated", "measured", "error"]
-    if probed:
-        header.append("error, probed")
-        for row, r in zip(rows, [r for r in doc["errors"] if r["metric"] in goal], strict=True):
-            row.append(_fmt(probed.get((r["policy"], r["metric"])), "+.1%"))
-    lines += _table(header, rows)
+    lines += _table(header + (["error, probed"] if probed else []), rows)
     tau, worst = doc.get("kendall_tau_throughput"), doc.get("max_goal_error")
     verdict = []
     if worst is not None:
