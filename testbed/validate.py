@@ -211,12 +211,18 @@ def speed_file(run: Path) -> Path:
 
 
 def probe_time_s(run: Path) -> float | None:
-    """Mean of the probes around a run; None for a run made without them."""
+    """The faster of the two probes around a run; None for a run made without them.
+
+    Not their mean: a spike of another tenant's load can slow one 0.1-s probe by 2x while the
+    5-s run beside it barely notices, and no spike makes a probe faster. In one demo the mean
+    scaled the first `full` calibration run by 0.62 (probes 0.198 s and 0.082 s), which priced
+    every `full` step 8% low; with the faster probe the fit prices each configuration's
+    measured runs within 2.5%."""
     file = speed_file(Path(run))
     if not file.is_file():
         return None
     doc = json.loads(file.read_text())
-    return (doc["before_s"] + doc["after_s"]) / 2
+    return min(doc["before_s"], doc["after_s"])
 
 
 def _is_finished(run: Path) -> bool:

@@ -22,9 +22,12 @@ from testbed.validate import (
     ValidationError,
     agreement_with,
     capture_records,
+    fitted_at_reference,
     policy_of,
+    probe_time_s,
     run_validation,
     select_from_sweep,
+    speed_file,
 )
 
 WORKLOAD = "poisson:rate=20,n=6,prompt=16-64,output=10"
@@ -261,6 +264,22 @@ def test_each_run_is_predicted_at_the_speed_its_probes_measured(tmp_path, monkey
         # twice the step times; arrivals batch a little differently at that speed
         assert 1.7 < slow_tpot / c["predicted"]["tpot_mean_s"] < 2.3
     assert s["max_goal_error_probed"] is not None and s["errors_probed"]
+
+
+def test_a_spike_in_one_probe_does_not_rescale_its_run(tmp_path):
+    """A run's speed is its faster probe: a momentary 2x spike before it leaves its factor at
+    1, where the mean would scale its durations by 0.67."""
+    dirs = []
+    for name, before_s, after_s in (("a", 1.0, 1.0), ("b", 2.0, 1.0), ("c", 1.0, 1.02)):
+        run = tmp_path / name
+        run.mkdir()
+        speed_file(run).write_text(json.dumps({"before_s": before_s, "after_s": after_s}))
+        dirs.append(str(run))
+    assert probe_time_s(tmp_path / "b") == 1.0
+    calibration = fitted_at_reference(dirs)
+    assert calibration.reference_probe_s == 1.0
+    factors = [part.split("*")[0] for part in calibration.cost_model[len("fitted:") :].split("+")]
+    assert factors == ["1.00000", "1.00000", "1.00000"]
 
 
 def test_a_run_without_its_probe_record_is_run_again(validated, monkeypatch):
