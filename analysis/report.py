@@ -50,10 +50,12 @@ def _validation_section(doc: dict[str, Any]) -> list[str]:
     ]
     if doc.get("reference_probe_s") is not None:
         lines += [
-            "A short fixed speed probe ran right before and after every run (median over the "
-            f"calibration runs: {1e3 * doc['reference_probe_s']:.1f} ms). The fit is normalised "
-            "to that median and the simulator predicts at that speed; *error, probed* predicts "
-            "each measured run at the speed its own probes saw instead (median over the runs).",
+            "A short fixed speed probe ran right before and after every run; a run's speed is "
+            "the faster of its two probes (a momentary spike slows a probe, never speeds it up). "
+            f"Median over the calibration runs: {1e3 * doc['reference_probe_s']:.1f} ms. The fit "
+            "is normalised to that median and the simulator predicts at that speed; *error, "
+            "probed* predicts each measured run at the speed its own probes saw instead (median "
+            "over the runs).",
             "",
         ]
     goal = {"throughput_tokens_per_s", "tpot_mean_s", "ttft_mean_s", "e2e_mean_s"}

@@ -175,7 +175,7 @@ def test_report_of_a_probed_validation_shows_the_probed_errors_beside(tmp_path):
         )
     file.write_text(json.dumps(doc))
     text = write_report(tmp_path).read_text()
-    assert "(median over the calibration runs: 125.0 ms)" in text
+    assert "Median over the calibration runs: 125.0 ms." in text
     assert "| full | throughput tok/s | 100 | 105 | -4.8% | +25.0% |" in text
     assert "each run at its probed speed: 25.0% and tau -1.000" in text
     assert "| full | 1.0 / 2.0 | 100.00 / 200.00 | 1.10 / 0.90 |" in text
