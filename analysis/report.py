@@ -98,17 +98,28 @@ def _validation_section(doc: dict[str, Any]) -> list[str]:
               "diverges once one of its tokens differs. Exit TV is the total variation distance "
               "between the simulated and the measured exit-layer distributions; agreement is "
               "the fraction of tokens equal to `full` (simulated: the trace's flags; measured: "
-              "the `full` run's output).", ""]  # fmt: skip
+              "the `full` run's output). Tokens are the output tokens emitted: the simulator "
+              "replays the trace's lengths, and a live run that diverged stops at its own "
+              "end-of-sequence token, so throughput can differ where the run's duration does "
+              "not.", ""]  # fmt: skip
     rows = [
         [c["label"], _fmt(c["speedup_predicted"], ".3f"), _fmt(c["speedup_measured"], ".3f"),
          f"{c['mean_exit_layer_predicted']:.2f}", f"{c['mean_exit_layer_measured']:.2f}",
          f"{c['exit_hist_tv']:.3f}", _fmt(c["agreement_predicted"], ".1%"),
-         _fmt(c["agreement_measured"], ".1%"), _fmt(c["rouge_l"], ".4f")]
+         _fmt(c["agreement_measured"], ".1%"), _tokens(c["predicted"]),
+         _tokens(c["measured"]), _fmt(c["rouge_l"], ".4f")]
         for c in doc["configurations"]
     ]  # fmt: skip
     header = ["configuration", "speedup sim", "speedup real", "layers sim", "layers real",
-              "exit TV", "agree sim", "agree real", "ROUGE-L"]  # fmt: skip
+              "exit TV", "agree sim", "agree real", "tokens sim", "tokens real",
+              "ROUGE-L"]  # fmt: skip
     return [*lines, *_table(header, rows), ""]
+
+
+def _tokens(metrics: dict[str, Any]) -> str:
+    """Output tokens of a run (the median over rounds for measured ones)."""
+    value = metrics.get("num_output_tokens")
+    return "-" if value is None else f"{value:.0f}"
 
 
 def _sweep_section(rows: Sequence[dict[str, Any]]) -> list[str]:

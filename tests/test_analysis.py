@@ -59,6 +59,8 @@ def _validation(path, *, version=1, missing=()):
             "speedup_error": 0.0, "rouge_l": 0.1, "exit_hist_measured": hist, "exit_hist_predicted": hist,
             "exit_hist_tv": 0.0, "mean_exit_layer_measured": 8 - 4.5 * i, "mean_exit_layer_predicted": 8 - 4.5 * i,
             "agreement_measured": 1 - 0.3 * i, "agreement_predicted": 1 - 0.2 * i,
+            # the live early-exit run stopped at its own EOS: fewer tokens than the trace's
+            "predicted": {**pred, "num_output_tokens": 480}, "measured": {**real, "num_output_tokens": 480 - 20 * i},
         })  # fmt: skip
         for source in ("measured", "simulated"):
             latencies += [{"policy": label, "source": source, "request_id": r, "ttft_s": 0.01 * r,
@@ -78,6 +80,10 @@ def test_report_of_a_demo_folder_has_every_table_and_figure(tmp_path):
     path = write_report(tmp_path)
     text = path.read_text()
     assert "## Simulated against measured" in text and "## Sweep" in text
+    assert (
+        "| shrink/hidden@0.9/copy | 1.100 | 1.100 | 3.50 | 3.50 | 0.000 | 80.0% | 70.0% | 480 | 460 |"
+        in text
+    )
     assert "| full | throughput tok/s | 100 | 105 | -4.8% |" in text
     assert "Kendall tau of the throughput order: 1.000 (meets the 0.6 goal)" in text
     assert "4.8% (meets the 10% goal)" in text
