@@ -25,7 +25,8 @@ from policies.exit_rules import ExitPoints, ThresholdRule
 from testbed.errors import EetbError
 
 # 2: steps.parquet gained num_attention_pairs (prefill attention grows with chunk × context)
-SCHEMA_VERSION = 2
+# 3: steps.parquet gained num_sampling_layers (one sampling call per exit layer a token took)
+SCHEMA_VERSION = 3
 PARTIAL_SUFFIX = ".partial"
 _f32_list = pa.list_(pa.float32())
 
@@ -77,6 +78,8 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("layer_times_s", _f32_list),  # profiling mode only, else null
             # Σ over layers of Σ (position + 1) over the tokens that ran it fully (schema 2)
             ("num_attention_pairs", pa.int64()),
+            # distinct layers the step's tokens were taken at: one sampling call each (schema 3)
+            ("num_sampling_layers", pa.int16()),
         ]
     ),
 }

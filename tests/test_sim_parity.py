@@ -54,6 +54,7 @@ def _result_key(result):
         result.num_kv_only_row_layers,
         result.num_rule_evals,
         result.num_attention_pairs,
+        result.num_sampling_layers,
     )
 
 

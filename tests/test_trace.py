@@ -79,14 +79,15 @@ def test_round_trip_of_every_table(tmp_path):
                        num_prefill_tokens=4, num_decode_rows=0, num_context_tokens=4,
                        num_row_layers_executed=12, num_kv_only_row_layers=0, num_rule_evals=0,
                        num_forced_exits=0, num_preempted=0, num_layers_run=3, num_exit_points=0,
-                       layer_times_s=[0.001] * 3, num_attention_pairs=30)],
+                       layer_times_s=[0.001] * 3, num_attention_pairs=30,
+                       num_sampling_layers=1)],
     }  # fmt: skip
     with CaptureWriter(tmp_path / "cap", meta, rows_per_group=1) as w:
         for table, items in rows.items():
             for r in items:
                 w.append(table, r)
     cap = read_capture(tmp_path / "cap")
-    assert cap.meta["schema_version"] == SCHEMA_VERSION == 2 and not cap.is_partial
+    assert cap.meta["schema_version"] == SCHEMA_VERSION == 3 and not cap.is_partial
     for table, items in rows.items():
         got = getattr(cap, table).to_pylist()
         assert len(got) == len(items)
@@ -130,6 +131,25 @@ def test_steps_count_causal_attention_pairs_per_layer_run(ckpt, tmp_path):
     assert early[0] == pairs[0]  # prompts always run every layer
     assert early[1:] == [e * (n + k + 1) for k, e in enumerate(executed)]
     assert max(executed) < L
+
+
+def test_steps_count_one_sampling_layer_per_exit_layer_of_their_tokens(ckpt, tmp_path):
+    """`full` takes every token at the last layer: one sampling call a step. An early-exit run
+    whose rows exit at different layers pays one per distinct exit layer of the step."""
+    reqs = [CaptureRequest(i, 0.0, tuple(p), 6) for i, p in enumerate(prompts(6, seed=3))]
+    run_capture(ckpt, reqs, CaptureConfig(mode="live"), tmp_path / "full")
+    assert set(read_capture(tmp_path / "full").steps["num_sampling_layers"].to_pylist()) == {1}
+    pc = PolicyConfig(batching="consensus", exit_rule="hidden", threshold=0.9, min_exit_layer=1)
+    run_capture(ckpt, reqs, CaptureConfig(mode="live", engine=EngineConfig(policy=pc)),
+                tmp_path / "early")  # fmt: skip
+    cap = read_capture(tmp_path / "early")
+    sampling = cap.steps["num_sampling_layers"].to_pylist()
+    decode_rows = cap.steps["num_decode_rows"].to_pylist()
+    assert max(sampling) > 1, "every step's rows exited together: the test proves nothing"
+    # never more calls than rows taking a token (decode rows, plus prompts that completed)
+    assert all(1 <= s <= max(d, 1) + 6 for s, d in zip(sampling, decode_rows, strict=True))
+    layers = {int(x) for x in cap.tokens["exit_layer"].to_pylist()}
+    assert max(sampling) <= len(layers)
 
 
 def test_oracle_final_layer_agrees_with_the_emitted_token(oracle):

@@ -120,6 +120,13 @@ class StepResult:
     # per-step token or context count captures.
     num_attention_pairs: int = 0
 
+    @property
+    def num_sampling_layers(self) -> int:
+        """Distinct layers at which this step's tokens were taken. A runner samples the rows
+        that take a token at one exit point in one batched call (LM head and sampler), so a
+        policy whose rows exit at five different layers pays five calls where `full` pays one."""
+        return len({row.exit_layer for row in self.rows if row.token_id is not None})
+
     def __post_init__(self) -> None:
         counters = (
             self.num_row_layers_executed,

@@ -141,6 +141,7 @@ class TraceRecorder:
             "num_exit_points": result.num_exit_points,
             "layer_times_s": self.probe.layer_times_s,
             "num_attention_pairs": result.num_attention_pairs,
+            "num_sampling_layers": result.num_sampling_layers,
         })  # fmt: skip
         for row in result.rows:
             if row.token_id is not None:

@@ -37,6 +37,7 @@ class StepFeatures:
     num_layers_run: int = 0  # layers at least one token ran fully
     num_exit_points: int = 0  # exit points where the policy decided: one batched call each
     num_attention_pairs: int = 0  # Σ layers, Σ tokens run there fully: position + 1 (causal)
+    num_sampling_layers: int = 0  # distinct layers tokens were taken at: one sampling call each
 
 
 class CostModel(Protocol):

@@ -45,6 +45,9 @@ COUNT_TERMS: Mapping[str, str] = {
     # causal (query, key) pairs over layers: a prefill chunk of n tokens after c cached ones
     # scores n·c + n(n+1)/2 per layer, quadratic in n, which the linear token terms miss
     "attention_pairs": "num_attention_pairs",
+    # one batched LM head + sampler call per layer at which any row took its token: `full` pays
+    # one per step, a policy whose rows exit at five layers pays five
+    "sampling_layers": "num_sampling_layers",
 }
 BASE_TERMS = ("overhead", *COUNT_TERMS)
 RULE_PREFIX = "rule_evals_"  # one term per exit rule: rule_evals_softmax, rule_evals_hidden, ...
@@ -149,7 +152,8 @@ def _design_from_rows(rows: Sequence[Any]) -> tuple[tuple[str, ...], np.ndarray]
 @dataclass(frozen=True)
 class FittedCostModel:
     """Step time = Σ_terms coefficient·count: overhead (1 per step), row_layers, kv_only_row_layers,
-    prefill_tokens, context_tokens, layers_run, exit_points, attention_pairs and rule_evals_<rule>.
+    prefill_tokens, context_tokens, layers_run, exit_points, attention_pairs, sampling_layers and
+    rule_evals_<rule>.
     Aggregate counts only; a rule the fit never saw costs nothing (check ``prices_rule`` before
     a run)."""
 
@@ -187,11 +191,12 @@ class FittedCostModel:
         return rule in self._rule_s
 
     def step_time_s(self, f: StepFeatures) -> float:
-        overhead, row_layer, kv_only, prefill, context, layers_run, points, pairs = self._base_s
+        (overhead, row_layer, kv_only, prefill, context, layers_run, points, pairs,
+         sampling) = self._base_s  # fmt: skip
         time_s = (overhead + row_layer * f.num_row_layers_executed + kv_only * f.num_kv_only_row_layers
                   + prefill * f.num_prefill_tokens + context * f.num_context_tokens
                   + layers_run * f.num_layers_run + points * f.num_exit_points
-                  + pairs * f.num_attention_pairs)  # fmt: skip
+                  + pairs * f.num_attention_pairs + sampling * f.num_sampling_layers)  # fmt: skip
         if f.num_rule_evals:
             time_s += self._rule_s.get(f.rule, 0.0) * f.num_rule_evals
         return time_s

@@ -187,6 +187,7 @@ class Simulation:
             layer_kv_only_tokens=work.layer_kv_only_tokens,
             num_layers_run=len(work.layer_tokens) - work.layer_tokens.count(0),
             num_exit_points=r.num_exit_points, num_attention_pairs=r.num_attention_pairs,
+            num_sampling_layers=r.num_sampling_layers,
         )  # fmt: skip
 
     def _finish_step(

@@ -60,6 +60,8 @@ def steps_row(step_id: int, start_s: float, duration_s: float, step: StepRecord)
         "num_layers_run": step.num_layers_run, "num_exit_points": step.num_exit_points,
         "layer_times_s": None,
         "num_attention_pairs": sum(_attention_pairs(r) for r in step.rows),
+        # every row's exit layer: a prompt chunk's row counts its (full-depth) layer too
+        "num_sampling_layers": len({r.exit_layer for r in step.rows}),
     }  # fmt: skip
 
 
