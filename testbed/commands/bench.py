@@ -84,13 +84,19 @@ def main(argv: list[str]) -> int:
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--rules", default="hidden,softmax,classifier")
     p.add_argument("--fills", default=",".join(GRID_FILLS))
+    p.add_argument(
+        "--workloads",
+        default=None,
+        help="validation: comma list of demo, poisson-saturated, azure-scaled (default: all)",
+    )
     args = p.parse_args(argv)
     if args.suite == "sim-speed":
         return _sim_speed(args)
     if args.suite == "validation":
         from testbed.commands import bench_validation
 
-        return bench_validation.run(args.out, args.data_dir)
+        names = None if args.workloads is None else args.workloads.split(",")
+        return bench_validation.run(args.out, args.data_dir, names)
     if args.suite == "fidelity":
         return _fidelity(args, load_checkpoint(resolve_model_dir(args.model)))
     ckpt = load_checkpoint(resolve_model_dir(args.model))

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from testbed.commands.common import ProgressLine
 from testbed.demo import DemoConfig, run_demo
+from testbed.errors import ConfigError
 from testbed.runinfo import write_run_info
 
 AZURE = "azure_llm_trace_2023/AzureLLMInferenceTrace_conv.csv"
@@ -16,6 +17,7 @@ OUTPUT_TOKENS = 48
 # a burst (every request at once) of that shape: `full`'s throughput on it is the capacity
 BURST = f"poisson:rate=1000,n=64,{SHAPE}"
 LOAD_OF_CAPACITY = 0.9  # "near saturation": 90% of the capacity, in requests per second
+WORKLOAD_NAMES = ("demo", "poisson-saturated", "azure-scaled")
 
 
 def workloads(capacity_tokens_per_s: float) -> tuple[tuple[str, str, str], ...]:
@@ -46,6 +48,12 @@ def capacity_tokens_per_s(out: Path, data_dir: str | None) -> float:
 
 
 def run(out: Path, data_dir: str | None, names: list[str] | None = None) -> int:
+    unknown = sorted(set(names or ()) - set(WORKLOAD_NAMES))
+    if unknown or names == []:
+        raise ConfigError(
+            f"unknown validation workload(s) {', '.join(unknown) or '(none given)'} "
+            f"(known: {', '.join(WORKLOAD_NAMES)})"
+        )
     rows = []
     capacity = capacity_tokens_per_s(out, data_dir)
     print(f"capacity: {capacity:.0f} tokens/s at full depth on {BURST}", flush=True)

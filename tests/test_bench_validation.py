@@ -1,0 +1,25 @@
+"""The validation bench's workloads: the saturated load follows the measured capacity."""
+
+from __future__ import annotations
+
+from testbed.cli import main as cli
+from testbed.commands.bench_validation import WORKLOAD_NAMES, workloads
+from testbed.workload import parse_workload
+
+
+def test_saturated_load_is_ninety_percent_of_the_measured_capacity():
+    chosen = {name: (workload, calibration) for name, workload, calibration in workloads(1200.0)}
+    assert tuple(chosen) == WORKLOAD_NAMES
+    workload, calibration = chosen["poisson-saturated"]
+    # 0.9 · 1200 tokens/s over 48 tokens a request
+    assert "rate=22.5," in workload and "rate=22.5," in calibration
+    assert "rate=11.2," in workloads(600.0)[1][1]  # a machine half as fast: half the rate
+    parse_workload(workload)  # a workload string the rest of the testbed accepts
+
+
+def test_an_unknown_workload_is_refused_before_any_run(tmp_path, capsys):
+    code = cli(["bench", "--suite", "validation", "--workloads", "demo,nope",
+                "--out", str(tmp_path / "b")])  # fmt: skip
+    assert code == 2
+    assert "unknown validation workload(s) nope" in capsys.readouterr().err
+    assert not (tmp_path / "b" / "capacity").exists()
