@@ -12,8 +12,9 @@ from testbed.errors import ConfigError
 from testbed.runinfo import write_run_info
 
 AZURE = "azure_llm_trace_2023/AzureLLMInferenceTrace_conv.csv"
-SHAPE = "prompt=64-320,output=48"  # the demo's request shape, reused by the saturated load
 OUTPUT_TOKENS = 48
+# the demo's request shape, reused by the saturated load
+SHAPE = f"prompt=64-320,output={OUTPUT_TOKENS}"
 # a burst (every request at once) of that shape: `full`'s throughput on it is the capacity
 BURST = f"poisson:rate=1000,n=64,{SHAPE}"
 LOAD_OF_CAPACITY = 0.9  # "near saturation": 90% of the capacity, in requests per second
