@@ -618,14 +618,41 @@ def policy_of(row: dict[str, Any]) -> PolicyConfig:
     )  # fmt: skip
 
 
+def _apart(rows: Sequence[dict[str, Any]], taken: Sequence[float], min_gap: float,
+           limit: int) -> list[dict[str, Any]]:  # fmt: skip
+    """Up to ``limit`` rows in order, each with a throughput at least ``min_gap`` (relative)
+    from those of ``taken`` and of every row kept before it."""
+    kept, seen = [], list(taken)
+    for r in rows:
+        t = r["throughput_tokens_per_s"]
+        if len(kept) < limit and all(abs(t / u - 1.0) >= min_gap for u in seen):
+            kept.append(r)
+            seen.append(t)
+    return kept
+
+
+def _evenly(rows: Sequence[dict[str, Any]], n: int) -> list[dict[str, Any]]:
+    """n rows evenly down a best-first list: for n = 2 the middle and the slowest."""
+    if n <= 0 or not rows:
+        return []
+    ends = np.linspace(0, len(rows) - 1, n + 1)[1:]
+    return [rows[i] for i in sorted({round(float(x)) for x in ends})]
+
+
 def select_from_sweep(
     sweep_dir: Path, top_k: int, *, workload: str | None = None, cost_model: str | None = None,
-    spread: int = 0,
+    spread: int = 0, min_gap: float = 0.0,
 ) -> Selection:  # fmt: skip
     """The top k early-exit runs of a sweep's ranking (its quality constraint applied), from one
     workload × cost-model group: the first one, or the one named. ``spread`` more come from
     the rest of that group's runs, evenly down to the slowest: near-ties at the top make a
-    rank test measure noise, configurations far apart test whether the ranking holds."""
+    rank test measure noise, configurations far apart test whether the ranking holds.
+
+    ``min_gap`` > 0 passes over a run whose simulated throughput is within that fraction of
+    `full`'s or of one already chosen (a policy that never exits, two batching policies that
+    schedule alike), while enough others are left: a shared machine's medians of one
+    configuration wander by a few percent, so a tie is ordered by chance. Slots the distinct
+    runs cannot fill go to the passed-over ones, best first."""
     from testbed.sweep import rank_runs
 
     results = Path(sweep_dir) / "results.parquet"
@@ -633,6 +660,8 @@ def select_from_sweep(
         raise ValidationError(f"{sweep_dir}: no results.parquet (not a finished sweep?)")
     if top_k < 1 or spread < 0:
         raise ValidationError(f"--top must be >= 1 and --spread >= 0, got {top_k} and {spread}")
+    if not 0.0 <= min_gap < 1.0:
+        raise ValidationError(f"--min-gap must be in [0, 1), got {min_gap}")
     try:
         rows = pq.read_table(results).to_pylist()
     except (OSError, pa.ArrowInvalid) as exc:
@@ -652,17 +681,21 @@ def select_from_sweep(
         )
     first = ranked[0]
     key = (first["workload"], first["cost_model"])
+    in_group = [r for r in rows if (r["workload"], r["cost_model"]) == key]
     group = [r for r in ranked if (r["workload"], r["cost_model"]) == key]
-    chosen = group[:top_k]
+    base = [r["throughput_tokens_per_s"] for r in in_group if r["is_baseline"]]
+    chosen = _apart(group, base, min_gap, top_k)
+    chosen += [r for r in group if r not in chosen][: top_k - len(chosen)]
+    chosen.sort(key=group.index)  # best first, as ranked
     if spread:
         # the rest of the group's early-exit runs, constraint or not, best first
-        taken = {policy_of(r) for r in chosen}
-        rest = [r for r in rank_runs(rows, None) if not r["is_baseline"]
-                and (r["workload"], r["cost_model"]) == key and policy_of(r) not in taken]  # fmt: skip
-        # evenly down the rest: the middle, ..., the slowest
-        ends = np.linspace(0, len(rest) - 1, spread + 1)[1:] if rest else []
-        picks = sorted({round(float(x)) for x in ends})
-        chosen += [rest[i] for i in picks]
+        policies = {policy_of(r) for r in chosen}
+        rest = [r for r in rank_runs(in_group, None) if not r["is_baseline"]
+                and policy_of(r) not in policies]  # fmt: skip
+        taken = base + [r["throughput_tokens_per_s"] for r in chosen]
+        picks = _evenly(_apart(rest, taken, min_gap, len(rest)), spread)
+        picks += _evenly([r for r in rest if r not in picks], spread - len(picks))
+        chosen += picks
     return Selection(
         trace=first["trace"], workload=first["workload"], cost_model=first["cost_model"],
         policies=tuple(policy_of(r) for r in chosen),

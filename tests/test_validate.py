@@ -202,6 +202,31 @@ def test_select_from_sweep_spread_reaches_down_to_the_slowest(tmp_path):
         select_from_sweep(sweep, 1, spread=-1)
 
 
+def test_select_from_sweep_min_gap_passes_over_near_ties(tmp_path):
+    # full 100; a near-tie of the best (129) and one of full (101) are passed over
+    policies = [BASELINE] + [PolicyConfig(batching="shrink", threshold=t)
+                             for t in (0.91, 0.92, 0.93, 0.94, 0.95)]  # fmt: skip
+    throughputs = [100, 130, 129, 101, 120, 110]
+    rows = [
+        {**config_columns(SimulationConfig(trace="t", workload="w", policy=p)),
+         "throughput_tokens_per_s": float(t), "est_agreement": 1.0}
+        for p, t in zip(policies, throughputs, strict=True)
+    ]  # fmt: skip
+    sweep = tmp_path / "s"
+    sweep.mkdir()
+    pq.write_table(pa.Table.from_pylist(rows), sweep / "results.parquet")
+    a, b, c, d, e = policies[1:]
+    assert select_from_sweep(sweep, 2).policies == (a, b)
+    assert select_from_sweep(sweep, 2, min_gap=0.03).policies == (a, d)
+    # the spread, too, takes a run apart from full and the chosen (110) before a tie
+    assert select_from_sweep(sweep, 2, spread=1, min_gap=0.03).policies == (a, d, e)
+    # more slots than distinct runs: the passed-over fill them, best first
+    assert select_from_sweep(sweep, 4, min_gap=0.03).policies == (a, b, d, e)
+    assert select_from_sweep(sweep, 3, spread=2, min_gap=0.03).policies == (a, d, e, b, c)
+    with pytest.raises(ValidationError, match="--min-gap"):
+        select_from_sweep(sweep, 1, min_gap=1.5)
+
+
 def test_select_from_sweep_bad_input(tmp_path):
     with pytest.raises(ValidationError, match="no results.parquet"):
         select_from_sweep(tmp_path, 3)

@@ -29,6 +29,10 @@ def _args(argv: list[str]):
     p.add_argument("--spread", type=int, default=0,
                    help="also validate this many lower-ranked policies, evenly down to the "
                         "slowest, so the rank test has contrast")  # fmt: skip
+    p.add_argument("--min-gap", type=float, default=0.0, metavar="FRACTION",
+                   help="pass over a policy whose simulated throughput is within this fraction "
+                        "of full's or of one already chosen (e.g. 0.03: near-ties are ordered "
+                        "by the machine's noise)")  # fmt: skip
     p.add_argument("--workload", default=None,
                    help="arrival-paced workload (default: the sweep's ranked workload)")  # fmt: skip
     p.add_argument("--trace", default=None,
@@ -53,7 +57,8 @@ def main(argv: list[str]) -> int:
     args = _args(argv)
     workload, trace = args.workload, args.trace
     if args.sweep is not None:
-        sel = select_from_sweep(args.sweep, args.top, workload=args.workload, spread=args.spread)
+        sel = select_from_sweep(args.sweep, args.top, workload=args.workload, spread=args.spread,
+                                min_gap=args.min_gap)  # fmt: skip
         policies, workload = sel.policies, workload or sel.workload
         trace = trace if trace is not None else (sel.trace if workload == sel.workload else "")
     else:
