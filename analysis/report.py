@@ -50,8 +50,9 @@ def _validation_section(doc: dict[str, Any]) -> list[str]:
     ]
     if doc.get("reference_probe_s") is not None:
         lines += [
-            "A short fixed speed probe ran right before and after every run; a run's speed is "
-            "the faster of its two probes (a momentary spike slows a probe, never speeds it up). "
+            "A short fixed speed probe ran three times right before and three times right "
+            "after every run; a run's speed is the median of its probes (a momentary spike in "
+            "one does not move it). "
             f"Median over the calibration runs: {1e3 * doc['reference_probe_s']:.1f} ms. The fit "
             "is normalised to that median and the simulator predicts at that speed; *error, "
             "probed* predicts each measured run at the speed its own probes saw instead (median "

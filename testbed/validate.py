@@ -7,10 +7,11 @@ predicted metrics, quality (ROUGE-L, agreement with `full`'s output) and the rep
 the exit layers the simulator derived from the oracle trace differ from what the live run did),
 plus a table of errors and the Kendall tau of the two throughput orders.
 
-A shared machine's speed wanders by tens of percent between runs. A short fixed probe (speed_probe)
-is timed right before and after every calibration and measured run. The fit normalises each
-calibration run to the calibration's median probe time (the reference speed); the prediction is
-made at that speed. Beside it, each measured run is also predicted at its own probe time
+A shared machine's speed wanders by tens of percent between runs. A short fixed probe
+(speed_probe) is timed three times right before and three times right after every calibration
+and measured run. The fit normalises each calibration run to the calibration's median probe
+time (the reference speed); the prediction is made at that speed. Beside it, each measured run
+is also predicted at its own probe time
 (``F*fitted:...``, "probed"); the run's own timings never enter either prediction.
 
 OUT/
@@ -18,7 +19,7 @@ OUT/
   calibration/           captures the cost model is fitted on (when made here)
   oracle/                the oracle trace the simulator replays (when captured here)
   live/NN/rK             the live capture of configuration NN in round K
-  live/NN/rK.speed.json  the speed probe's seconds right before and after that run
+  live/NN/rK.speed.json  the speed probes' seconds right before and after that run
   configs/NN.json        one finished configuration (written as soon as it finishes)
   configs/NN.error.json  a configuration that failed; the others go on
   validation.json        everything above, summarised; validation.parquet the error table
@@ -61,6 +62,7 @@ from testbed.trace import Capture, read_capture
 VALIDATION_SCHEMA_VERSION = 1
 ENGINES = ("native", "vllm")
 BASELINE = PolicyConfig()
+PROBES_PER_SIDE = 3  # speed probes right before and right after each run (probe_time_s)
 ProgressFn = Callable[[str, int, int, str], None]  # (phase, done, total, note)
 
 
@@ -158,12 +160,12 @@ class EngineRuns:
         return self._probe.measure_s()
 
     def timed_capture(self, policy: PolicyConfig, mode: str, out: Path, requests=None) -> Path:
-        """``capture`` between two speed probes, recorded in ``speed_file(out)`` last: a run
-        without that file is unfinished."""
+        """``capture`` between PROBES_PER_SIDE speed probes on each side, recorded in
+        ``speed_file(out)`` last: a run without that file is unfinished."""
         speed_file(out).unlink(missing_ok=True)
-        before_s = self.probe_s()
+        before_s = [self.probe_s() for _ in range(PROBES_PER_SIDE)]
         path = self.capture(policy, mode, out, requests)
-        after_s = self.probe_s()
+        after_s = [self.probe_s() for _ in range(PROBES_PER_SIDE)]
         _write_json(speed_file(out), {"before_s": before_s, "after_s": after_s})
         return path
 
@@ -211,22 +213,39 @@ def speed_file(run: Path) -> Path:
 
 
 def probe_time_s(run: Path) -> float | None:
-    """The faster of the two probes around a run; None for a run made without them.
+    """The median of the probes around a run; None for a run made without them.
 
-    Not their mean: a spike of another tenant's load can slow one 0.1-s probe by 2x while the
-    5-s run beside it barely notices, and no spike makes a probe faster. In one demo the mean
-    scaled the first `full` calibration run by 0.62 (probes 0.198 s and 0.082 s), which priced
-    every `full` step 8% low; with the faster probe the fit prices each configuration's
-    measured runs within 2.5%."""
+    The machine's speed wanders over tens of seconds (5-s means of back-to-back probes here:
+    0.89-1.12 of their median, lag-1 autocorrelation 0.63), and one 0.2-s probe scatters
+    +-15% about that level. In a 60-s series the 5-s mean a run sees was estimated within
+    sd 7.6% by the faster of one probe on each side, within 4.7% by the median of three on
+    each side. A median also ignores a momentary spike: the mean of one probe on each side once
+    scaled a whole calibration run by 0.62 (probes 0.198 s and 0.082 s). A file of an older
+    run holds one probe (a number) on each side."""
     file = speed_file(Path(run))
     if not file.is_file():
         return None
     doc = json.loads(file.read_text())
-    return min(doc["before_s"], doc["after_s"])
+    probes = [x for side in ("before_s", "after_s") for x in np.atleast_1d(doc[side]).tolist()]
+    return float(np.median(probes))
 
 
 def _is_finished(run: Path) -> bool:
     return (run / "meta.json").is_file() and speed_file(run).is_file()
+
+
+def _is_finished_run_of(run: Path, policy: PolicyConfig) -> bool:
+    """A finished run to reuse. One of another policy is an error, not a result to reuse or
+    overwrite: OUT was made for another configuration list (another --top, another sweep)."""
+    if not _is_finished(run):
+        return False
+    recorded = json.loads((run / "meta.json").read_text()).get("policy")
+    if recorded != to_jsonable(policy):
+        raise ValidationError(
+            f"{run} is a run of another policy than {policy.label()}: this folder was made "
+            "for another configuration list; give a new --out"
+        )
+    return True
 
 
 @dataclass(frozen=True)
@@ -481,19 +500,22 @@ def run_validation(
     recorded and the others go on. Rerunning with the same OUT reuses every finished run.
     ``engine``: one already loaded for the same model, workload, dataset and seed (the demo's)."""
     out = Path(out)
+    configs = cfg.configurations
+    for i, policy in enumerate(configs):  # before anything is run or overwritten
+        for k in range(cfg.repeats):
+            _is_finished_run_of(out / "live" / f"{i:02d}" / f"r{k}", policy)
     (out / "configs").mkdir(parents=True, exist_ok=True)
     write_run_info(out, cfg, seed=cfg.seed)
     engine = EngineRuns(cfg) if engine is None else engine.with_config(cfg)
     oracle = oracle_trace(engine, out, progress)
     references = _references(cfg, engine)
-    configs = cfg.configurations
     failed: dict[int, dict[str, Any]] = {}
     calibration = Calibration("", None)
     for k in range(cfg.repeats):
         calibration = calibrate(engine, out, progress, round_index=k)
         for i, policy in enumerate(configs):
             path = out / "live" / f"{i:02d}" / f"r{k}"
-            if i in failed or _is_finished(path):
+            if i in failed or _is_finished_run_of(path, policy):
                 continue
             if progress is not None:
                 progress(f"validate {k + 1}/{cfg.repeats}", i, len(configs), policy.label())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -105,6 +106,21 @@ def test_rerun_reuses_finished_configurations(validated, monkeypatch):
     monkeypatch.setattr(EngineRuns, "capture", refuse)
     again = run_validation(_cfg(), out)
     assert [c["label"] for c in again.summary["configurations"]] == ["full", EARLY.label()]
+
+
+def test_a_folder_of_another_configuration_list_is_refused_before_any_run(validated, monkeypatch):
+    _, out = validated
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("ran although the folder holds another list's runs")
+
+    monkeypatch.setattr(EngineRuns, "capture", refuse)
+    before = (out / "run.json").read_text()
+    other = PolicyConfig(batching="shrink", exit_rule="hidden", threshold=0.8, min_exit_layer=4)
+    with pytest.raises(ValidationError, match="another policy than shrink"):
+        run_validation(_cfg(policies=(other,)), out)
+    assert (out / "run.json").read_text() == before  # nothing of the first run is lost
+    assert (out / "live" / "01" / "r0" / "meta.json").is_file()
 
 
 def test_a_configuration_the_engine_cannot_run_is_recorded_and_the_rest_kept(tmp_path, monkeypatch):
@@ -292,10 +308,14 @@ def test_each_run_is_predicted_at_the_speed_its_probes_measured(tmp_path, monkey
 
 
 def test_a_spike_in_one_probe_does_not_rescale_its_run(tmp_path):
-    """A run's speed is its faster probe: a momentary 2x spike before it leaves its factor at
-    1, where the mean would scale its durations by 0.67."""
+    """A run's speed is the median of its probes: a momentary 2x spike in one leaves its factor
+    at 1, where the mean would scale its durations by 0.86 (and, of one probe a side, by 0.67)."""
     dirs = []
-    for name, before_s, after_s in (("a", 1.0, 1.0), ("b", 2.0, 1.0), ("c", 1.0, 1.02)):
+    for name, before_s, after_s in (
+        ("a", [1.0, 1.0, 1.0], [1.0, 1.0, 1.0]),
+        ("b", [2.0, 1.0, 1.0], [1.0, 1.0, 1.0]),
+        ("c", [1.0, 1.02, 1.0], [0.99, 1.0, 1.01]),
+    ):
         run = tmp_path / name
         run.mkdir()
         speed_file(run).write_text(json.dumps({"before_s": before_s, "after_s": after_s}))
@@ -305,6 +325,22 @@ def test_a_spike_in_one_probe_does_not_rescale_its_run(tmp_path):
     assert calibration.reference_probe_s == 1.0
     factors = [part.split("*")[0] for part in calibration.cost_model[len("fitted:") :].split("+")]
     assert factors == ["1.00000", "1.00000", "1.00000"]
+
+
+def test_a_run_probed_once_a_side_reads_as_before(tmp_path):
+    run = tmp_path / "old"
+    run.mkdir()
+    speed_file(run).write_text(json.dumps({"before_s": 1.0, "after_s": 1.2}))
+    assert probe_time_s(run) == pytest.approx(1.1)
+
+
+def test_each_run_is_timed_by_three_probes_a_side(validated):
+    _, out = validated
+    doc = json.loads((out / "live" / "01" / "r0.speed.json").read_text())
+    assert len(doc["before_s"]) == len(doc["after_s"]) == 3
+    assert probe_time_s(out / "live" / "01" / "r0") == pytest.approx(
+        float(np.median(doc["before_s"] + doc["after_s"]))
+    )
 
 
 def test_a_run_without_its_probe_record_is_run_again(validated, monkeypatch):
