@@ -78,6 +78,10 @@ def _validation_section(doc: dict[str, Any]) -> list[str]:
     if tau is not None:
         ok = "meets" if tau >= GOAL_TAU else "misses"
         verdict.append(f"Kendall tau of the throughput order: {tau:.3f} ({ok} the {GOAL_TAU} goal)")
+    if doc.get("num_pairs_resolved"):
+        verdict.append(f"over the {doc['num_pairs_resolved']} of {doc['num_pairs']} pairs whose "
+                       "order at least 80% of the rounds agree on (the others the measurement "
+                       f"cannot order): tau {_fmt(doc.get('kendall_tau_resolved'), '.3f')}")  # fmt: skip
     worst_probed = doc.get("max_goal_error_probed")
     if probed and worst_probed is not None:
         tau_probed = doc.get("kendall_tau_throughput_probed")

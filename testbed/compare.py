@@ -44,28 +44,54 @@ def error_rows(
     return rows
 
 
-def kendall_tau(a: Sequence[float], b: Sequence[float]) -> float | None:
+def kendall_tau(
+    a: Sequence[float], b: Sequence[float], pairs: Sequence[tuple[int, int]] | None = None
+) -> float | None:
     """Kendall's tau-b between two scorings of the same items (ties in either count as neither
-    concordant nor discordant); None for fewer than two items or a constant scoring."""
+    concordant nor discordant), over every pair or over ``pairs`` (i < j) only; None for fewer
+    than two items or a constant scoring."""
     if len(a) != len(b):
         raise ValueError(f"{len(a)} against {len(b)} items")
     concordant = discordant = ties_a = ties_b = 0
-    for i in range(len(a)):
-        for j in range(i + 1, len(a)):
-            da, db = a[i] - a[j], b[i] - b[j]
-            if da == 0 and db == 0:
-                continue
-            if da == 0:
-                ties_a += 1
-            elif db == 0:
-                ties_b += 1
-            elif (da > 0) == (db > 0):
-                concordant += 1
-            else:
-                discordant += 1
+    if pairs is None:
+        pairs = [(i, j) for i in range(len(a)) for j in range(i + 1, len(a))]
+    for i, j in pairs:
+        da, db = a[i] - a[j], b[i] - b[j]
+        if da == 0 and db == 0:
+            continue
+        if da == 0:
+            ties_a += 1
+        elif db == 0:
+            ties_b += 1
+        elif (da > 0) == (db > 0):
+            concordant += 1
+        else:
+            discordant += 1
     n0 = concordant + discordant
     denominator = ((n0 + ties_a) * (n0 + ties_b)) ** 0.5
     return None if denominator == 0 else (concordant - discordant) / denominator
+
+
+def resolved_pairs(
+    runs: Sequence[Sequence[float]], min_share: float = 0.8
+) -> list[tuple[int, int]]:
+    """Pairs (i, j), i < j, of items measured in rounds (``runs[i][k]``: item i in round k)
+    whose order is the same in at least ``min_share`` of the rounds both have (3 at least).
+    A round runs every item once, seconds apart, so a pair's order within a round is little
+    moved by the machine's slow spells; a pair the rounds split on is one this measurement
+    cannot order, whatever a simulator predicts."""
+    pairs = []
+    for i in range(len(runs)):
+        for j in range(i + 1, len(runs)):
+            both = [(x, y) for x, y in zip(runs[i], runs[j], strict=False)
+                    if x is not None and y is not None]  # fmt: skip
+            if len(both) < 3:
+                continue
+            above = sum(x > y for x, y in both)
+            below = sum(x < y for x, y in both)
+            if max(above, below) >= min_share * len(both):
+                pairs.append((i, j))
+    return pairs
 
 
 def exit_histogram(exit_layers: Sequence[int], num_layers: int) -> list[float]:

@@ -48,6 +48,7 @@ from testbed.compare import (
     exit_histogram,
     kendall_tau,
     relative_error,
+    resolved_pairs,
     total_variation,
 )
 from testbed.core import SchedulerConfig
@@ -565,6 +566,12 @@ def summarise(
         return rows, tau, max(goal) if goal else None
 
     errors, tau, worst = compared("predicted")
+    # the pairs whose order the rounds agree on (4 of 5): what tau misses beyond them is noise
+    runs = [[r["throughput_tokens_per_s"] for r in d["measured_runs"]] for d in done]
+    pairs = resolved_pairs(runs)
+    tau_resolved = kendall_tau([d["predicted"]["throughput_tokens_per_s"] for d in done],
+                               [d["measured"]["throughput_tokens_per_s"] for d in done],
+                               pairs) if pairs else None  # fmt: skip
     errors_probed, tau_probed, worst_probed = compared("predicted_probed")
     full = next((d for d in done if d["index"] == 0), None)
     configs = []
@@ -599,6 +606,9 @@ def summarise(
         "configurations": configs,
         "errors": errors,
         "kendall_tau_throughput": tau,
+        "kendall_tau_resolved": tau_resolved,
+        "num_pairs_resolved": len(pairs),
+        "num_pairs": len(done) * (len(done) - 1) // 2,
         "max_goal_error": worst,
         # the same comparison with each run predicted at the speed its probes measured
         "errors_probed": errors_probed,

@@ -184,4 +184,9 @@ def test_report_of_a_probed_validation_shows_the_probed_errors_beside(tmp_path):
     assert "Median over the calibration runs: 125.0 ms." in text
     assert "| full | throughput tok/s | 100 | 105 | -4.8% | +25.0% |" in text
     assert "each run at its probed speed: 25.0% and tau -1.000" in text
+    assert "pairs whose order" not in text  # none resolved in the summary: no such line
+    doc["num_pairs_resolved"], doc["num_pairs"], doc["kendall_tau_resolved"] = 1, 3, 1.0
+    file.write_text(json.dumps(doc))
+    text = write_report(tmp_path).read_text()
+    assert "over the 1 of 3 pairs whose order at least 80% of the rounds agree on" in text
     assert "| full | 1.0 / 2.0 | 100.00 / 200.00 | 1.10 / 0.90 |" in text

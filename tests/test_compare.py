@@ -14,6 +14,7 @@ from testbed.compare import (
     exit_histogram,
     kendall_tau,
     relative_error,
+    resolved_pairs,
     total_variation,
 )
 
@@ -32,6 +33,25 @@ def test_kendall_tau_b_with_ties_matches_the_textbook_formula():
     # x has one tied pair; tau-b = (C - D) / sqrt((n0 - n1)(n0 - n2)) with n0 = 6, n1 = 1, n2 = 0
     a, b = [1, 1, 2, 3], [1, 2, 3, 4]
     assert kendall_tau(a, b) == pytest.approx(5 / (5 * 6) ** 0.5)
+
+
+def test_kendall_tau_over_chosen_pairs_only():
+    # the swapped pair (1, 2) left out: the rest agree
+    pairs = [(0, 1), (0, 2), (0, 3), (1, 3), (2, 3)]
+    assert kendall_tau([1, 2, 3, 4], [1, 3, 2, 4], pairs) == 1.0
+    assert kendall_tau([1, 2, 3, 4], [1, 3, 2, 4], [(1, 2)]) == -1.0
+
+
+def test_resolved_pairs_are_those_most_rounds_order_alike():
+    runs = [
+        [10, 10, 10, 10, 10],
+        [11, 12, 11, 9, 12],  # above item 0 in 4 of 5 rounds
+        [11, 9, 11, 9, 10],  # against item 0: 2 above, 2 below; against 1: 2 below, 3 ties
+        [5, 6, 5, 6, 5],  # below everything in every round
+    ]
+    assert resolved_pairs(runs) == [(0, 1), (0, 3), (1, 3), (2, 3)]
+    assert resolved_pairs(runs, min_share=1.0) == [(0, 3), (1, 3), (2, 3)]
+    assert resolved_pairs([[1, 2], [2, 1]]) == []  # fewer than 3 rounds: none
 
 
 def test_kendall_tau_undefined_cases():

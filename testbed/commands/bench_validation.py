@@ -74,19 +74,22 @@ def run(out: Path, data_dir: str | None, names: list[str] | None = None) -> int:
             rows.append((name, c["label"], *(errors.get(k) for k in keys),
                          *(probed.get(k) for k in keys), c["speedup_predicted"],
                          c["speedup_measured"], summary["kendall_tau_throughput"],
-                         summary["kendall_tau_throughput_probed"]))  # fmt: skip
+                         summary["kendall_tau_throughput_probed"],
+                         summary.get("kendall_tau_resolved")))  # fmt: skip
     # errors at the calibration's median speed; "probed": each run predicted at the machine
     # speed its speed probes measured beside it
     print(f"{'workload':18s} {'configuration':40s} {'tput err':>8s} {'TPOT err':>8s} "
           f"{'tput prb':>8s} {'TPOT prb':>8s} {'speedup sim':>11s} {'speedup real':>12s} "
-          f"{'tau':>6s} {'tau prb':>7s}")  # fmt: skip
+          f"{'tau':>6s} {'tau prb':>7s} {'tau res':>7s}")  # fmt: skip
     for name, label, *values in rows:
-        errs, (s_sim, s_real, tau, tau_probed) = values[:4], values[4:]
+        errs, (s_sim, s_real, tau, tau_probed, tau_resolved) = values[:4], values[4:]
         print(
             f"{name:18s} {label:40s} "
             + " ".join(f"{_pct(e):>8s}" for e in errs)
             + f" {_num(s_sim):>11s} {_num(s_real):>12s} {_num(tau):>6s} {_num(tau_probed):>7s}"
+            + f" {_num(tau_resolved):>7s}"
         )
+    print("tau res: over the pairs whose order at least 80% of the rounds agree on")
     for title, lo in (("at the reference speed", 2), ("each run at its probed speed", 4)):
         goal = [abs(e) for r in rows for e in r[lo : lo + 2] if e is not None]
         if goal:

@@ -110,6 +110,10 @@ def error_table(summary: dict[str, Any]) -> str:
     lines.append("")
     lines.append(f"Kendall tau (predicted vs measured throughput order): {_num(tau, '.3f')}; "
                  f"largest |error| of throughput and mean TPOT: {_pct(summary['max_goal_error'])}")  # fmt: skip
+    if summary.get("num_pairs_resolved"):
+        lines.append(f"over the {summary['num_pairs_resolved']} of {summary['num_pairs']} pairs "
+                     "whose order 80% of the rounds agree on: tau "
+                     f"{_num(summary['kendall_tau_resolved'], '.3f')}")  # fmt: skip
     if summary.get("reference_probe_s") is not None:
         lines.append(
             "each run predicted at the speed its probes measured instead: "
