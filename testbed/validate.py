@@ -516,7 +516,7 @@ def run_validation(
         calibration = calibrate(engine, out, progress, round_index=k)
         for i, policy in enumerate(configs):
             path = out / "live" / f"{i:02d}" / f"r{k}"
-            if i in failed or _is_finished_run_of(path, policy):
+            if i in failed or _is_finished(path):  # of this policy: checked above
                 continue
             if progress is not None:
                 progress(f"validate {k + 1}/{cfg.repeats}", i, len(configs), policy.label())
@@ -569,9 +569,11 @@ def summarise(
     # the pairs whose order the rounds agree on (4 of 5): what tau misses beyond them is noise
     runs = [[r["throughput_tokens_per_s"] for r in d["measured_runs"]] for d in done]
     pairs = resolved_pairs(runs)
-    tau_resolved = kendall_tau([d["predicted"]["throughput_tokens_per_s"] for d in done],
-                               [d["measured"]["throughput_tokens_per_s"] for d in done],
-                               pairs) if pairs else None  # fmt: skip
+    tau_resolved = kendall_tau(
+        [d["predicted"]["throughput_tokens_per_s"] for d in done],
+        [d["measured"]["throughput_tokens_per_s"] for d in done],
+        pairs,
+    )  # fmt: skip  (None when no pair is resolved)
     errors_probed, tau_probed, worst_probed = compared("predicted_probed")
     full = next((d for d in done if d["index"] == 0), None)
     configs = []
