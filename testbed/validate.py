@@ -566,14 +566,15 @@ def summarise(
         return rows, tau, max(goal) if goal else None
 
     errors, tau, worst = compared("predicted")
-    # the pairs whose order the rounds agree on (4 of 5): what tau misses beyond them is noise
+    # the pairs whose order the rounds agree on (4 of 5): what tau misses beyond them is noise;
+    # None when no pair is resolved
     runs = [[r["throughput_tokens_per_s"] for r in d["measured_runs"]] for d in done]
     pairs = resolved_pairs(runs)
     tau_resolved = kendall_tau(
         [d["predicted"]["throughput_tokens_per_s"] for d in done],
         [d["measured"]["throughput_tokens_per_s"] for d in done],
         pairs,
-    )  # fmt: skip  (None when no pair is resolved)
+    )
     errors_probed, tau_probed, worst_probed = compared("predicted_probed")
     full = next((d for d in done if d["index"] == 0), None)
     configs = []
