@@ -12,6 +12,11 @@ an inclusive range (`64-512`); prompt defaults to 128 and output to 64:
   azure:path=FILE[,n=N][,scale=F|rate=R]         Azure LLM inference CSV, first N, time-scaled
   mooncake:path=FILE[,n=N][,scale=F|rate=R]      Mooncake-style JSONL, likewise
   lengths:path=FILE,rate=R[,cv=C][,n=N]          length-only CSV with synthetic arrivals
+Every kind also takes `eos=stop|ignore`: whether a request ends at the model's end-of-sequence
+token (`stop`: the output length is a cap) or runs to its output length (`ignore`). Synthetic
+kinds default to `stop` (a summary ends where the model ends it); trace replays to `ignore`,
+since the lengths in a trace are what its users got: a replay that stopped early would offer
+less load than the trace, and by an amount that depends on the policy under test.
 """
 
 from __future__ import annotations
@@ -41,12 +46,14 @@ DEFAULT_PROMPT_TOKENS = (128, 128)
 DEFAULT_OUTPUT_TOKENS = (64, 64)
 # kind -> (required keys, optional keys)
 KINDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "poisson": (("rate", "n"), ("prompt", "output")),
-    "gamma": (("rate", "cv", "n"), ("prompt", "output")),
-    "azure": (("path",), ("n", "scale", "rate")),
-    "mooncake": (("path",), ("n", "scale", "rate")),
-    "lengths": (("path", "rate"), ("cv", "n")),
+    "poisson": (("rate", "n"), ("prompt", "output", "eos")),
+    "gamma": (("rate", "cv", "n"), ("prompt", "output", "eos")),
+    "azure": (("path",), ("n", "scale", "rate", "eos")),
+    "mooncake": (("path",), ("n", "scale", "rate", "eos")),
+    "lengths": (("path", "rate"), ("cv", "n", "eos")),
 }
+SYNTHETIC_KINDS = ("poisson", "gamma")  # the rest replay lengths from a file
+EOS_MODES = {"stop": False, "ignore": True}  # eos= value -> LengthSpec.ignore_eos
 
 
 @dataclass(frozen=True)
@@ -58,6 +65,7 @@ class Request:
     max_tokens: int  # output tokens to generate (the spec's output length)
     request_id: int  # position in the stream; equal arrivals break ties by it
     source_index: int | None  # data set item (the first, if texts were joined); None if synthetic
+    ignore_eos: bool = False  # run to max_tokens past an end-of-sequence token (LengthSpec's)
 
 
 @dataclass(frozen=True)
@@ -82,6 +90,7 @@ class WorkloadSpec:
     output_tokens: tuple[int, int] | None = None  # inclusive range of synthetic output lengths
     path: str | None = None  # trace file, as given (see resolve_path)
     time_scale: float | None = None  # multiplies a trace's arrival times (0.5: twice as fast)
+    ignore_eos: bool = False  # eos=ignore: every request runs to its output length
 
 
 # ---- transforms --------------------------------------------------------------------------------
@@ -146,7 +155,7 @@ def clip_lengths(
         num_prompts += prompt != s.num_prompt_tokens
         num_outputs += output != s.num_output_tokens
         num_requests += prompt != s.num_prompt_tokens or output != s.num_output_tokens
-        out.append(LengthSpec(s.arrival_s, prompt, output))
+        out.append(replace(s, num_prompt_tokens=prompt, num_output_tokens=output))
     return out, ClipReport(len(out), num_prompts, num_outputs, num_requests)
 
 
@@ -214,7 +223,7 @@ def attach_prompts(
     for i, s in enumerate(specs):
         _check_lengths(s, i)
         ids, source = cycle.draw(s.num_prompt_tokens)
-        out.append(Request(s.arrival_s, ids, s.num_output_tokens, i, source))
+        out.append(Request(s.arrival_s, ids, s.num_output_tokens, i, source, s.ignore_eos))
     return out
 
 
@@ -228,7 +237,8 @@ def synthetic_prompts(specs: Sequence[LengthSpec], vocab_size: int, seed: int) -
     for i, s in enumerate(specs):
         _check_lengths(s, i)
         ids = rng.integers(MIN_TOKEN_ID, vocab_size, s.num_prompt_tokens)
-        out.append(Request(s.arrival_s, tuple(ids.tolist()), s.num_output_tokens, i, None))
+        ids_tuple = tuple(ids.tolist())
+        out.append(Request(s.arrival_s, ids_tuple, s.num_output_tokens, i, None, s.ignore_eos))
     return out
 
 
@@ -257,6 +267,12 @@ def _token_range(text: str) -> tuple[int, int]:
     return low_tokens, high_tokens
 
 
+def _eos_mode(text: str) -> bool:
+    if text not in EOS_MODES:
+        raise ValueError(f"expected one of {', '.join(EOS_MODES)}")
+    return EOS_MODES[text]
+
+
 def _nonempty(text: str) -> str:
     if not text:
         raise ValueError("expected a file path")
@@ -271,6 +287,7 @@ _CONVERTERS: dict[str, Callable[[str], object]] = {
     "prompt": _token_range,
     "output": _token_range,
     "path": _nonempty,
+    "eos": _eos_mode,
 }
 # workload-string key -> WorkloadSpec field
 _FIELDS = {
@@ -281,6 +298,7 @@ _FIELDS = {
     "output": "output_tokens",
     "path": "path",
     "scale": "time_scale",
+    "eos": "ignore_eos",
 }
 
 
@@ -318,7 +336,8 @@ def parse_workload(text: str) -> WorkloadSpec:
     if kind not in KINDS:
         raise WorkloadError(f"unknown workload kind {kind!r} (known: {', '.join(KINDS)})")
     fields = {_FIELDS[key]: value for key, value in _parse_args(kind, args).items()}
-    if kind in ("poisson", "gamma"):
+    fields.setdefault("ignore_eos", kind not in SYNTHETIC_KINDS)
+    if kind in SYNTHETIC_KINDS:
         fields.setdefault("prompt_tokens", DEFAULT_PROMPT_TOKENS)
         fields.setdefault("output_tokens", DEFAULT_OUTPUT_TOKENS)
     return WorkloadSpec(kind=kind, **fields)
@@ -338,8 +357,13 @@ def _synthetic_lengths(spec: WorkloadSpec, seed: int) -> list[LengthSpec]:
 
 
 def build_lengths(spec: WorkloadSpec, seed: int) -> list[LengthSpec]:
-    """The length specs a workload describes; trace paths are opened as given."""
-    if spec.kind in ("poisson", "gamma"):
+    """The length specs a workload describes, with its eos= rule; trace paths are opened as
+    given."""
+    return [replace(s, ignore_eos=spec.ignore_eos) for s in _file_or_synthetic(spec, seed)]
+
+
+def _file_or_synthetic(spec: WorkloadSpec, seed: int) -> list[LengthSpec]:
+    if spec.kind in SYNTHETIC_KINDS:
         return _synthetic_lengths(spec, seed)
     if spec.path is None:
         raise WorkloadError(f"{spec.kind} workload needs path=")

@@ -40,6 +40,9 @@ class LengthSpec:
     arrival_s: float  # seconds after the first request of the trace (or of the stream)
     num_prompt_tokens: int  # prompt (prefill) length
     num_output_tokens: int  # tokens to generate
+    # True: generate exactly num_output_tokens even past an end-of-sequence token (a trace
+    # replay's lengths are what its users got); False: num_output_tokens is a cap
+    ignore_eos: bool = False
 
 
 def resolve_path(path: str | Path, data_dir: str | Path | None = None) -> Path:

@@ -16,19 +16,23 @@ from testbed.workload_files import LengthSpec
 L = 6
 
 
-def _trace(path, *, with_signals=True):
-    """A hand-made oracle trace: request r emits tokens 10+r, 20+r, ...; hidden cosine rises
-    with depth so that λ=0.5 exits at layer 3."""
+EOS = 2
+
+
+def _trace(path, *, with_signals=True, eos_position=None):
+    """A hand-made oracle trace: request r emits tokens 10+r, 20+r, ... (EOS at eos_position);
+    hidden cosine rises with depth so that λ=0.5 exits at layer 3."""
     meta = {
         "mode": "oracle", "model": {"num_layers": L, "name": "hand", "checkpoint_hash": "-",
-                                    "config": {"eos_token_id": 2}},
+                                    "config": {"eos_token_id": EOS}},
         "engine": {"name": "native", "version": "test"}, "policy": {"batching": "full"}, "seed": 0,
     }  # fmt: skip
     with CaptureWriter(path, meta) as w:
         for r in range(2):
             for pos in range(3):
                 w.append("tokens", {
-                    "request_id": r, "position": pos, "token_id": 10 * (pos + 1) + r,
+                    "request_id": r, "position": pos,
+                    "token_id": EOS if pos == eos_position else 10 * (pos + 1) + r,
                     "exit_layer": L, "is_forced": False, "executed_layers": L, "filled_layers": 0,
                     "softmax_margin": [0.1] * L,
                     "hidden_cosine": [0.1, 0.2, 0.6, 0.7, 0.8, 0.9] if with_signals else None,
@@ -43,8 +47,8 @@ def _trace(path, *, with_signals=True):
 COST = FittedCostModel(("overhead", "row_layers"), (1.0, 0.1))  # seconds: 1 + 0.1 per row-layer
 
 
-def _run(tmp_path, policy, lengths):
-    cap = _trace(tmp_path / "t")
+def _run(tmp_path, policy, lengths, *, eos_position=None):
+    cap = _trace(tmp_path / "t", eos_position=eos_position)
     cfg = SimulationConfig(trace=str(tmp_path / "t"), workload="", policy=policy,
                            scheduler=SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64,
                                                      max_model_len=64), block_size=4, num_kv_blocks=16)  # fmt: skip
@@ -63,6 +67,17 @@ def test_full_depth_timeline_by_hand(tmp_path):
     assert [s.start_s for s in res.steps] == pytest.approx([0.0, 3.4])
     assert res.metrics.ttft_mean_s == pytest.approx((3.4 + 4.7) / 2)
     assert res.metrics.duration_s == pytest.approx(6.2)
+
+
+def test_a_stream_stops_at_its_eos_unless_the_workload_ignores_it(tmp_path):
+    # the oracle stream has EOS at position 1: a summary ends there; a trace replay runs on to
+    # the length its trace gives (workload eos=ignore), as the engine does with ignore_eos
+    stop = _run(tmp_path / "a", PolicyConfig(), [LengthSpec(0.0, 4, 3)], eos_position=1)
+    assert [r.num_output_tokens for r in stop.requests] == [2]
+    exact = LengthSpec(0.0, 4, 3, ignore_eos=True)
+    run_on = _run(tmp_path / "b", PolicyConfig(), [exact], eos_position=1)
+    assert [r.num_output_tokens for r in run_on.requests] == [3]
+    assert len(run_on.steps) == len(stop.steps) + 1
 
 
 def test_early_exit_timeline_by_hand(tmp_path):

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -111,6 +112,26 @@ def test_live_capture_replays_to_the_recorded_exit_layers(live):
     )
     assert (replayed == recorded).all()
     assert (recorded < L).any(), "the live run never exited early: the test proves nothing"
+
+
+def test_a_capture_runs_past_eos_only_for_requests_that_ignore_it(ckpt, tmp_path, monkeypatch):
+    """Workload eos=ignore reaches the engine: such a request generates exactly max_tokens
+    (a trace replay's length); the others end at their first EOS token."""
+    reqs = _requests(n=3, max_tokens=8)
+    run_capture(ckpt, [replace(r, ignore_eos=True) for r in reqs], CaptureConfig(mode="live"),
+                tmp_path / "probe")  # fmt: skip
+    tokens = read_capture(tmp_path / "probe").tokens
+    first = [t for r, t in zip(tokens["request_id"].to_pylist(), tokens["token_id"].to_pylist(),
+                               strict=True) if r == 0]  # fmt: skip
+    # make request 0's third token the end-of-sequence token
+    monkeypatch.setattr(ckpt.model, "config", replace(ckpt.config, eos_token_id=first[2]))
+    run_capture(ckpt, reqs, CaptureConfig(mode="live"), tmp_path / "stop")
+    run_capture(ckpt, [replace(r, ignore_eos=True) for r in reqs], CaptureConfig(mode="live"),
+                tmp_path / "ignore")  # fmt: skip
+    stop = read_capture(tmp_path / "stop").requests["num_output_tokens"].to_pylist()
+    ignore = read_capture(tmp_path / "ignore").requests["num_output_tokens"].to_pylist()
+    assert ignore == [8, 8, 8]
+    assert stop[0] == 3 and max(stop) <= 8
 
 
 def test_steps_count_causal_attention_pairs_per_layer_run(ckpt, tmp_path):

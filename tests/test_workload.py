@@ -23,6 +23,7 @@ from testbed.workload import (
     synthetic_prompts,
     take,
     time_scale,
+    workload_lengths,
 )
 from testbed.workload_files import (
     gamma_arrivals,
@@ -343,7 +344,8 @@ def test_parse_good_workloads():
     ("text", "match"),
     [
         ("uniform:rate=2", r"unknown workload kind 'uniform' \(known: poisson, gamma, azure, mooncake, lengths\)"),
-        ("poisson:rate=2,n=4,burst=3", r"unknown argument 'burst' \(known: rate, n, prompt, output\)"),
+        ("poisson:rate=2,n=4,burst=3", r"unknown argument 'burst' \(known: rate, n, prompt, output, eos\)"),
+        ("poisson:rate=2,n=4,eos=maybe", r"bad eos='maybe' \(expected one of stop, ignore\)"),
         ("poisson:rate=2,n", r"malformed argument 'n' \(expected KEY=VALUE\)"),
         ("poisson:rate=fast,n=4", r"bad rate='fast'"),
         ("poisson:rate=-1,n=4", r"bad rate='-1' \(expected a positive number\)"),
@@ -360,6 +362,25 @@ def test_parse_good_workloads():
 def test_parse_bad_workloads(text, match):
     with pytest.raises(WorkloadError, match=match):
         parse_workload(text)
+
+
+def test_eos_rule_defaults_to_stop_for_synthetic_and_ignore_for_trace_replays(tmp_path):
+    # a trace's output lengths are what its users got; a summary prompt's are a cap
+    assert not parse_workload("poisson:rate=2,n=4").ignore_eos
+    assert parse_workload("poisson:rate=2,n=4,eos=ignore").ignore_eos
+    assert parse_workload("azure:path=a.csv").ignore_eos
+    assert not parse_workload("azure:path=a.csv,eos=stop").ignore_eos
+    azure = _write(tmp_path / "azure.csv", AZURE_TEXT)
+    for text, expected in (
+        (f"azure:path={azure}", True),
+        (f"azure:path={azure},eos=stop", False),
+        ("poisson:rate=2,n=3", False),
+        ("gamma:rate=2,cv=2,n=3,eos=ignore", True),
+    ):
+        specs, _ = workload_lengths(text, seed=0, max_model_len=8)  # clipping keeps the rule
+        assert {s.ignore_eos for s in specs} == {expected}, text
+        requests = synthetic_prompts(specs, 50, seed=0)
+        assert {r.ignore_eos for r in requests} == {expected}, text
 
 
 def test_build_synthetic_lengths():

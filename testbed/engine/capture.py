@@ -42,6 +42,7 @@ class CaptureRequest:
     prompt_token_ids: tuple[int, ...]
     max_tokens: int
     source_index: int | None = None  # the data set item the prompt was cut from (references)
+    ignore_eos: bool = False  # run to max_tokens past an end-of-sequence token (workload eos=)
 
 
 def capture_meta(ckpt: Checkpoint, cfg: CaptureConfig) -> dict[str, Any]:
@@ -103,7 +104,11 @@ def run_capture(
 
         engine.run(
             [
-                (r.arrival_s, r.prompt_token_ids, SamplingParams(max_tokens=r.max_tokens))
+                (
+                    r.arrival_s,
+                    r.prompt_token_ids,
+                    SamplingParams(max_tokens=r.max_tokens, ignore_eos=r.ignore_eos),
+                )
                 for r in order
             ],
             on_finish=finished,
@@ -141,7 +146,12 @@ def build_requests(
         reqs = attach_prompts(lengths, texts, encode, seed=seed)
     out = [
         CaptureRequest(
-            r.request_id, r.arrival_s, tuple(r.prompt_token_ids), r.max_tokens, r.source_index
+            r.request_id,
+            r.arrival_s,
+            tuple(r.prompt_token_ids),
+            r.max_tokens,
+            r.source_index,
+            r.ignore_eos,
         )
         for r in reqs
     ]

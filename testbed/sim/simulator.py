@@ -124,7 +124,8 @@ class Simulation:
         seq = SeqState(
             seq_id=self._next_seq_id, prompt_token_ids=(0,) * spec.num_prompt_tokens,
             max_tokens=spec.num_output_tokens, arrival_s=self.env.now,
-            eos_token_id=self.eos if own else None,  # a borrowed stream must not stop early
+            # a borrowed stream must not stop early, nor one of a workload with eos=ignore
+            eos_token_id=self.eos if own and not spec.ignore_eos else None,
         )  # fmt: skip
         try:
             self.scheduler.add(seq)

@@ -136,7 +136,9 @@ def run_vllm_capture(
 
 def _add(engine, run: _Run, request: CaptureRequest, *, seq_id: int) -> None:
     key = f"r{request.request_id}"
-    params = vllm.SamplingParams(max_tokens=request.max_tokens, temperature=0.0)
+    params = vllm.SamplingParams(
+        max_tokens=request.max_tokens, temperature=0.0, ignore_eos=request.ignore_eos
+    )
     engine.add_request(key, {"prompt_token_ids": list(request.prompt_token_ids)}, params)
     output = RequestOutput(seq_id, request.prompt_token_ids, [], [], arrival_s=request.arrival_s)
     run.live[key] = _Request(request, output)
