@@ -218,14 +218,17 @@ class FittedCostModel:
         separates per-row layer cost from per-row rule cost, which one live capture alone
         confounds."""
         rows, durations = [], []
-        for part in str(path).split("+"):
+        parts = str(path).split("+")
+        for part in parts:
             factor, part = split_time_factor(part)
             part_rows, part_durations = _steps_of(Path(part))
             rows += part_rows
             durations += [d * factor for d in part_durations]
         model, report = cls.fit(rows, durations)
+        # a validation fits on dozens of captures: name them when few, count them when many
+        source = path if len(parts) <= 3 else f"{len(parts)} captures ({parts[0]} ...)"
         log.info(
-            "fitted cost model on %s: R² %.3f over %d steps", path, report.r2, report.num_steps
+            "fitted cost model on %s: R² %.3f over %d steps", source, report.r2, report.num_steps
         )
         return model, report
 
