@@ -56,19 +56,27 @@ def _validation_section(doc: dict[str, Any]) -> list[str]:
             f"Median over the calibration runs: {1e3 * doc['reference_probe_s']:.1f} ms. The fit "
             "is normalised to that median and the simulator predicts at that speed; *error, "
             "probed* predicts each measured run at the speed its own probes saw instead (median "
-            "over the runs).",
+            "over the runs). *Error, hindsight* predicts each run at the speed its own steps "
+            "ran (their seconds over the fit's price of them, known only after the run): no "
+            "forecast, but what is left there is the simulator's error, not the machine's.",
             "",
         ]
     goal = {"throughput_tokens_per_s", "tpot_mean_s", "ttft_mean_s", "e2e_mean_s"}
-    probed = {(r["policy"], r["metric"]): r["error"] for r in doc.get("errors_probed", [])}
+    extra = {
+        title: {(r["policy"], r["metric"]): r["error"] for r in doc.get(key) or []}
+        for title, key in (("error, probed", "errors_probed"),
+                           ("error, hindsight", "errors_hindsight"))
+    }  # fmt: skip
+    extra = {title: errors for title, errors in extra.items() if errors}
     rows = [
         [r["policy"], r["metric_label"], _fmt(r["predicted"], ".4g"), _fmt(r["measured"], ".4g"),
          _fmt(r["error"], "+.1%"),
-         *([_fmt(probed.get((r["policy"], r["metric"])), "+.1%")] if probed else [])]
+         *(_fmt(errors.get((r["policy"], r["metric"])), "+.1%") for errors in extra.values())]
         for r in doc["errors"] if r["metric"] in goal
     ]  # fmt: skip
     header = ["configuration", "metric", "simulated", "measured", "error"]
-    lines += _table(header + (["error, probed"] if probed else []), rows)
+    lines += _table(header + list(extra), rows)
+    probed = extra.get("error, probed")
     tau, worst = doc.get("kendall_tau_throughput"), doc.get("max_goal_error")
     verdict = []
     if worst is not None:
@@ -87,6 +95,11 @@ def _validation_section(doc: dict[str, Any]) -> list[str]:
         tau_probed = doc.get("kendall_tau_throughput_probed")
         verdict.append(f"each run at its probed speed: {worst_probed:.1%} and tau "
                        f"{_fmt(tau_probed, '.3f')}")  # fmt: skip
+    worst_hindsight = doc.get("max_goal_error_hindsight")
+    if worst_hindsight is not None:
+        tau_hindsight = doc.get("kendall_tau_throughput_hindsight")
+        verdict.append(f"in hindsight, each run at the speed its steps ran: {worst_hindsight:.1%} "
+                       f"and tau {_fmt(tau_hindsight, '.3f')}")  # fmt: skip
     lines += ["", "; ".join(verdict) + "." if verdict else "", ""]
     spread = [c for c in doc["configurations"] if len(c.get("throughput_runs", [])) > 1]
     if spread:
@@ -94,9 +107,11 @@ def _validation_section(doc: dict[str, Any]) -> list[str]:
                   "(round-robin over the configurations). Each round's values:", ""]  # fmt: skip
         rows = [[c["label"], " / ".join(f"{v:.1f}" for v in c["throughput_runs"]),
                  " / ".join(_fmt(v and 1e3 * v, ".2f") for v in c["tpot_mean_runs_s"]),
-                 " / ".join(f"{v:.2f}" for v in c.get("dilation_runs", []))]
+                 " / ".join(f"{v:.2f}" for v in c.get("dilation_runs", [])),
+                 " / ".join(_fmt(v, ".2f") for v in c.get("step_dilation_runs") or [])]
                 for c in spread]  # fmt: skip
-        header = ["configuration", "throughput tok/s", "mean TPOT ms", "probe time / reference"]
+        header = ["configuration", "throughput tok/s", "mean TPOT ms", "probe time / reference",
+                  "step time / fit price"]  # fmt: skip
         lines += [*_table(header, rows), ""]
     lines += ["### Speedup and replay error", "",
               "The oracle trace holds the full-depth token stream; a live early-exit run "
@@ -105,8 +120,9 @@ def _validation_section(doc: dict[str, Any]) -> list[str]:
               "the fraction of tokens equal to `full` (simulated: the trace's flags; measured: "
               "the `full` run's output). Tokens are the output tokens emitted: the simulator "
               "replays the trace's lengths, and a live run that diverged stops at its own "
-              "end-of-sequence token, so throughput can differ where the run's duration does "
-              "not.", ""]  # fmt: skip
+              "end-of-sequence token (unless the workload runs every request to its length, "
+              "`eos=ignore`, a trace replay's default), so throughput can differ where the "
+              "run's duration does not.", ""]  # fmt: skip
     rows = [
         [c["label"], _fmt(c["speedup_predicted"], ".3f"), _fmt(c["speedup_measured"], ".3f"),
          f"{c['mean_exit_layer_predicted']:.2f}", f"{c['mean_exit_layer_measured']:.2f}",

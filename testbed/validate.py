@@ -14,6 +14,12 @@ time (the reference speed); the prediction is made at that speed. Beside it, eac
 is also predicted at its own probe time
 (``F*fitted:...``, "probed"); the run's own timings never enter either prediction.
 
+A third prediction is made in hindsight: each measured run at the speed its own steps ran
+(their seconds over the fit's price of them, known only after the run). It is no forecast, but
+it splits an error in two: what remains at the run's own speed is the simulator's (replay,
+scheduling, queue); the rest is the machine's speed that neither the reference nor the probes
+knew.
+
 OUT/
   run.json               config, seed, git commit
   calibration/           captures the cost model is fitted on (when made here)
@@ -55,7 +61,7 @@ from testbed.core import SchedulerConfig
 from testbed.core.policy_set import PolicyConfig, build_policies
 from testbed.errors import ConfigError, EetbError
 from testbed.runinfo import to_jsonable, write_run_info
-from testbed.sim.cost_model import build_cost_model
+from testbed.sim.cost_model import FittedCostModel, build_cost_model, price_capture_s
 from testbed.sim.metrics import RequestRecord, compute_metrics
 from testbed.sim.simulator import SimulationConfig, simulate
 from testbed.trace import Capture, read_capture
@@ -275,6 +281,24 @@ def dilation(run: Path, calibration: Calibration) -> float:
     return probe / calibration.reference_probe_s
 
 
+def step_dilation(run: Path, fit: object) -> float | None:
+    """How much longer a run's own steps took than the fit prices them at (1.2: 20% longer);
+    None when the cost model cannot price recorded steps or the run has none."""
+    if not isinstance(fit, FittedCostModel):
+        return None
+    priced_s, measured_s = price_capture_s(fit, run)
+    return measured_s / priced_s if priced_s > 0 else None
+
+
+@dataclass(frozen=True)
+class RunSpeed:
+    """How much slower than the calibration's reference speed the machine ran one measured run
+    (1.0: at the reference speed; 1.2: 20% slower)."""
+
+    probed: float  # its speed probes' median over the reference's: known beside the run
+    steps: float | None  # its steps' seconds over the fit's price of them: known only after it
+
+
 # --- measured side ------------------------------------------------------------------------------
 
 
@@ -359,23 +383,36 @@ def _simulate_at(engine: EngineRuns, policy: PolicyConfig, oracle: str, cost_mod
     ))  # fmt: skip
 
 
+def _predicted_at(engine: EngineRuns, policy: PolicyConfig, oracle: str, cost_model: str,
+                  factors: Sequence[float | None]) -> dict[str, Any] | None:  # fmt: skip
+    """The median over runs, each simulated with step times x its factor; None when a run's
+    factor is unknown."""
+    if any(f is None for f in factors):
+        return None
+    sims = [_simulate_at(engine, policy, oracle, cost_model, f) for f in factors]
+    return _median_metrics([sim.metrics.to_dict() for sim in sims])
+
+
 def _validate_one(
     index: int, policy: PolicyConfig, engine: EngineRuns, oracle: str, cost_model: str,
-    lives: Sequence[Capture], dilations: Sequence[float],
+    lives: Sequence[Capture], speeds: Sequence[RunSpeed],
     full_outputs: dict[int, list[int]] | None, references: dict[int, str] | None,
 ) -> dict[str, Any]:  # fmt: skip
     """Measured (median over the repeated live runs) against predicted (at the calibration's
-    reference speed) and predicted_probed (median over the same runs, each simulated at the
-    speed its probes saw), for one configuration. Quality and agreement come from the first
-    run; measured exit layers and latencies pool every run."""
+    reference speed), predicted_probed (median over the same runs, each simulated at the
+    speed its probes saw) and predicted_hindsight (each at the speed its own steps ran), for
+    one configuration. Quality and agreement come from the first run; measured exit layers and
+    latencies pool every run."""
     records_by_run = [capture_records(live) for live in lives]
     per_run = [compute_metrics(records, []).to_dict() for records in records_by_run]
     measured = _median_metrics(per_run)
     records = [r for run in records_by_run for r in run]
     sim = _simulate_at(engine, policy, oracle, cost_model, 1.0)
     predicted = sim.metrics.to_dict()
-    probed = [_simulate_at(engine, policy, oracle, cost_model, d) for d in dilations]
-    predicted_probed = _median_metrics([s.metrics.to_dict() for s in probed])
+    predicted_probed = _predicted_at(engine, policy, oracle, cost_model,
+                                     [x.probed for x in speeds])  # fmt: skip
+    predicted_hindsight = _predicted_at(engine, policy, oracle, cost_model,
+                                        [x.steps for x in speeds])  # fmt: skip
     outputs = capture_outputs(lives[0])
     num_layers = lives[0].num_layers
     hist_real = exit_histogram([x for r in records for x in r.exit_layers], num_layers)
@@ -404,7 +441,8 @@ def _validate_one(
     return {
         "index": index, "policy": to_jsonable(policy), "label": policy.label(),
         "measured": measured, "measured_runs": per_run, "predicted": predicted,
-        "predicted_probed": predicted_probed, "dilations": list(dilations),
+        "predicted_probed": predicted_probed, "predicted_hindsight": predicted_hindsight,
+        "dilations": [x.probed for x in speeds], "step_dilations": [x.steps for x in speeds],
         "rouge_l": rouge_l, "replay": replay,
         "latencies": _latency_rows(policy.label(), "measured", records)
         + _latency_rows(policy.label(), "simulated", sim.requests),
@@ -536,8 +574,8 @@ def run_validation(
             continue
         runs = [out / "live" / f"{i:02d}" / f"r{k}" for k in range(cfg.repeats)]
         lives = [read_capture(run) for run in runs]
-        dilations = [dilation(run, calibration) for run in runs]
-        doc = _validate_one(i, policy, engine, oracle, cost_model, lives, dilations,
+        speeds = [RunSpeed(dilation(run, calibration), step_dilation(run, fit)) for run in runs]
+        doc = _validate_one(i, policy, engine, oracle, cost_model, lives, speeds,
                             full_outputs, references)  # fmt: skip
         if i == 0:
             full_outputs = doc["outputs"]
@@ -557,7 +595,8 @@ def summarise(
 ) -> dict[str, Any]:  # fmt: skip
     def compared(key: str) -> tuple[list[dict[str, Any]], float | None, float | None]:
         """Error rows, Kendall tau of throughput and the largest goal error of predictions
-        ``key`` (all at the reference speed, or each run at its probed speed)."""
+        ``key`` (all at the reference speed, each run at its probed speed, or in hindsight
+        at the speed its steps ran)."""
         rows = [row for d in done for row in error_rows(d["label"], d[key], d["measured"])]
         tau = kendall_tau([d[key]["throughput_tokens_per_s"] for d in done],
                           [d["measured"]["throughput_tokens_per_s"] for d in done])  # fmt: skip
@@ -576,6 +615,10 @@ def summarise(
         pairs,
     )
     errors_probed, tau_probed, worst_probed = compared("predicted_probed")
+    has_hindsight = all(d.get("predicted_hindsight") is not None for d in done)
+    errors_hindsight, tau_hindsight, worst_hindsight = (
+        compared("predicted_hindsight") if has_hindsight else ([], None, None)
+    )
     full = next((d for d in done if d["index"] == 0), None)
     configs = []
     for d in done:
@@ -593,8 +636,10 @@ def summarise(
             "tpot_mean_runs_s": [r["tpot_mean_s"] for r in d["measured_runs"]],
             "measured": d["measured"], "predicted": d["predicted"],
             "predicted_probed": d["predicted_probed"],
-            # per run: the probe's time over the calibration's median (1.2: 20% slower)
-            "dilation_runs": d["dilations"],
+            # per run: the probe's time over the calibration's median (1.2: 20% slower), and
+            # its own steps' seconds over the fit's price of them
+            "dilation_runs": d["dilations"], "step_dilation_runs": d.get("step_dilations"),
+            "predicted_hindsight": d.get("predicted_hindsight"),
         })  # fmt: skip
     return {
         "schema_version": VALIDATION_SCHEMA_VERSION,
@@ -617,6 +662,11 @@ def summarise(
         "errors_probed": errors_probed,
         "kendall_tau_throughput_probed": tau_probed,
         "max_goal_error_probed": worst_probed,
+        # in hindsight: each run predicted at the speed its own steps ran (no forecast: what is
+        # left is the simulator's error, not the machine's speed)
+        "errors_hindsight": errors_hindsight,
+        "kendall_tau_throughput_hindsight": tau_hindsight,
+        "max_goal_error_hindsight": worst_hindsight,
         "missing": [{"label": f["label"], "message": f["message"]} for f in failed],
     }  # fmt: skip
 

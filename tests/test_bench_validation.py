@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from testbed.cli import main as cli
-from testbed.commands.bench_validation import WORKLOAD_NAMES, workloads
+from testbed.commands.bench_validation import WORKLOAD_NAMES, recorded_capacity, workloads
+from testbed.runinfo import write_run_info
 from testbed.workload import parse_workload
 
 
@@ -23,3 +24,13 @@ def test_an_unknown_workload_is_refused_before_any_run(tmp_path, capsys):
     assert code == 2
     assert "unknown validation workload(s) nope" in capsys.readouterr().err
     assert not (tmp_path / "b" / "capacity").exists()
+
+
+def test_a_rerun_reuses_the_capacity_of_a_finished_burst(tmp_path):
+    # the rerun must rebuild the same workloads, or its validations would not find their runs
+    assert recorded_capacity(tmp_path) is None
+    write_run_info(tmp_path, {"capacity_tokens_per_s": 901.5, "workloads": []}, seed=0)
+    assert recorded_capacity(tmp_path) is None  # the burst run never finished
+    (tmp_path / "capacity").mkdir()
+    (tmp_path / "capacity" / "meta.json").write_text("{}")
+    assert recorded_capacity(tmp_path) == 901.5

@@ -24,6 +24,7 @@ from testbed.sim.cost_model import (
     build_cost_model,
     map_layers,
     nnls,
+    price_capture_s,
 )
 from testbed.sim.roofline import gpu_spec
 from testbed.trace import read_capture, read_meta
@@ -373,3 +374,14 @@ def test_a_time_factor_scales_any_model_and_each_fitted_capture():
 def test_cost_models_import_no_torch():
     code = "import sys, testbed.sim.cost_model; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_price_capture_is_the_fit_price_of_the_captures_own_steps():
+    model, _ = FittedCostModel.from_steps_parquet(f"2*{ORACLE}")
+    priced_s, measured_s = price_capture_s(model, ORACLE)
+    rows = read_capture(ORACLE).steps.to_pylist()
+    assert measured_s == pytest.approx(sum(row["duration_s"] for row in rows))
+    priced_each = [model.step_time_s(SimpleNamespace(**row, rule="none")) for row in rows]
+    assert priced_s == pytest.approx(sum(priced_each))
+    # fitted on the capture's durations doubled: it ran in about half the time the fit prices
+    assert 0.4 < measured_s / priced_s < 0.6

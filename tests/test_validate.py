@@ -13,6 +13,7 @@ from policies.errors import PolicyConfigError
 from testbed.cli import main as cli
 from testbed.core.policy_set import PolicyConfig
 from testbed.errors import ConfigError
+from testbed.sim.cost_model import build_cost_model, price_capture_s
 from testbed.sim.simulator import SimulationConfig
 from testbed.sweep import config_columns
 from testbed.trace import read_capture
@@ -29,6 +30,7 @@ from testbed.validate import (
     run_validation,
     select_from_sweep,
     speed_file,
+    step_dilation,
 )
 
 WORKLOAD = "poisson:rate=20,n=6,prompt=16-64,output=10"
@@ -305,6 +307,26 @@ def test_each_run_is_predicted_at_the_speed_its_probes_measured(tmp_path, monkey
         # twice the step times; arrivals batch a little differently at that speed
         assert 1.7 < slow_tpot / c["predicted"]["tpot_mean_s"] < 2.3
     assert s["max_goal_error_probed"] is not None and s["errors_probed"]
+
+
+def test_each_run_is_also_predicted_in_hindsight_at_the_speed_its_steps_ran(validated):
+    """The step dilation is the run's own steps' seconds over the fit's price of them; the
+    hindsight prediction simulates the run with step times scaled by it."""
+    result, out = validated
+    s = result.summary
+    fit = build_cost_model(s["cost_model"])
+    for c in s["configurations"]:
+        priced_s, measured_s = price_capture_s(fit, out / "live" / f"{c['index']:02d}" / "r0")
+        (factor,) = c["step_dilation_runs"]
+        assert factor == pytest.approx(measured_s / priced_s)
+        # step times x factor; arrivals batch a little differently at that speed
+        ratio = c["predicted_hindsight"]["tpot_mean_s"] / c["predicted"]["tpot_mean_s"]
+        assert ratio == pytest.approx(factor, rel=0.3)
+    assert s["errors_hindsight"] and s["max_goal_error_hindsight"] is not None
+    assert (
+        step_dilation(out / "live" / "00" / "r0", build_cost_model("roofline:H100:llama-2-7b"))
+        is None
+    )
 
 
 def test_a_spike_in_one_probe_does_not_rescale_its_run(tmp_path):

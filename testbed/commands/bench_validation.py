@@ -48,6 +48,15 @@ def capacity_tokens_per_s(out: Path, data_dir: str | None) -> float:
     return compute_metrics(records, []).throughput_tokens_per_s
 
 
+def recorded_capacity(out: Path) -> float | None:
+    """The capacity an earlier run into ``out`` measured, when its burst run finished: a rerun
+    then validates the same workloads and reuses every finished run."""
+    info, burst = out / "run.json", out / "capacity" / "meta.json"
+    if not (info.is_file() and burst.is_file()):
+        return None
+    return json.loads(info.read_text())["config"].get("capacity_tokens_per_s")
+
+
 def run(out: Path, data_dir: str | None, names: list[str] | None = None) -> int:
     unknown = sorted(set(names or ()) - set(WORKLOAD_NAMES))
     if unknown or names == []:
@@ -56,8 +65,12 @@ def run(out: Path, data_dir: str | None, names: list[str] | None = None) -> int:
             f"(known: {', '.join(WORKLOAD_NAMES)})"
         )
     rows = []
-    capacity = capacity_tokens_per_s(out, data_dir)
-    print(f"capacity: {capacity:.0f} tokens/s at full depth on {BURST}", flush=True)
+    capacity = recorded_capacity(out)
+    if capacity is None:
+        capacity = capacity_tokens_per_s(out, data_dir)
+        print(f"capacity: {capacity:.0f} tokens/s at full depth on {BURST}", flush=True)
+    else:
+        print(f"capacity: {capacity:.0f} tokens/s, as measured by the earlier run into {out}")
     chosen = [w for w in workloads(capacity) if names is None or w[0] in names]
     write_run_info(out, {"capacity_tokens_per_s": capacity, "workloads": chosen}, seed=0,
                    suite="validation")  # fmt: skip
@@ -69,28 +82,36 @@ def run(out: Path, data_dir: str | None, names: list[str] | None = None) -> int:
         summary = json.loads((out / name / "validate" / "validation.json").read_text())
         errors = {(r["policy"], r["metric"]): r["error"] for r in summary["errors"]}
         probed = {(r["policy"], r["metric"]): r["error"] for r in summary["errors_probed"]}
+        hindsight = {(r["policy"], r["metric"]): r["error"]
+                     for r in summary.get("errors_hindsight") or []}  # fmt: skip
         for c in summary["configurations"]:
             keys = [(c["label"], m) for m in ("throughput_tokens_per_s", "tpot_mean_s")]
             rows.append((name, c["label"], *(errors.get(k) for k in keys),
-                         *(probed.get(k) for k in keys), c["speedup_predicted"],
+                         *(probed.get(k) for k in keys), *(hindsight.get(k) for k in keys),
+                         c["speedup_predicted"],
                          c["speedup_measured"], summary["kendall_tau_throughput"],
                          summary["kendall_tau_throughput_probed"],
                          summary.get("kendall_tau_resolved")))  # fmt: skip
     # errors at the calibration's median speed; "probed": each run predicted at the machine
     # speed its speed probes measured beside it
     print(f"{'workload':18s} {'configuration':40s} {'tput err':>8s} {'TPOT err':>8s} "
-          f"{'tput prb':>8s} {'TPOT prb':>8s} {'speedup sim':>11s} {'speedup real':>12s} "
+          f"{'tput prb':>8s} {'TPOT prb':>8s} {'tput hnd':>8s} {'TPOT hnd':>8s} "
+          f"{'speedup sim':>11s} {'speedup real':>12s} "
           f"{'tau':>6s} {'tau prb':>7s} {'tau res':>7s}")  # fmt: skip
     for name, label, *values in rows:
-        errs, (s_sim, s_real, tau, tau_probed, tau_resolved) = values[:4], values[4:]
+        errs, (s_sim, s_real, tau, tau_probed, tau_resolved) = values[:6], values[6:]
         print(
             f"{name:18s} {label:40s} "
             + " ".join(f"{_pct(e):>8s}" for e in errs)
             + f" {_num(s_sim):>11s} {_num(s_real):>12s} {_num(tau):>6s} {_num(tau_probed):>7s}"
             + f" {_num(tau_resolved):>7s}"
         )
-    print("tau res: over the pairs whose order at least 80% of the rounds agree on")
-    for title, lo in (("at the reference speed", 2), ("each run at its probed speed", 4)):
+    print(
+        "tau res: over the pairs whose order at least 80% of the rounds agree on; hnd: in "
+        "hindsight, each run at the speed its own steps ran (what is left is the simulator's)"
+    )
+    for title, lo in (("at the reference speed", 2), ("each run at its probed speed", 4),
+                      ("in hindsight, each run at its steps' speed", 6)):  # fmt: skip
         goal = [abs(e) for r in rows for e in r[lo : lo + 2] if e is not None]
         if goal:
             print(f"{title}: largest |error| of throughput and mean TPOT over {len(rows)} "

@@ -120,6 +120,12 @@ def error_table(summary: dict[str, Any]) -> str:
             f"tau {_num(summary['kendall_tau_throughput_probed'], '.3f')}, largest |error| "
             f"{_pct(summary['max_goal_error_probed'])}"
         )
+    if summary.get("max_goal_error_hindsight") is not None:
+        lines.append(
+            "in hindsight, each run at the speed its own steps ran (what is left is the "
+            f"simulator's error): tau {_num(summary['kendall_tau_throughput_hindsight'], '.3f')}, "
+            f"largest |error| {_pct(summary['max_goal_error_hindsight'])}"
+        )
     for m in summary["missing"]:
         lines.append(f"missing: {m['label']}: {m['message']}")
     return "\n".join(lines)

@@ -26,7 +26,7 @@ from testbed.trace import read_capture
 __all__ = [
     "CostModel", "CostModelError", "FitReport", "FittedCostModel", "GpuSpec", "ModelShape",
     "ProfileCostModel", "RooflineCostModel", "ScaledCostModel", "StepFeatures",
-    "build_cost_model", "map_layers", "nnls", "split_time_factor",
+    "build_cost_model", "map_layers", "nnls", "price_capture_s", "split_time_factor",
 ]  # fmt: skip
 
 log = logging.getLogger(__name__)
@@ -231,6 +231,20 @@ class FittedCostModel:
             "fitted cost model on %s: R² %.3f over %d steps", source, report.r2, report.num_steps
         )
         return model, report
+
+
+def price_capture_s(model: FittedCostModel, path: str | Path) -> tuple[float, float]:
+    """Seconds ``model`` prices a capture's own recorded steps at, and seconds they took. Their
+    ratio is how fast the machine ran that capture against the fit's reference speed, plus the
+    fit's own error on those steps."""
+    rows, durations = _steps_of(Path(path))
+    if not rows:
+        return 0.0, 0.0
+    names, x = _design_from_rows(rows)  # [steps, terms]
+    by_name = dict(zip(model.term_names, model.coefficients_s, strict=True))
+    # a rule term the fit never saw costs nothing, as in step_time_s
+    coefficients = np.array([by_name.get(name, 0.0) for name in names])
+    return float((x @ coefficients).sum()), float(sum(durations))
 
 
 def _steps_of(path: Path) -> tuple[list[dict[str, Any]], list[float]]:
