@@ -144,23 +144,32 @@ def latency_cdfs(latencies: Sequence[dict[str, Any]], path: Path) -> Path | None
     return _save(fig, path)
 
 
-def simulated_vs_measured(errors: Sequence[dict[str, Any]], path: Path) -> Path | None:
-    """Predicted against measured throughput and mean TPOT, with the y = x line."""
+def simulated_vs_measured(validation: dict[str, Any], path: Path) -> Path | None:
+    """Predicted against measured throughput and mean TPOT, with the y = x line: the forecast
+    (filled) and, where the validation has it, the hindsight prediction at each run's own speed
+    (hollow, same colour)."""
     panels = (
         ("throughput_tokens_per_s", "throughput (tokens/s)"),
         ("tpot_mean_s", "mean TPOT (ms)"),
     )
+    errors, hindsight = validation["errors"], validation.get("errors_hindsight") or []
     if not any(r["metric"] == m for r in errors for m, _ in panels):
         return None
     fig, axes = plt.subplots(1, 2, figsize=(9, 4))
     for ax, (metric, title) in zip(axes, panels, strict=True):
         pts = [(r["measured"], r["predicted"], r["policy"]) for r in errors
                if r["metric"] == metric and r["measured"] is not None and r["predicted"] is not None]  # fmt: skip
+        later = {r["policy"]: r["predicted"] for r in hindsight
+                 if r["metric"] == metric and r["predicted"] is not None}  # fmt: skip
         for i, (x, y, label) in enumerate(pts):
             ax.scatter([x], [y], color=f"C{i}", label=label)
+            if label in later:
+                ax.scatter([x], [later[label]], facecolors="none", edgecolors=f"C{i}",
+                           label="hollow: in hindsight" if i == 0 else None)  # fmt: skip
         if pts:
-            lo = min(min(x, y) for x, y, _ in pts) * 0.9
-            hi = max(max(x, y) for x, y, _ in pts) * 1.1
+            ys = [y for _, y, _ in pts] + list(later.values())
+            lo = min(min(x for x, _, _ in pts), *ys) * 0.9
+            hi = max(max(x for x, _, _ in pts), *ys) * 1.1
             ax.plot([lo, hi], [lo, hi], color="grey", lw=0.8, label="y = x")
             ax.fill_between([lo, hi], [lo * 0.9, hi * 0.9], [lo * 1.1, hi * 1.1], color="grey",
                             alpha=0.12, label="±10%")  # fmt: skip

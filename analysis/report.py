@@ -177,7 +177,7 @@ def _figure_section(run: RunData, fig_dir: Path, report_dir: Path) -> tuple[list
         ]  # fmt: skip
     if run.validation is not None:
         plans += [
-            ("Simulated against measured (y = x)", figures.simulated_vs_measured, run.validation["errors"], "sim_vs_measured"),
+            ("Simulated against measured (y = x)", figures.simulated_vs_measured, run.validation, "sim_vs_measured"),
             ("Exit-layer histograms, measured and simulated", figures.exit_histograms, run.validation["configurations"], "exit_histograms"),
             ("TTFT and TPOT CDFs", figures.latency_cdfs, run.latencies, "latency_cdfs"),
         ]  # fmt: skip

@@ -190,3 +190,23 @@ def test_report_of_a_probed_validation_shows_the_probed_errors_beside(tmp_path):
     text = write_report(tmp_path).read_text()
     assert "over the 1 of 3 pairs whose order at least 80% of the rounds agree on" in text
     assert "| full | 1.0 / 2.0 | 100.00 / 200.00 | 1.10 / 0.90 |" in text
+
+
+def test_report_of_a_validation_with_hindsight_shows_it_beside_the_forecast(tmp_path):
+    _validation(tmp_path / "validate")
+    file = tmp_path / "validate" / "validation.json"
+    doc = json.loads(file.read_text())
+    doc["reference_probe_s"] = 0.125
+    doc["errors_probed"] = [{**r, "error": 0.25} for r in doc["errors"]]
+    doc["max_goal_error_probed"], doc["kendall_tau_throughput_probed"] = 0.25, -1.0
+    doc["errors_hindsight"] = [{**r, "error": -0.02} for r in doc["errors"]]
+    doc["max_goal_error_hindsight"], doc["kendall_tau_throughput_hindsight"] = 0.02, 1.0
+    for c in doc["configurations"]:
+        c["throughput_runs"], c["tpot_mean_runs_s"] = [1, 2], [0.1, 0.2]
+        c["dilation_runs"], c["step_dilation_runs"] = [1.1, 0.9], [1.25, 0.8]
+    file.write_text(json.dumps(doc))
+    text = write_report(tmp_path).read_text()
+    assert "| full | throughput tok/s | 100 | 105 | -4.8% | +25.0% | -2.0% |" in text
+    assert "in hindsight, each run at the speed its steps ran: 2.0% and tau 1.000" in text
+    assert "| full | 1.0 / 2.0 | 100.00 / 200.00 | 1.10 / 0.90 | 1.25 / 0.80 |" in text
+    assert (tmp_path / "figures" / "sim_vs_measured.png").read_bytes().startswith(PNG)
