@@ -166,20 +166,23 @@ def test_offered_load_from_workload_strings():
     assert offered_load("lengths:path=x.csv") is None
 
 
-def test_report_of_a_probed_validation_shows_the_probed_errors_beside(tmp_path):
-    _validation(tmp_path / "validate")
-    file = tmp_path / "validate" / "validation.json"
+def _probed_validation(path):
+    """A validation whose runs were probed (two rounds); returns its file and document."""
+    _validation(path)
+    file = path / "validation.json"
     doc = json.loads(file.read_text())
     doc["reference_probe_s"] = 0.125
     doc["errors_probed"] = [{**r, "error": 0.25} for r in doc["errors"]]
     doc["max_goal_error_probed"], doc["kendall_tau_throughput_probed"] = 0.25, -1.0
     for c in doc["configurations"]:
-        c["throughput_runs"], c["tpot_mean_runs_s"], c["dilation_runs"] = (
-            [1, 2],
-            [0.1, 0.2],
-            [1.1, 0.9],
-        )
+        c["throughput_runs"], c["tpot_mean_runs_s"] = [1, 2], [0.1, 0.2]
+        c["dilation_runs"] = [1.1, 0.9]
     file.write_text(json.dumps(doc))
+    return file, doc
+
+
+def test_report_of_a_probed_validation_shows_the_probed_errors_beside(tmp_path):
+    file, doc = _probed_validation(tmp_path / "validate")
     text = write_report(tmp_path).read_text()
     assert "Median over the calibration runs: 125.0 ms." in text
     assert "| full | throughput tok/s | 100 | 105 | -4.8% | +25.0% |" in text
@@ -193,17 +196,11 @@ def test_report_of_a_probed_validation_shows_the_probed_errors_beside(tmp_path):
 
 
 def test_report_of_a_validation_with_hindsight_shows_it_beside_the_forecast(tmp_path):
-    _validation(tmp_path / "validate")
-    file = tmp_path / "validate" / "validation.json"
-    doc = json.loads(file.read_text())
-    doc["reference_probe_s"] = 0.125
-    doc["errors_probed"] = [{**r, "error": 0.25} for r in doc["errors"]]
-    doc["max_goal_error_probed"], doc["kendall_tau_throughput_probed"] = 0.25, -1.0
+    file, doc = _probed_validation(tmp_path / "validate")
     doc["errors_hindsight"] = [{**r, "error": -0.02} for r in doc["errors"]]
     doc["max_goal_error_hindsight"], doc["kendall_tau_throughput_hindsight"] = 0.02, 1.0
     for c in doc["configurations"]:
-        c["throughput_runs"], c["tpot_mean_runs_s"] = [1, 2], [0.1, 0.2]
-        c["dilation_runs"], c["step_dilation_runs"] = [1.1, 0.9], [1.25, 0.8]
+        c["step_dilation_runs"] = [1.25, 0.8]
     file.write_text(json.dumps(doc))
     text = write_report(tmp_path).read_text()
     assert "| full | throughput tok/s | 100 | 105 | -4.8% | +25.0% | -2.0% |" in text
