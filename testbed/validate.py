@@ -615,7 +615,7 @@ def summarise(
         pairs,
     )
     errors_probed, tau_probed, worst_probed = compared("predicted_probed")
-    has_hindsight = all(d.get("predicted_hindsight") is not None for d in done)
+    has_hindsight = all(d["predicted_hindsight"] is not None for d in done)
     errors_hindsight, tau_hindsight, worst_hindsight = (
         compared("predicted_hindsight") if has_hindsight else ([], None, None)
     )
@@ -638,8 +638,8 @@ def summarise(
             "predicted_probed": d["predicted_probed"],
             # per run: the probe's time over the calibration's median (1.2: 20% slower), and
             # its own steps' seconds over the fit's price of them
-            "dilation_runs": d["dilations"], "step_dilation_runs": d.get("step_dilations"),
-            "predicted_hindsight": d.get("predicted_hindsight"),
+            "dilation_runs": d["dilations"], "step_dilation_runs": d["step_dilations"],
+            "predicted_hindsight": d["predicted_hindsight"],
         })  # fmt: skip
     return {
         "schema_version": VALIDATION_SCHEMA_VERSION,

@@ -237,8 +237,8 @@ def synthetic_prompts(specs: Sequence[LengthSpec], vocab_size: int, seed: int) -
     for i, s in enumerate(specs):
         _check_lengths(s, i)
         ids = rng.integers(MIN_TOKEN_ID, vocab_size, s.num_prompt_tokens)
-        ids_tuple = tuple(ids.tolist())
-        out.append(Request(s.arrival_s, ids_tuple, s.num_output_tokens, i, None, s.ignore_eos))
+        out.append(Request(s.arrival_s, tuple(ids.tolist()), s.num_output_tokens, i, None,
+                           ignore_eos=s.ignore_eos))  # fmt: skip
     return out
 
 

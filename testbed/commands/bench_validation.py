@@ -80,10 +80,8 @@ def run(out: Path, data_dir: str | None, names: list[str] | None = None) -> int:
         cfg = DemoConfig(workload=workload, higher_load=higher, calibration_workload=calibration)
         run_demo(cfg, out / name, data_dir=data_dir, progress=ProgressLine(min_interval_s=0))
         summary = json.loads((out / name / "validate" / "validation.json").read_text())
-        errors = {(r["policy"], r["metric"]): r["error"] for r in summary["errors"]}
-        probed = {(r["policy"], r["metric"]): r["error"] for r in summary["errors_probed"]}
-        hindsight = {(r["policy"], r["metric"]): r["error"]
-                     for r in summary.get("errors_hindsight") or []}  # fmt: skip
+        errors, probed, hindsight = (_by_key(summary.get(key) or []) for key in
+                                     ("errors", "errors_probed", "errors_hindsight"))  # fmt: skip
         for c in summary["configurations"]:
             keys = [(c["label"], m) for m in ("throughput_tokens_per_s", "tpot_mean_s")]
             rows.append((name, c["label"], *(errors.get(k) for k in keys),
@@ -118,6 +116,11 @@ def run(out: Path, data_dir: str | None, names: list[str] | None = None) -> int:
                   f"validated runs: {max(goal):.1%}; within 10%: "
                   f"{sum(e <= 0.10 for e in goal)}/{len(goal)}")  # fmt: skip
     return 0
+
+
+def _by_key(error_rows: list[dict]) -> dict[tuple[str, str], float | None]:
+    """Error rows by (policy, metric)."""
+    return {(r["policy"], r["metric"]): r["error"] for r in error_rows}
 
 
 def _pct(value: float | None) -> str:
