@@ -5,13 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from testbed.errors import CheckpointError
+from testbed.zoo.spec import KNOWN_MODELS, prepared_dir
 
 BUILTIN_NAME = "builtin"
 BUILTIN_DIR = Path(__file__).resolve().parent / "builtin"
 
 
 def resolve_model_dir(name_or_path: str | Path) -> Path:
-    """'builtin' → the shipped checkpoint; anything else is a checkpoint directory."""
+    """'builtin' → the shipped checkpoint; a known model's name (``smollm2-135m``) → its
+    prepared copy in the cache; anything else is a checkpoint directory."""
     if str(name_or_path) == BUILTIN_NAME:
         if not (BUILTIN_DIR / "config.json").is_file():
             raise CheckpointError(
@@ -19,4 +21,6 @@ def resolve_model_dir(name_or_path: str | Path) -> Path:
                 f"--out {BUILTIN_DIR}` to rebuild it"
             )
         return BUILTIN_DIR
+    if str(name_or_path) in KNOWN_MODELS:
+        return prepared_dir(KNOWN_MODELS[str(name_or_path)])
     return Path(name_or_path)

@@ -12,7 +12,9 @@ import sys
 from collections.abc import Sequence
 
 VERBS = {
+    "model": "prepare a known pretrained model (smollm2-135m) into the local cache",
     "train": "train the built-in early-exit model and its exit classifiers",
+    "train-exits": "train exit adapters and probes on a frozen pretrained model",
     "generate": "generate text with the native early-exit engine",
     "bench": "benchmark the native engine against transformers (and vLLM when installed)",
     "capture": "capture an oracle or live trace from the native engine",
@@ -43,7 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"eetb: error: unknown verb {verb!r} (known: {', '.join(VERBS)})", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    module = importlib.import_module(f"testbed.commands.{verb}")
+    module = importlib.import_module(f"testbed.commands.{verb.replace('-', '_')}")
     return module.main(rest)
 
 

@@ -139,8 +139,3 @@ def load_text(file: str | Path) -> str:
     if not text.strip():
         raise DataError(f"{path} is empty")
     return text
-
-
-def summarization_prompt(article: str) -> str:
-    """The prompt format the built-in model is trained on; the summary follows it."""
-    return f"{article}\nSummary:"

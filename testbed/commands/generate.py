@@ -15,7 +15,7 @@ from testbed.commands.common import (
     policy_from_args,
 )
 from testbed.core import SchedulerConfig
-from testbed.datasets import load_summaries, summarization_prompt
+from testbed.datasets import load_summaries
 from testbed.engine.engine import EngineConfig, LLMEngine
 from testbed.engine.sampler import SamplingParams
 from testbed.model.checkpoint import load_checkpoint
@@ -40,13 +40,14 @@ def main(argv: list[str]) -> int:
     p.add_argument("--max-num-seqs", type=int, default=16)
     p.add_argument("--json", action="store_true", help="print one JSON object per output")
     args = p.parse_args(argv)
+    if not args.prompt and not args.prompts_from_data:
+        p.error("give --prompt TEXT or --prompts-from-data N")
+    ckpt = load_checkpoint(resolve_model_dir(args.model))
     prompts = list(args.prompt)
     if args.prompts_from_data:
         examples = load_summaries(args.dataset, "eval", args.data_dir)[: args.prompts_from_data]
-        prompts += [summarization_prompt(ex.article[:MAX_ARTICLE_CHARS]) for ex in examples]
-    if not prompts:
-        p.error("give --prompt TEXT or --prompts-from-data N")
-    ckpt = load_checkpoint(resolve_model_dir(args.model))
+        prompts += [ckpt.prompt.summary_request(ex.article[:MAX_ARTICLE_CHARS], args.dataset)
+                    for ex in examples]  # fmt: skip
     cfg = EngineConfig(
         policy=policy_from_args(args),
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs),

@@ -21,7 +21,9 @@ class SchedulerConfig:
 
     max_num_seqs: int = 64  # sequences admitted at once (running + parked)
     max_num_batched_tokens: int = 2048  # tokens fed per step
-    max_model_len: int = 1024  # prompt + max_tokens of any request
+    max_model_len: int = (
+        2048  # prompt + max_tokens of any request (engines cap it at the model's context)
+    )
     enable_chunked_prefill: bool = True  # split long prefills across steps
 
     def __post_init__(self) -> None:

@@ -114,8 +114,9 @@ class LLMEngine:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ConfigError("text prompts need a tokenizer in the checkpoint")
+            # the checkpoint's prompt format: BOS + text, or the chat template of an instruct model
             bos = self.checkpoint.config.bos_token_id
-            return ([bos] if bos is not None else []) + self.tokenizer.encode(prompt).ids
+            return self.checkpoint.prompt.encode(self.tokenizer, prompt, bos)
         return list(prompt)
 
     def add_request(

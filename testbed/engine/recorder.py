@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from testbed.core.step import StepPlan, StepResult
 from testbed.engine.engine import RequestOutput
 from testbed.engine.step_batch import StepBatch
-from testbed.model.llama import ExitClassifiers, LlamaModel
+from testbed.model.llama import ExitClassifiers, LlamaModel, exit_norm_stack
 from testbed.model.signals import SIGNAL_NAMES
 from testbed.trace import CaptureWriter
 
@@ -82,14 +82,15 @@ class TraceProbe:
     @torch.inference_mode()
     def _oracle_signals(self) -> None:
         states = torch.stack(self._states)  # [L + 1, rows, hidden]; index 0 is the layer input
-        logits = self.model.exit_logits(states[1:])  # [L, rows, vocab], one batched head call
+        normed = exit_norm_stack(self.model, self.heads, states[1:])  # [L, rows, hidden]
+        # [L, rows, vocab], one batched head call
+        logits = F.linear(normed, self.model.lm_head_weight())
         top2 = logits.float().softmax(-1).topk(2, dim=-1).values
         margin = (top2[..., 0] - top2[..., 1]).numpy()  # [L, rows]
         cosine = F.cosine_similarity(states[1:].float(), states[:-1].float(), dim=-1).numpy()
         argmax = logits.argmax(-1).T.tolist()  # [rows][L]
         prob = None
         if self.heads is not None:
-            normed = self.model.model.norm(states[1:])  # [L, rows, hidden]
             prob = torch.sigmoid(
                 torch.einsum("lrh,lh->lr", normed, self.heads.weight) + self.heads.bias[:, None]
             ).numpy()

@@ -19,7 +19,7 @@ from testbed.core.step import RowResult, StepPlan, StepResult
 from testbed.engine.kv_cache import PagedKVCache, decode_attention, span_attention
 from testbed.engine.sampler import Sampler, SamplingParams
 from testbed.engine.step_batch import Deferred, StepBatch, build_step_batch
-from testbed.model.llama import ExitClassifiers, LlamaModel
+from testbed.model.llama import ExitClassifiers, LlamaModel, exit_logits
 from testbed.model.signals import compute_signals
 
 
@@ -251,7 +251,8 @@ class ModelRunner:
         if logits is not None and all(r in logits for r in rows.tolist()):
             row_logits = torch.stack([logits[r] for r in rows.tolist()])
         else:
-            row_logits = self.model.exit_logits(batch.hidden[batch.main_unit[rows]])
+            h = batch.hidden[batch.main_unit[rows]]
+            row_logits = exit_logits(self.model, self.exit_heads, layer, h)
         seq_ids = [batch.rows[r].seq_id for r in rows.tolist()]
         tokens = self.sampler.sample(row_logits, seq_ids, [self.meta[s].params for s in seq_ids])
         for r, t in zip(rows.tolist(), tokens, strict=True):

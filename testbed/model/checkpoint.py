@@ -12,15 +12,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
 from testbed.errors import CheckpointError
 from testbed.model.config import LlamaConfig
 from testbed.model.llama import ExitClassifiers, LlamaModel
+from testbed.model.prompt import PromptFormat, read_prompt_format
 
 EXIT_HEADS_FILE = "exit_heads.safetensors"
+# exit_heads.safetensors metadata: checkpoint_hash of the backbone the adapters were trained on
+BASE_HASH_KEY = "base_checkpoint_hash"
 WEIGHTS_FILE = "model.safetensors"
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # buffers some exporters write that carry no learned state
@@ -33,6 +36,7 @@ class Checkpoint:
     model: LlamaModel
     exit_heads: ExitClassifiers | None  # None when the directory has no exit_heads.safetensors
     tokenizer: Tokenizer | None  # None when loaded with require_tokenizer=False and absent
+    prompt: PromptFormat = PromptFormat()  # how text becomes prompt ids (prompt_format.json)
 
     @property
     def config(self) -> LlamaConfig:
@@ -102,8 +106,13 @@ def load_tokenizer(path: Path) -> Tokenizer:
 
 
 def load_checkpoint(
-    path: str | Path, *, dtype: torch.dtype = torch.float32, require_tokenizer: bool = True
+    path: str | Path,
+    *,
+    dtype: torch.dtype = torch.float32,
+    require_tokenizer: bool = True,
+    exit_heads: bool = True,
 ) -> Checkpoint:
+    """exit_heads=False ignores exit_heads.safetensors (the backbone alone)."""
     path = Path(path)
     cfg = read_config(path)
     model = LlamaModel(cfg)
@@ -112,15 +121,36 @@ def load_checkpoint(
         tensors.update(_read_tensors(file))
     _check_and_fill(model, tensors, path)
     heads = None
-    if (path / EXIT_HEADS_FILE).is_file():
-        heads = ExitClassifiers(cfg.num_hidden_layers, cfg.hidden_size)
-        raw = _read_tensors(path / EXIT_HEADS_FILE)
-        _check_and_fill(heads, {k.removeprefix("exit_heads."): v for k, v in raw.items()}, path)
-        heads = heads.to(dtype).eval()
+    if exit_heads and (path / EXIT_HEADS_FILE).is_file():
+        heads = load_exit_heads(path / EXIT_HEADS_FILE, cfg, base_dir=path).to(dtype).eval()
     tokenizer = None
     if require_tokenizer or (path / "tokenizer.json").exists():
         tokenizer = load_tokenizer(path)
-    return Checkpoint(path, model.to(dtype).eval(), heads, tokenizer)
+    return Checkpoint(path, model.to(dtype).eval(), heads, tokenizer, read_prompt_format(path))
+
+
+def load_exit_heads(file: Path, cfg: LlamaConfig, *, base_dir: Path | None) -> ExitClassifiers:
+    """Probes (and adapters, when the file has them) for a model of shape cfg. A file that
+    records the backbone it was trained on is refused for another one (base_dir's hash)."""
+    raw = {k.removeprefix("exit_heads."): v for k, v in _read_tensors(file).items()}
+    base = _metadata(file).get(BASE_HASH_KEY)
+    if base is not None and base_dir is not None and base != checkpoint_hash(base_dir):
+        raise CheckpointError(
+            f"{file} was trained for the checkpoint with hash {base}, not {base_dir} "
+            f"({checkpoint_hash(base_dir)}): train it again with `eetb train-exits`"
+        )
+    rank = raw["down"].shape[-1] if "down" in raw and raw["down"].dim() == 3 else None
+    heads = ExitClassifiers(cfg.num_hidden_layers, cfg.hidden_size, rank)
+    _check_and_fill(heads, raw, file)
+    return heads
+
+
+def _metadata(file: Path) -> dict[str, str]:
+    try:
+        with safe_open(str(file), framework="pt") as fh:
+            return dict(fh.metadata() or {})
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{file} is corrupt or truncated: {exc}") from exc
 
 
 def save_checkpoint(
@@ -139,14 +169,24 @@ def save_checkpoint(
     state = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(path / WEIGHTS_FILE), metadata={"format": "pt"})
     if exit_heads is not None:
-        heads = {
-            f"exit_heads.{k}": v.detach().contiguous() for k, v in exit_heads.state_dict().items()
-        }
-        save_file(heads, str(path / EXIT_HEADS_FILE), metadata={"format": "pt"})
+        save_exit_heads(path / EXIT_HEADS_FILE, exit_heads)
     if tokenizer is not None:
         tokenizer.save(str(path / "tokenizer.json"))
         _write_tokenizer_config(path, model.config)
     return path
+
+
+def save_exit_heads(
+    file: Path, heads: ExitClassifiers, *, base_hash: str | None = None, dtype=torch.float32
+) -> None:
+    """Write exit_heads.safetensors via a temporary name; base_hash ties it to its backbone."""
+    state = {
+        f"exit_heads.{k}": v.detach().to(dtype).contiguous() for k, v in heads.state_dict().items()
+    }
+    meta = {"format": "pt"} | ({BASE_HASH_KEY: base_hash} if base_hash else {})
+    tmp = file.with_name(file.name + ".tmp")
+    save_file(state, str(tmp), metadata=meta)
+    tmp.replace(file)
 
 
 def _write_tokenizer_config(path: Path, cfg: LlamaConfig) -> None:

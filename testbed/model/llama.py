@@ -21,6 +21,12 @@ from testbed.model.config import LlamaConfig
 AttendFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # computed in float32 as transformers does, so parity holds in half precision too
+    x32 = x.float()
+    return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float) -> None:
         super().__init__()
@@ -28,10 +34,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # computed in float32 as transformers does, so parity holds in half precision too
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 def rope_cos_sin(
@@ -167,7 +170,8 @@ class LlamaModel(nn.Module):
         return self.lm_head.weight
 
     def exit_logits(self, h: torch.Tensor) -> torch.Tensor:
-        """The exit head, shared by every layer: final RMSNorm then LM head."""
+        """The shared exit head (final RMSNorm then LM head); exit adapters, when a checkpoint
+        has them, are applied by the module-level ``exit_logits``."""
         return F.linear(self.model.norm(h), self.lm_head_weight())
 
     def dense_hidden_states(self, token_ids: torch.Tensor) -> list[torch.Tensor]:
@@ -187,12 +191,42 @@ class LlamaModel(nn.Module):
 
 
 class ExitClassifiers(nn.Module):
-    """CALM's per-layer confidence probe: sigmoid(w_l . norm(h_l) + b_l)."""
+    """What ``exit_heads.safetensors`` holds for each exit layer l: CALM's confidence probe
+    sigmoid(w_l . n_l(h) + b_l) and, optionally, an exit adapter that replaces the shared final
+    norm n(h) at that layer: n_l(h) = RMSNorm(h + h A_l B_l) with its own gain g_l (a rank-r
+    correction plus a gain, trained by self-distillation on a frozen model). Without adapters
+    every exit uses the model's own final norm and LM head (LayerSkip's logit lens)."""
 
-    def __init__(self, num_layers: int, hidden_size: int) -> None:
+    def __init__(self, num_layers: int, hidden_size: int, adapter_rank: int | None = None) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(num_layers, hidden_size))
         self.bias = nn.Parameter(torch.zeros(num_layers))
+        self.adapter_rank = adapter_rank
+        if adapter_rank is not None:
+            self.norm_weight = nn.Parameter(torch.ones(num_layers, hidden_size))  # g_l
+            self.down = nn.Parameter(torch.zeros(num_layers, hidden_size, adapter_rank))  # A_l
+            self.up = nn.Parameter(torch.zeros(num_layers, adapter_rank, hidden_size))  # B_l
+
+    @property
+    def num_layers(self) -> int:
+        return self.weight.shape[0]
+
+    def adapts(self, layer: int) -> bool:
+        """The last layer always exits through the model's own final norm."""
+        return self.adapter_rank is not None and layer < self.num_layers
+
+    def normed(self, layer: int, h: torch.Tensor, eps: float) -> torch.Tensor:
+        """n_l(h) for h [..., hidden] at the 1-based exit layer l (which must adapt)."""
+        i = layer - 1
+        x = h + (h @ self.down[i].to(h.dtype)) @ self.up[i].to(h.dtype)
+        return rms_norm(x, self.norm_weight[i].to(h.dtype), eps)
+
+    def normed_stack(self, h: torch.Tensor, eps: float) -> torch.Tensor:
+        """n_l(h_l) for every layer at once: h [L, rows, hidden] (layer l at index l - 1); the
+        last layer is left to the caller's final norm."""
+        a, b = self.down.to(h.dtype), self.up.to(h.dtype)
+        x = h + torch.einsum("lrk,lkj->lrj", torch.einsum("lrh,lhk->lrk", h, a), b)
+        return rms_norm(x, self.norm_weight.to(h.dtype)[:, None, :], eps)
 
     def logit(self, layer: int, normed_h: torch.Tensor) -> torch.Tensor:
         """layer is the 1-based exit point; normed_h [rows, hidden] -> [rows]."""
@@ -200,3 +234,31 @@ class ExitClassifiers(nn.Module):
 
     def prob(self, layer: int, normed_h: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.logit(layer, normed_h))
+
+
+def exit_norm(
+    model: LlamaModel, heads: ExitClassifiers | None, layer: int, h: torch.Tensor
+) -> torch.Tensor:
+    """The normed state the LM head reads at exit layer l: the layer's adapter when the
+    checkpoint has one, else the shared final norm."""
+    if heads is not None and heads.adapts(layer):
+        return heads.normed(layer, h, model.config.rms_norm_eps)
+    return model.model.norm(h)
+
+
+def exit_norm_stack(
+    model: LlamaModel, heads: ExitClassifiers | None, states: torch.Tensor
+) -> torch.Tensor:
+    """exit_norm at every layer: states [L, rows, hidden], layer l at index l - 1."""
+    final = model.model.norm(states)
+    if heads is None or heads.adapter_rank is None:
+        return final
+    adapted = heads.normed_stack(states, model.config.rms_norm_eps)
+    return torch.cat([adapted[:-1], final[-1:]])
+
+
+def exit_logits(
+    model: LlamaModel, heads: ExitClassifiers | None, layer: int, h: torch.Tensor
+) -> torch.Tensor:
+    """LM-head logits of exiting at layer l: [rows, hidden] -> [rows, vocab]."""
+    return F.linear(exit_norm(model, heads, layer, h), model.lm_head_weight())

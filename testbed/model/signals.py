@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from policies.exit_rules import ExitSignals
-from testbed.model.llama import ExitClassifiers, LlamaModel
+from testbed.model.llama import ExitClassifiers, LlamaModel, exit_logits, exit_norm
 
 SIGNAL_NAMES = ("softmax_margin", "hidden_cosine", "classifier_prob")
 
@@ -33,8 +33,8 @@ def hidden_cosine(h: torch.Tensor, h_prev: torch.Tensor) -> torch.Tensor:
 def classifier_prob(
     model: LlamaModel, heads: ExitClassifiers, layer: int, h: torch.Tensor
 ) -> torch.Tensor:
-    """CALM's probe on the final-normed hidden state: [rows, hidden] -> [rows]."""
-    return heads.prob(layer, model.model.norm(h).to(heads.weight.dtype)).float()
+    """CALM's probe on the exit-normed hidden state: [rows, hidden] -> [rows]."""
+    return heads.prob(layer, exit_norm(model, heads, layer, h).to(heads.weight.dtype)).float()
 
 
 @torch.inference_mode()
@@ -53,7 +53,7 @@ def compute_signals(
         raise ValueError(f"unknown signal(s) {sorted(unknown)} (known: {', '.join(SIGNAL_NAMES)})")
     logits = margin = cosine = prob = None
     if "softmax_margin" in needed:
-        logits = model.exit_logits(h)
+        logits = exit_logits(model, heads, layer, h)
         margin = softmax_margin(logits).numpy()
     if "hidden_cosine" in needed:
         cosine = hidden_cosine(h, h_prev).numpy()

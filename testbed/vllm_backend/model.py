@@ -96,8 +96,8 @@ class EarlyExitLlamaForCausalLM(LlamaForCausalLM):
         self.policies = build_policies(self.settings.policy)
         check_engine(vllm_config, self.settings)
         self.num_layers = hf.num_hidden_layers
-        self.exit_heads = ExitClassifiers(self.num_layers, hf.hidden_size)
-        self.has_exit_heads = False
+        self.hidden_size, self.rms_norm_eps = hf.hidden_size, hf.rms_norm_eps
+        self.exit_heads: ExitClassifiers | None = None  # set by load_weights when the file exists
         self.records: list[StepRecord] = []  # drained by the in-process capture
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
@@ -111,14 +111,20 @@ class EarlyExitLlamaForCausalLM(LlamaForCausalLM):
                     yield name, tensor
 
         loaded = super().load_weights(model_weights())
-        if heads:
-            self.exit_heads.load_state_dict(heads)
-            self.has_exit_heads = True
+        if heads:  # the adapter's rank is the file's: its shape is known only now
+            rank = heads["down"].shape[-1] if "down" in heads else None
+            exit_heads = ExitClassifiers(self.num_layers, self.hidden_size, rank)
+            exit_heads.load_state_dict(heads)
+            device, dtype = (
+                self.model.embed_tokens.weight.device,
+                self.model.embed_tokens.weight.dtype,
+            )
+            self.exit_heads = exit_heads.to(device=device, dtype=dtype).eval()
         elif (
             self.settings.policy.exit_rule == "classifier" and self.policies.batching.is_early_exit
         ):
             raise ConfigError("the classifier rule needs exit_heads.safetensors in the checkpoint")
-        return loaded | {f"{EXIT_HEADS_PREFIX}weight", f"{EXIT_HEADS_PREFIX}bias"}
+        return loaded | {EXIT_HEADS_PREFIX + name for name in heads}
 
     def drain_records(self) -> list[StepRecord]:
         records, self.records = self.records, []
@@ -183,8 +189,8 @@ class EarlyExitLlamaForCausalLM(LlamaForCausalLM):
                 h_prev = h
         final, _ = self.model.norm(hidden, residual)
         for r, h in enumerate(rows.out_h):
-            if h is not None:  # the exit-layer token: exits share the final norm and LM head
-                final[rows.tokens[r]] = self.model.norm(h)
+            if h is not None:  # the exit-layer token: the exit's norm, then the shared LM head
+                final[rows.tokens[r]] = self._exit_norm(rows.token_layer[r], h)
         record = self._record(input_ids, positions, query_start, rows, counters, oracle_states)
         return final, record
 
@@ -235,12 +241,18 @@ class EarlyExitLlamaForCausalLM(LlamaForCausalLM):
         if decision.stop:
             rows.frozen, rows.stop_layer = h.clone(), layer
 
+    def _exit_norm(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        """The normed state vLLM's LM head reads for a token taken at ``layer``."""
+        if self.exit_heads is not None and self.exit_heads.adapts(layer):
+            return self.exit_heads.normed(layer, h, self.rms_norm_eps)
+        return self.model.norm(h)
+
     def _signal(self, layer: int, h: torch.Tensor, h_prev: torch.Tensor) -> np.ndarray:
         name = self.policies.exit_rule.signal
         if name == "hidden_cosine":
             return hidden_cosine(h, h_prev).cpu().numpy()
         if name == "softmax_margin":
-            return softmax_margin(self.compute_logits(self.model.norm(h))).cpu().numpy()
+            return softmax_margin(self.compute_logits(self._exit_norm(layer, h))).cpu().numpy()
         return classifier_prob(self, self.exit_heads, layer, h).cpu().numpy()
 
     def _record(self, input_ids, positions, query_start, rows: _Decode, counters, oracle):
@@ -282,16 +294,19 @@ class EarlyExitLlamaForCausalLM(LlamaForCausalLM):
         """Every signal and the exit head's argmax at every layer, for each row's last token."""
         stacked = torch.stack(states)  # [L + 1, rows, hidden]; index 0 is the embedding
         deep, shallow = stacked[1:], stacked[:-1]
-        normed = self.model.norm(deep.flatten(0, 1))  # [L * rows, hidden]
-        logits = self.compute_logits(normed).unflatten(0, deep.shape[:2])  # [L, rows, vocab]
+        normed = self.model.norm(deep.flatten(0, 1)).view_as(deep)  # [L, rows, hidden]
+        if self.exit_heads is not None and self.exit_heads.adapter_rank is not None:
+            adapted = self.exit_heads.normed_stack(deep, self.rms_norm_eps)
+            normed = torch.cat([adapted[:-1], normed[-1:]])
+        logits = self.compute_logits(normed.flatten(0, 1)).unflatten(0, deep.shape[:2])
         top2 = logits.float().softmax(-1).topk(2, dim=-1).values
         per_signal = {
             "softmax_margin": (top2[..., 0] - top2[..., 1]).T,
             "hidden_cosine": hidden_cosine(deep, shallow).T,
         }
-        if self.has_exit_heads:
+        if self.exit_heads is not None:
             w, b = self.exit_heads.weight, self.exit_heads.bias
-            prob = torch.sigmoid(torch.einsum("lrh,lh->lr", normed.view_as(deep), w) + b[:, None])
+            prob = torch.sigmoid(torch.einsum("lrh,lh->lr", normed, w) + b[:, None])
             per_signal["classifier_prob"] = prob.T
         signals = [
             {name: values[r].tolist() for name, values in per_signal.items()}

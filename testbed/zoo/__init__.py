@@ -1,0 +1,1 @@
+"""Pretrained models the testbed knows by name: where they come from, where they are cached."""
