@@ -108,12 +108,28 @@ def run_vllm(ckpt: Checkpoint, prompts, cfg: ThroughputConfig) -> ThroughputRow 
     return ThroughputRow("vllm", sum(len(o.outputs[0].token_ids) for o in outs), wall)
 
 
-def kv_only_cost_fraction(cfg: LlamaConfig) -> float:
-    """FLOPs of a K/V-only layer (K and V projections) over those of a full layer."""
+def _layer_flops(cfg: LlamaConfig) -> int:
+    """Multiply-adds of one decoder layer's projections per token."""
     d, kv = cfg.hidden_size, cfg.num_key_value_heads * cfg.head_size
     q_o = 2 * d * cfg.num_attention_heads * cfg.head_size
-    full = q_o + 2 * d * kv + 3 * d * cfg.intermediate_size
-    return 2 * d * kv / full
+    return q_o + 2 * d * kv + 3 * d * cfg.intermediate_size
+
+
+def kv_only_cost_fraction(cfg: LlamaConfig) -> float:
+    """FLOPs of a K/V-only layer (K and V projections) over those of a full layer."""
+    return 2 * cfg.hidden_size * cfg.num_key_value_heads * cfg.head_size / _layer_flops(cfg)
+
+
+def lm_head_cost_layers(cfg: LlamaConfig) -> float:
+    """FLOPs of the LM head for one token, in decoder layers: every output token pays it once,
+    at whatever layer it exits (SmolLM2-135M's 49k-token head costs about 8 of its 30 layers)."""
+    return cfg.vocab_size * cfg.hidden_size / _layer_flops(cfg)
+
+
+def kv_cache_mb_for(cfg: LlamaConfig, num_tokens: int) -> float:
+    """K/V memory (float32) for num_tokens positions in every layer, at least 256 MB."""
+    per_token = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_size * 4
+    return max(256.0, num_tokens * per_token / 2**20)
 
 
 @dataclass(frozen=True)
@@ -145,7 +161,10 @@ def run_policy(
     max_num_seqs: int,
 ) -> tuple[EarlyExitRow, list[RequestOutput]]:
     sched = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=4096)
-    engine = LLMEngine(ckpt, EngineConfig(policy=policy, scheduler=sched, kv_cache_mb=256))
+    # room for every request at once: a preemption would time the cache, not the policy
+    kv_mb = kv_cache_mb_for(ckpt.config, max_num_seqs * (ckpt.config.max_position_embeddings // 4))
+    kv_mb = min(kv_mb, kv_cache_mb_for(ckpt.config, max_num_seqs * 1024))
+    engine = LLMEngine(ckpt, EngineConfig(policy=policy, scheduler=sched, kv_cache_mb=kv_mb))
     L = engine.num_layers
     acc = {"decode_rl": 0, "kv": 0, "prefill_s": 0.0, "decode_s": 0.0}
 
@@ -178,19 +197,24 @@ def run_policy(
 
 
 def relative_to_full(
-    rows: list[EarlyExitRow], outs: list[list[RequestOutput]], fill_cost: float
+    rows: list[EarlyExitRow],
+    outs: list[list[RequestOutput]],
+    fill_cost: float,
+    head_cost: float = 0.0,
 ) -> list[EarlyExitRow]:
     """Speedup, ideal speedup and agreement against the first row, which must be ``full``.
 
     Ideal: the full run's prefill time, plus its decode time scaled by this run's decode work
-    (executed row-layers + fill_cost × K/V-only row-layers, per output token) over full's. It is
-    what the engine would reach if exit decisions, signals and fills cost nothing beyond that.
+    (executed row-layers + fill_cost × K/V-only row-layers + head_cost layers for each token's
+    LM head, per output token) over full's. It is what the engine would reach if exit decisions,
+    signals and fills cost nothing beyond that.
     """
     base, base_outs = rows[0], outs[0]
-    base_work = base.decode_row_layers / base.num_output_tokens
+    base_work = base.decode_row_layers / base.num_output_tokens + head_cost
     done = []
     for row, o in zip(rows, outs, strict=True):
         work = (row.decode_row_layers + fill_cost * row.kv_only_row_layers) / row.num_output_tokens
+        work += head_cost
         ideal_s = (base.prefill_s + base.decode_s * work / base_work) / base.num_output_tokens
         agree = np.mean(
             [token_agreement(a.token_ids, b.token_ids) for a, b in zip(o, base_outs, strict=True)]

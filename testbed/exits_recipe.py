@@ -87,7 +87,8 @@ def build_exit_heads(
     progress("evaluate", 2, 2, "")
     out_dir.mkdir(parents=True, exist_ok=True)
     base = checkpoint_hash(ckpt.path)
-    save_exit_heads(out_dir / EXIT_HEADS_FILE, heads, base_hash=base)
+    # float16 on disk (loaded back in the model's dtype): the file the repository ships stays small
+    save_exit_heads(out_dir / EXIT_HEADS_FILE, heads, base_hash=base, dtype=torch.float16)
     facts |= {
         "base_checkpoint_hash": base,
         "file_bytes": (out_dir / EXIT_HEADS_FILE).stat().st_size,

@@ -14,6 +14,7 @@ from pathlib import Path
 from testbed.bench import (
     ThroughputConfig,
     kv_only_cost_fraction,
+    lm_head_cost_layers,
     random_prompts,
     relative_to_full,
     run_engine,
@@ -25,7 +26,7 @@ from testbed.builtin_model import resolve_model_dir
 from testbed.commands.common import ProgressLine, add_data_dir, add_model, guarded, parser
 from testbed.core import SchedulerConfig
 from testbed.core.policy_set import PolicyConfig
-from testbed.datasets import load_summaries, summarization_prompt
+from testbed.datasets import load_summaries
 from testbed.engine.capture import CaptureConfig, CaptureRequest, build_requests, run_capture
 from testbed.engine.engine import EngineConfig, LLMEngine
 from testbed.engine.sampler import SamplingParams
@@ -46,12 +47,13 @@ GRID_BATCHING = (
     ("shrink", ()),
     ("rebatch", ()),
 )
-# per rule: (λ, min exit layer); the built-in model's first layers agree with the last on only
-# about half the tokens, so most points start exiting at layer 4 or 5
+# per rule: (λ, first exit layer as a fraction of the depth); a model's first layers agree with
+# the last rarely (the built-in model's about half the tokens), so most points start exiting at
+# half or five eighths of the depth (layers 4 and 5 of the built-in model's 8)
 GRID_THRESHOLDS = {
-    "hidden": ((0.98, 1), (0.95, 1), (0.95, 4), (0.9, 4), (0.9, 5), (0.85, 5)),
-    "softmax": ((0.7, 1), (0.5, 4)),
-    "classifier": ((0.9, 1), (0.7, 4), (0.5, 5)),
+    "hidden": ((0.98, 0.0), (0.95, 0.0), (0.95, 0.5), (0.9, 0.5), (0.9, 0.625), (0.85, 0.625)),
+    "softmax": ((0.7, 0.0), (0.5, 0.5)),
+    "classifier": ((0.9, 0.0), (0.7, 0.5), (0.5, 0.625)),
 }
 GRID_FILLS = ("copy",)
 ARTICLE_CHARS = 1200  # about 250-300 tokens: the built-in model was trained on 400-token heads
@@ -83,6 +85,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--num-requests", type=int, default=None)
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--rules", default="hidden,softmax,classifier")
+    p.add_argument("--batchings", default=None,
+                   help="early-exit: comma list of consensus, quorum, shrink, rebatch (default: all)")  # fmt: skip
+    p.add_argument("--dataset", default="cnndm", help="early-exit: cnndm|xsum")
     p.add_argument("--fills", default=",".join(GRID_FILLS))
     p.add_argument(
         "--workloads",
@@ -174,10 +179,18 @@ def _throughput(args, ckpt) -> int:
     return 0
 
 
-def _grid(rules: list[str], fills: list[str]) -> list[PolicyConfig]:
+def _grid(
+    rules: list[str], fills: list[str], num_layers: int, batchings: list[str] | None = None
+) -> list[PolicyConfig]:
     grid = [PolicyConfig()]
-    for (batching, params), rule, fill in itertools.product(GRID_BATCHING, rules, fills):
-        for lam, min_layer in GRID_THRESHOLDS[rule]:
+    chosen = [b for b in GRID_BATCHING if batchings is None or b[0] in batchings]
+    for (batching, params), rule, fill in itertools.product(chosen, rules, fills):
+        if rule not in GRID_THRESHOLDS:
+            raise ConfigError(
+                f"--rules: unknown rule {rule!r} (known: {', '.join(GRID_THRESHOLDS)})"
+            )
+        for lam, depth in GRID_THRESHOLDS[rule]:
+            min_layer = max(1, round(depth * num_layers))
             grid.append(PolicyConfig(batching=batching, batching_params=params, exit_rule=rule,
                                      threshold=lam, min_exit_layer=min_layer, kv_fill=fill))  # fmt: skip
     return grid
@@ -185,10 +198,13 @@ def _grid(rules: list[str], fills: list[str]) -> list[PolicyConfig]:
 
 def _early_exit(args, ckpt) -> int:
     n = args.num_requests or 32
-    examples = load_summaries("cnndm", "eval", args.data_dir)[:n]
-    prompts = [summarization_prompt(ex.article[:ARTICLE_CHARS]) for ex in examples]
+    examples = load_summaries(args.dataset, "eval", args.data_dir)[:n]
+    prompts = [ckpt.prompt.summary_request(ex.article[:ARTICLE_CHARS], args.dataset)
+               for ex in examples]  # fmt: skip
     params = SamplingParams(max_tokens=args.max_new_tokens or 64)
-    grid = _grid(args.rules.split(","), args.fills.split(","))
+    batchings = None if args.batchings is None else args.batchings.split(",")
+    grid = _grid(args.rules.split(","), args.fills.split(","), ckpt.config.num_hidden_layers,
+                 batchings)  # fmt: skip
     progress = ProgressLine(min_interval_s=0)
     rows, outs = [], []
     references = [ex.reference for ex in examples]
@@ -202,7 +218,9 @@ def _early_exit(args, ckpt) -> int:
     last, last_out = rows.pop(), outs.pop()
     if last.wall_s < rows[0].wall_s:
         rows[0], outs[0] = last, last_out
-    rows = relative_to_full(rows, outs, kv_only_cost_fraction(ckpt.config))
+    rows = relative_to_full(
+        rows, outs, kv_only_cost_fraction(ckpt.config), lm_head_cost_layers(ckpt.config)
+    )
     header = (f"{'configuration':44s} {'tok/s':>7s} {'speedup':>7s} {'ideal':>6s} {'ach/ideal':>9s} "
               f"{'layers':>6s} {'ROUGE-L':>7s} {'agree':>6s}")  # fmt: skip
     print(header)
