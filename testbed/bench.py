@@ -63,7 +63,9 @@ def run_engine(ckpt: Checkpoint, prompts, cfg: ThroughputConfig) -> ThroughputRo
         max_num_batched_tokens=cfg.max_num_batched_tokens,
         max_model_len=ckpt.config.max_position_embeddings,
     )
-    engine = LLMEngine(ckpt, EngineConfig(scheduler=sched, kv_cache_mb=512))
+    need = min(cfg.num_requests, cfg.max_num_seqs) * (cfg.max_prompt_tokens + cfg.max_new_tokens)
+    kv_mb = max(512.0, kv_cache_mb_for(ckpt.config, need))  # no preemption: time the model
+    engine = LLMEngine(ckpt, EngineConfig(scheduler=sched, kv_cache_mb=kv_mb))
     params = SamplingParams(max_tokens=cfg.max_new_tokens, ignore_eos=True)
     start = time.perf_counter()
     outs = engine.generate(prompts, params)

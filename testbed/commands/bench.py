@@ -88,6 +88,10 @@ def main(argv: list[str]) -> int:
     p.add_argument("--batchings", default=None,
                    help="early-exit: comma list of consensus, quorum, shrink, rebatch (default: all)")  # fmt: skip
     p.add_argument("--dataset", default="cnndm", help="early-exit: cnndm|xsum")
+    p.add_argument("--rule", default=None, help="vllm: the early-exit rule (default hidden)")
+    p.add_argument("--threshold", type=float, default=None, help="vllm: λ (default 0.9)")
+    p.add_argument("--min-exit-layer", type=int, default=None,
+                   help="vllm: first exit layer (default: half the depth)")  # fmt: skip
     p.add_argument("--fills", default=",".join(GRID_FILLS))
     p.add_argument(
         "--workloads",
@@ -114,9 +118,18 @@ def main(argv: list[str]) -> int:
     return _early_exit(args, ckpt)
 
 
-# vLLM early exit vs vLLM full depth, and vLLM vs the native engine, both at full depth
-VLLM_EARLY_EXIT = PolicyConfig(batching="consensus", exit_rule="hidden", threshold=0.9,
-                               min_exit_layer=4)  # fmt: skip
+# vLLM early exit vs vLLM full depth, and vLLM vs the native engine, both at full depth; the
+# first exit layer is half the depth unless --min-exit-layer says otherwise (4 of the built-in 8)
+VLLM_EARLY_EXIT = PolicyConfig(batching="consensus", exit_rule="hidden", threshold=0.9)
+
+
+def _vllm_policy(args, num_layers: int) -> PolicyConfig:
+    return dataclasses.replace(
+        VLLM_EARLY_EXIT,
+        exit_rule=args.rule or VLLM_EARLY_EXIT.exit_rule,
+        threshold=VLLM_EARLY_EXIT.threshold if args.threshold is None else args.threshold,
+        min_exit_layer=args.min_exit_layer or max(1, num_layers // 2),
+    )
 
 
 def _vllm(args, ckpt) -> int:
@@ -128,6 +141,7 @@ def _vllm(args, ckpt) -> int:
     cfg = ThroughputConfig(num_requests=args.num_requests or 32, max_prompt_tokens=256,
                            max_new_tokens=args.max_new_tokens or 64, max_num_seqs=32)  # fmt: skip
     prompts = random_prompts(cfg, ckpt.config.vocab_size)
+    early_policy = _vllm_policy(args, ckpt.config.num_hidden_layers)
     native = run_engine(ckpt, prompts, cfg)
     full, early = (
         run_vllm_policy(
@@ -137,7 +151,7 @@ def _vllm(args, ckpt) -> int:
             max_new_tokens=cfg.max_new_tokens,
             max_num_seqs=cfg.max_num_seqs,
         )  # fmt: skip
-        for policy in (PolicyConfig(), VLLM_EARLY_EXIT)
+        for policy in (PolicyConfig(), early_policy)
     )
     print(f"{'system':40s} {'tokens':>7s} {'wall s':>7s} {'tok/s':>7s} {'exit':>5s} {'layers':>6s}")
     print(f"{native.system:40s} {native.num_output_tokens:7d} {native.wall_s:7.2f} "
@@ -152,7 +166,7 @@ def _vllm(args, ckpt) -> int:
         f"{early.mean_executed_layers:.2f} of {full.mean_executed_layers:.2f} layers per token"
     )
     print(f"vLLM full / native full: {ratio_native:.2f}x throughput")  # fmt: skip
-    write_run_info(args.out, cfg, seed=cfg.seed, suite="vllm", policy=VLLM_EARLY_EXIT.label(),
+    write_run_info(args.out, cfg, seed=cfg.seed, suite="vllm", policy=early_policy.label(),
                    ratio_early_exit=ratio_ee, ratio_vllm_native=ratio_native)  # fmt: skip
     return 0
 
