@@ -49,13 +49,14 @@ def training_examples(data_dir, cfg: ExitTrainConfig) -> list[SummaryExample]:
 
 
 def held_out_agreement(
-    ckpt: Checkpoint, heads: ExitClassifiers | None, cfg: ExitRecipeConfig, data_dir
-) -> dict[str, list[float]]:
-    """Per evaluation set: per-layer agreement with the final token on greedy summaries."""
+    ckpt: Checkpoint, heads: ExitClassifiers, cfg: ExitRecipeConfig, data_dir
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Per evaluation set, per-layer agreement with the final token on greedy summaries:
+    through the logit lens, and through the adapters (one generation serves both)."""
     engine = LLMEngine(ckpt, EngineConfig(kv_cache_mb=1024))
     params = SamplingParams(max_tokens=cfg.eval_new_tokens)
     chars = cfg.train.max_article_chars
-    out = {}
+    lens, adapted = {}, {}
     for name in cfg.eval_sets:
         examples = load_summaries(name, "eval", data_dir)[: cfg.num_eval_articles]
         prompts = [ckpt.prompt.summary_request(ex.article[:chars], name) for ex in examples]
@@ -67,9 +68,10 @@ def held_out_agreement(
                 hs = torch.stack(ckpt.model.dense_hidden_states(torch.tensor([ids])))  # [L,1,T,d]
                 first = len(o.prompt_token_ids) - 1  # predicts the first generated token
                 states.append(hs[:, 0, first : len(ids) - 1].transpose(0, 1))  # [t, L, d]
-        _, labels = probe_data(ckpt.model, heads, torch.cat(states))
-        out[name] = labels.mean(dim=1).tolist()
-    return out
+        states = torch.cat(states)
+        lens[name] = probe_data(ckpt.model, None, states)[1].mean(dim=1).tolist()
+        adapted[name] = probe_data(ckpt.model, heads, states)[1].mean(dim=1).tolist()
+    return lens, adapted
 
 
 def build_exit_heads(
@@ -80,11 +82,9 @@ def build_exit_heads(
     examples = training_examples(data_dir, cfg.train)
     heads, facts = train_exit_heads(ckpt, examples, cfg.train, progress)
     facts["train_wall_s"] = round(time.perf_counter() - t0, 1)
-    progress("evaluate", 0, 2, "logit lens")
-    before = held_out_agreement(ckpt, None, cfg, data_dir)
-    progress("evaluate", 1, 2, "adapters")
-    after = held_out_agreement(ckpt, heads, cfg, data_dir)
-    progress("evaluate", 2, 2, "")
+    progress("evaluate", 0, 1, "held-out greedy summaries")
+    before, after = held_out_agreement(ckpt, heads, cfg, data_dir)
+    progress("evaluate", 1, 1, "")
     out_dir.mkdir(parents=True, exist_ok=True)
     base = checkpoint_hash(ckpt.path)
     # float16 on disk (loaded back in the model's dtype): the file the repository ships stays small

@@ -6,9 +6,11 @@ import sys
 import time
 from pathlib import Path
 
+from testbed.builtin_model import resolve_model_dir
 from testbed.commands.common import ProgressLine, add_data_dir, guarded, parser
 from testbed.demo import DemoConfig, run_demo
 from testbed.errors import ConfigError
+from testbed.model.checkpoint import read_config
 
 
 @guarded
@@ -23,6 +25,14 @@ def main(argv: list[str]) -> int:
                    help="a second workload, simulated only ('' for none; default: %(default)s)")  # fmt: skip
     p.add_argument("--calibration-workload", default=DemoConfig.calibration_workload,
                    help="the calibration runs' workload (another seed; default: %(default)s)")  # fmt: skip
+    p.add_argument("--model", default=DemoConfig.model,
+                   help="'builtin', a prepared known model (smollm2-135m) or a checkpoint")  # fmt: skip
+    p.add_argument("--thresholds", default=None,
+                   help=f"comma list of the grid's λ (default: {','.join(map(str, DemoConfig.thresholds))})")  # fmt: skip
+    p.add_argument("--min-exit-layer", type=int, default=DemoConfig.min_exit_layer,
+                   help="the grid's first exit layer (default: %(default)s)")  # fmt: skip
+    p.add_argument("--repeats", type=int, default=DemoConfig.repeats,
+                   help="validation rounds per policy (default: %(default)s)")  # fmt: skip
     add_data_dir(p)
     args = p.parse_args(argv)
     if args.out.exists() and any(args.out.iterdir()) and not args.resume:
@@ -30,8 +40,21 @@ def main(argv: list[str]) -> int:
             f"{args.out} is not empty: pass --resume to continue it, or another --out"
         )
     start = time.perf_counter()
+    try:
+        thresholds = (DemoConfig.thresholds if args.thresholds is None
+                      else tuple(float(x) for x in args.thresholds.split(",")))  # fmt: skip
+    except ValueError as exc:
+        raise ConfigError(f"--thresholds {args.thresholds!r}: not a comma list of numbers") from exc
+    if args.repeats < 1:
+        raise ConfigError("--repeats must be at least 1")
+    num_layers = read_config(resolve_model_dir(args.model)).num_hidden_layers
+    min_layer = args.min_exit_layer
+    if not 1 <= min_layer < num_layers:
+        raise ConfigError(f"--min-exit-layer {min_layer} is outside 1..{num_layers - 1}")
     cfg = DemoConfig(workload=args.workload, higher_load=args.higher_load,
-                     calibration_workload=args.calibration_workload)  # fmt: skip
+                     calibration_workload=args.calibration_workload, model=args.model,
+                     thresholds=thresholds, min_exit_layer=min_layer,
+                     repeats=args.repeats)  # fmt: skip
     path = run_demo(cfg, args.out, data_dir=args.data_dir,
                     progress=ProgressLine(min_interval_s=0))  # fmt: skip
     print(path.read_text())

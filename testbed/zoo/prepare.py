@@ -61,6 +61,7 @@ def prepare_model(
     with _lock(final.parent / f".{spec.name}.lock"):
         cached = None if force else _intact(final)
         if cached is not None:
+            _copy_adapters(spec, final)  # adapters the repository shipped since, if any
             return cached
         if final.exists():
             progress(f"{final} is incomplete or damaged: preparing it again")
@@ -211,11 +212,13 @@ def verify_against_transformers(path: Path) -> float:
 
 
 def _copy_adapters(spec: ModelSpec, ckpt_dir: Path) -> None:
-    """The exit adapters and probes shipped for this model, when the repository has them."""
+    """The exit adapters and probes shipped for this model, when the repository has them
+    (copied under a temporary name, then renamed: a reader never sees half a file)."""
     for name in (EXIT_HEADS_FILE, "EXITS_CARD.md"):
-        src = spec.adapters_dir / name
-        if src.is_file():
-            shutil.copyfile(src, ckpt_dir / name)
+        src, dst = spec.adapters_dir / name, ckpt_dir / name
+        if src.is_file() and (not dst.is_file() or dst.read_bytes() != src.read_bytes()):
+            shutil.copyfile(src, dst.with_name(name + ".tmp"))
+            dst.with_name(name + ".tmp").replace(dst)
 
 
 def cache_size_bytes(path: Path) -> int:
