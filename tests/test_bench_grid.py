@@ -46,3 +46,13 @@ def test_kv_cache_for_smollm2_holds_the_tokens_asked_for():
     per_token_mb = 30 * 2 * 3 * 64 * 4 / 2**20
     assert kv_cache_mb_for(SMOL, 40_000) == pytest.approx(40_000 * per_token_mb)
     assert kv_cache_mb_for(SMOL, 10) == 256.0
+
+
+def test_explicit_points_replace_the_default_grid():
+    from testbed.commands.bench import parse_points
+
+    points = parse_points("classifier:0.9:1,hidden:0.98:20")
+    grid = _grid([], ["copy"], 30, ["shrink"], points)
+    assert [(p.exit_rule, p.threshold, p.min_exit_layer) for p in grid[1:]] == points
+    with pytest.raises(ConfigError, match="RULE:λ:FIRST_LAYER"):
+        parse_points("classifier:0.9")

@@ -88,6 +88,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--batchings", default=None,
                    help="early-exit: comma list of consensus, quorum, shrink, rebatch (default: all)")  # fmt: skip
     p.add_argument("--dataset", default="cnndm", help="early-exit: cnndm|xsum")
+    p.add_argument("--points", default=None,
+                   help="early-exit: RULE:λ:FIRST_LAYER,... instead of --rules' default points")  # fmt: skip
     p.add_argument("--rule", default=None, help="vllm: the early-exit rule (default hidden)")
     p.add_argument("--threshold", type=float, default=None, help="vllm: λ (default 0.9)")
     p.add_argument("--min-exit-layer", type=int, default=None,
@@ -193,18 +195,39 @@ def _throughput(args, ckpt) -> int:
     return 0
 
 
+def parse_points(text: str) -> list[tuple[str, float, int]]:
+    """'RULE:λ:FIRST_LAYER,...' → (rule, λ, first exit layer) per grid point."""
+    points = []
+    for item in text.split(","):
+        parts = item.split(":")
+        try:
+            rule, lam, layer = parts[0], float(parts[1]), int(parts[2])
+        except (IndexError, ValueError) as exc:
+            raise ConfigError(f"--points: {item!r} is not RULE:λ:FIRST_LAYER") from exc
+        points.append((rule, lam, layer))
+    return points
+
+
 def _grid(
-    rules: list[str], fills: list[str], num_layers: int, batchings: list[str] | None = None
+    rules: list[str],
+    fills: list[str],
+    num_layers: int,
+    batchings: list[str] | None = None,
+    points: list[tuple[str, float, int]] | None = None,
 ) -> list[PolicyConfig]:
+    """`full`, then batching × fill × point; the points default to GRID_THRESHOLDS of rules."""
+    if points is None:
+        unknown = [r for r in rules if r not in GRID_THRESHOLDS]
+        if unknown:
+            raise ConfigError(
+                f"--rules: unknown rule {unknown[0]!r} (known: {', '.join(GRID_THRESHOLDS)})"
+            )
+        points = [(rule, lam, max(1, round(depth * num_layers)))
+                  for rule in rules for lam, depth in GRID_THRESHOLDS[rule]]  # fmt: skip
     grid = [PolicyConfig()]
     chosen = [b for b in GRID_BATCHING if batchings is None or b[0] in batchings]
-    for (batching, params), rule, fill in itertools.product(chosen, rules, fills):
-        if rule not in GRID_THRESHOLDS:
-            raise ConfigError(
-                f"--rules: unknown rule {rule!r} (known: {', '.join(GRID_THRESHOLDS)})"
-            )
-        for lam, depth in GRID_THRESHOLDS[rule]:
-            min_layer = max(1, round(depth * num_layers))
+    for (batching, params), fill in itertools.product(chosen, fills):
+        for rule, lam, min_layer in points:
             grid.append(PolicyConfig(batching=batching, batching_params=params, exit_rule=rule,
                                      threshold=lam, min_exit_layer=min_layer, kv_fill=fill))  # fmt: skip
     return grid
@@ -217,8 +240,9 @@ def _early_exit(args, ckpt) -> int:
                for ex in examples]  # fmt: skip
     params = SamplingParams(max_tokens=args.max_new_tokens or 64)
     batchings = None if args.batchings is None else args.batchings.split(",")
+    points = None if args.points is None else parse_points(args.points)
     grid = _grid(args.rules.split(","), args.fills.split(","), ckpt.config.num_hidden_layers,
-                 batchings)  # fmt: skip
+                 batchings, points)  # fmt: skip
     progress = ProgressLine(min_interval_s=0)
     rows, outs = [], []
     references = [ex.reference for ex in examples]
