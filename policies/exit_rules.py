@@ -42,6 +42,14 @@ class ExitPoints:
         if self.stride < 1:
             raise PolicyConfigError(f"exit points: stride must be >= 1, got {self}")
 
+    def check_depth(self, num_layers: int) -> None:
+        """Refuse points that a model of this depth never reaches (the last layer is no exit)."""
+        if self.min_exit_layer >= num_layers:
+            raise PolicyConfigError(
+                f"min exit layer {self.min_exit_layer} leaves no exit point in a model of "
+                f"{num_layers} layers (exit points are layers 1..{num_layers - 1})"
+            )
+
     def is_exit_point(self, layer: int, num_layers: int) -> bool:
         # The final layer is not an exit point: there every remaining row takes its token anyway.
         offset = layer - self.min_exit_layer

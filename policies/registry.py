@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import inspect
+import typing
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
@@ -130,12 +131,30 @@ class Registry:
                 f"{where}: unexpected parameter(s) {', '.join(unexpected)} "
                 f"(parameters: {', '.join(accepted) or 'none'})"
             )
+        for key, value in params.items():
+            _check_type(where, cls, key, value)
         try:
             return cls(**params)
         except TypeError as exc:  # a missing parameter, or a value of the wrong type
             raise PolicyConfigError(
                 f"{where}: {exc} (parameters: {', '.join(accepted) or 'none'})"
             ) from exc
+
+
+_NUMBER_KINDS = {int: (int,), float: (int, float)}  # an int is a fine float, never the reverse
+
+
+def _check_type(where: str, cls: type, key: str, value: Any) -> None:
+    """A number parameter given text (``fraction=abc``) gets its name in the message, not
+    Python's comparison error from deep inside the policy."""
+    try:
+        hint = typing.get_type_hints(cls).get(key)
+    except (NameError, TypeError):  # an annotation this module cannot resolve: let cls decide
+        return
+    accepted = _NUMBER_KINDS.get(hint)
+    if accepted is not None and (isinstance(value, bool) or not isinstance(value, accepted)):
+        kind = "a whole number" if hint is int else "a number"
+        raise PolicyConfigError(f"{where}: {key} must be {kind}, got {value!r}")
 
 
 def available(kind: str) -> tuple[str, ...]:

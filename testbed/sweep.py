@@ -35,6 +35,7 @@ import hashlib
 import json
 import logging
 import os
+import signal
 import sys
 import traceback
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -52,6 +53,7 @@ from testbed.core.admission import SchedulerConfig
 from testbed.core.errors import CoreError
 from testbed.core.policy_set import PolicyConfig, build_policies
 from testbed.errors import ConfigError, EetbError
+from testbed.locks import LOCK_FILE, exclusive
 from testbed.runinfo import to_jsonable
 from testbed.sim.simulator import SimulationConfig, SimulationResult, simulate
 from testbed.workload import parse_workload
@@ -320,7 +322,8 @@ def _write_json(path: Path, doc: dict[str, Any]) -> None:
 
 def _record_run(runs_dir: Path, key: str, cfg: SimulationConfig, result: SimulationResult) -> None:
     doc = {"schema_version": RUN_SCHEMA_VERSION, "key": key, "config": to_jsonable(cfg),
-           "metrics": result.metrics.to_dict()}  # fmt: skip
+           "metrics": result.metrics.to_dict(),
+           "num_requests_clipped": result.clip.num_requests_clipped}  # fmt: skip
     _write_json(runs_dir / f"{key}.json", doc)
     (runs_dir / f"{key}.error.json").unlink(missing_ok=True)  # an earlier try's failure
 
@@ -356,12 +359,28 @@ def _execute(
 def run_sweep(
     configs: Sequence[SimulationConfig], out_dir: Path, *, executor: Executor,
     run_fn: RunFn = simulate, progress: ProgressFn | None = None,
+    on_locked: Callable[[], None] | None = None,
 ) -> SweepReport:  # fmt: skip
-    """Run every config not finished under out_dir yet, then write out_dir/results.parquet."""
+    """Run every config not finished under out_dir yet, then write out_dir/results.parquet.
+    One sweep per folder: a second refuses (GridError). ``on_locked`` runs once the folder is
+    this sweep's (the caller's run.json goes there, never over a running sweep's)."""
     runs_dir = Path(out_dir) / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
+    refusal = lambda: GridError(  # noqa: E731
+        f"another sweep is writing {out_dir}; wait for it or choose another --out"
+    )
+    with exclusive(Path(out_dir) / LOCK_FILE, refusal):
+        if on_locked is not None:
+            on_locked()
+        return _sweep_locked(configs, Path(out_dir), runs_dir, executor, run_fn, progress)
+
+
+def _sweep_locked(
+    configs: Sequence[SimulationConfig], out_dir: Path, runs_dir: Path, executor: Executor,
+    run_fn: RunFn, progress: ProgressFn | None,
+) -> SweepReport:  # fmt: skip
     keyed = {run_key(cfg): cfg for cfg in configs}
-    pending = {k: c for k, c in keyed.items() if not (runs_dir / f"{k}.json").exists()}
+    pending = {k: c for k, c in keyed.items() if _finished_metrics(runs_dir / f"{k}.json") is None}
     log.info("%d runs, %d finished before, %d to run", len(keyed), len(keyed) - len(pending),
              len(pending))  # fmt: skip
     if progress is not None:
@@ -374,7 +393,7 @@ def run_sweep(
         num_finished=len(pending) - len(failures),
         failures=tuple(failures),
         rows=tuple(rows),
-        results_path=write_results(rows, Path(out_dir) / "results.parquet") if rows else None,
+        results_path=write_results(rows, out_dir / "results.parquet") if rows else None,
     )
 
 
@@ -382,14 +401,30 @@ def run_sweep(
 def open_executor(dask: str | None, num_workers: int) -> Iterator[Executor]:
     """A local process pool, or a Dask cluster's executor: an address, or 'local' (embedded)."""
     if dask is None:
-        pool = ProcessPoolExecutor(max_workers=num_workers)
+        # workers ignore Ctrl-C: the parent decides, keeps the finished points and stops them
+        pool = ProcessPoolExecutor(max_workers=num_workers, initializer=_ignore_sigint)
         try:
             yield pool
-        finally:  # on Ctrl-C, drop the queue instead of finishing it
+        except BaseException:  # Ctrl-C or an error: stop now, not after the running points
+            _stop_workers(pool)
+            raise
+        finally:
             pool.shutdown(wait=True, cancel_futures=True)
         return
     with _dask_client(dask, num_workers) as client:
         yield client.get_executor()
+
+
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _stop_workers(pool: ProcessPoolExecutor) -> None:
+    """Terminate the pool's processes: their points are unfinished and redone on resume.
+    ProcessPoolExecutor has no public way before Python 3.14 (terminate_workers)."""
+    processes = getattr(pool, "_processes", None) or {}
+    for process in list(processes.values()):
+        process.terminate()
 
 
 @contextmanager
@@ -442,11 +477,25 @@ def collect_rows(runs_dir: Path, keyed: dict[str, SimulationConfig]) -> list[dic
     """One row per finished run of these configs, in config order."""
     rows = []
     for key, cfg in keyed.items():
-        path = runs_dir / f"{key}.json"
-        if path.exists():
-            metrics = json.loads(path.read_text())["metrics"]
+        metrics = _finished_metrics(runs_dir / f"{key}.json", quiet=True)
+        if metrics is not None:
             rows.append({"key": key, **config_columns(cfg), **metrics})
     return rows
+
+
+def _finished_metrics(path: Path, *, quiet: bool = False) -> dict[str, Any] | None:
+    """A finished point's metrics; None when it has not run or its file is torn (a disk full, a
+    copy cut short): that point is run again, with a line saying so."""
+    try:
+        metrics = json.loads(path.read_text())["metrics"]
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        if not quiet:
+            print(f"eetb: {path.name} is unreadable ({type(exc).__name__}); running that point "
+                  "again", file=sys.stderr)  # fmt: skip
+        return None
+    return metrics if isinstance(metrics, dict) else None
 
 
 def write_results(rows: Sequence[dict[str, Any]], path: Path) -> Path:

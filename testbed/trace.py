@@ -12,6 +12,9 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import time
+from collections import Counter
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +26,7 @@ import pyarrow.parquet as pq
 
 from policies.exit_rules import ExitPoints, ThresholdRule
 from testbed.errors import EetbError
+from testbed.locks import exclusive
 
 # 2: steps.parquet gained num_attention_pairs (prefill attention grows with chunk × context)
 # 3: steps.parquet gained num_sampling_layers (one sampling call per exit layer a token took)
@@ -111,42 +115,82 @@ class Capture:
 class CaptureWriter:
     """Streams the three tables of one capture; use as a context manager."""
 
-    def __init__(self, out: Path, meta: dict[str, Any], *, rows_per_group: int = 4096) -> None:
+    def __init__(self, out: Path, meta: dict[str, Any], *, rows_per_group: int = 4096,
+                 flush_interval_s: float = 10.0) -> None:  # fmt: skip
         self.out = Path(out)
+        self._lock = ExitStack()  # one writer per --out: a second capture refuses at once
+        lock_file = self.out.with_name(f".{self.out.name}.lock")
+        refusal = lambda: TraceError(  # noqa: E731
+            f"another capture is writing {self.out}; wait for it or choose another --out"
+        )
+        self._lock.enter_context(exclusive(lock_file, refusal))
+        self._lock.callback(lock_file.unlink, missing_ok=True)
         if self.out.exists():
+            self._lock.close()
             raise TraceError(f"{self.out} already exists: choose another --out or remove it")
         self.tmp = self.out.with_name(self.out.name + PARTIAL_SUFFIX)
-        shutil.rmtree(self.tmp, ignore_errors=True)  # a crashed earlier attempt
+        shutil.rmtree(self.tmp, ignore_errors=True)  # a crashed earlier attempt (we hold the lock)
         self.tmp.mkdir(parents=True)
         self.meta = {**meta, "schema_version": SCHEMA_VERSION}
         self.rows_per_group = rows_per_group
+        # row groups also go out by time, so a long capture's data reaches the disk steadily
+        self.flush_interval_s = flush_interval_s
+        self._last_flush_s = time.monotonic()
         self._buffers: dict[str, list[dict]] = {name: [] for name in TABLES}
         self._writers = {
             name: pq.ParquetWriter(self.tmp / f"{name}.parquet.tmp", SCHEMAS[name])
             for name in TABLES
         }
+        self._tokens_per_request: Counter[int] = Counter()
+        self._outputs_per_request: dict[int, int] = {}
 
     def append(self, table: str, row: dict[str, Any]) -> None:
         buf = self._buffers[table]
         buf.append(row)
+        if table == "tokens":
+            self._tokens_per_request[row["request_id"]] += 1
+        elif table == "requests":
+            self._outputs_per_request[row["request_id"]] = row["num_output_tokens"]
         if len(buf) >= self.rows_per_group:
             self._flush(table)
+        elif time.monotonic() - self._last_flush_s >= self.flush_interval_s:
+            for name in TABLES:
+                self._flush(name)
 
     def _flush(self, table: str) -> None:
+        self._last_flush_s = time.monotonic()
         if self._buffers[table]:
             batch = pa.Table.from_pylist(self._buffers[table], schema=SCHEMAS[table])
             self._writers[table].write_table(batch)
             self._buffers[table] = []
 
+    def _mismatch(self) -> str | None:
+        """Why the tables do not describe finished requests, or None when they do."""
+        for rid, n in self._outputs_per_request.items():
+            if self._tokens_per_request.get(rid, 0) != n:
+                got = self._tokens_per_request.get(rid, 0)
+                return f"request {rid} has {got} token rows for {n} output tokens"
+        stray = self._tokens_per_request.keys() - self._outputs_per_request.keys()
+        if stray:
+            return f"{len(stray)} requests have tokens but never finished"
+        return None
+
     def close(self, *, is_partial: bool = False) -> Path:
-        """Finish every file, write meta.json last, then move the folder to its final name."""
-        for name in TABLES:
-            self._flush(name)
-            self._writers[name].close()
-            (self.tmp / f"{name}.parquet.tmp").rename(self.tmp / f"{name}.parquet")
-        meta = {**self.meta, "is_partial": is_partial}
-        (self.tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-        self.tmp.rename(self.out)
+        """Finish every file, write meta.json last, then move the folder to its final name. A
+        capture whose tables do not match its requests is kept, marked partial, and refused."""
+        try:
+            for name in TABLES:
+                self._flush(name)
+                self._writers[name].close()
+                (self.tmp / f"{name}.parquet.tmp").rename(self.tmp / f"{name}.parquet")
+            mismatch = None if is_partial else self._mismatch()
+            meta = {**self.meta, "is_partial": is_partial or mismatch is not None}
+            (self.tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+            self.tmp.rename(self.out)
+        finally:
+            self._lock.close()
+        if mismatch is not None:
+            raise TraceError(f"{self.out}: {mismatch}; kept, marked partial")
         return self.out
 
     def __enter__(self) -> CaptureWriter:
@@ -157,7 +201,8 @@ class CaptureWriter:
             self.close()
         elif issubclass(exc_type, KeyboardInterrupt):
             self.close(is_partial=True)  # what was captured stays readable, marked partial
-        # any other error: the .partial folder stays behind and is never read as a capture
+        else:  # the .partial folder stays behind and is never read as a capture
+            self._lock.close()
 
 
 def read_meta(path: Path) -> dict[str, Any]:
@@ -171,9 +216,18 @@ def read_meta(path: Path) -> dict[str, Any]:
         meta = json.loads(file.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise TraceError(f"{file} is not valid JSON: {exc}") from exc
+    if not isinstance(meta, dict):
+        raise TraceError(f"{file}: expected a JSON object, got {type(meta).__name__}")
     version = meta.get("schema_version")
     if version != SCHEMA_VERSION:
-        raise TraceError(f"{file}: schema version {version!r}, this eetb reads {SCHEMA_VERSION}")
+        shown = f"{version!r} (a string)" if isinstance(version, str) else repr(version)
+        raise TraceError(f"{file}: schema version {shown}, this eetb reads {SCHEMA_VERSION}")
+    model = meta.get("model")
+    if not isinstance(model, dict) or not isinstance(model.get("config", {}), dict):
+        raise TraceError(f"{file}: no 'model' object (not a capture's meta.json)")
+    layers = model.get("num_layers")
+    if not isinstance(layers, int) or isinstance(layers, bool) or layers < 1:
+        raise TraceError(f"{file}: model.num_layers is {layers!r}, expected a positive integer")
     return meta
 
 
@@ -203,12 +257,48 @@ def read_capture(path: str | Path, *, allow_partial: bool = False) -> Capture:
     meta = read_meta(path)
     if meta.get("is_partial") and not allow_partial:
         raise TraceError(
-            f"{path} is a partial capture (interrupted); pass allow_partial to read it"
+            f"{path} is a partial capture (interrupted); read its finished requests with "
+            "--allow-partial (allow_partial=True)"
         )
     tables = {name: _read_table(path, name) for name in TABLES}
-    capture = Capture(path, meta, tables["requests"], tables["tokens"], tables["steps"])
+    tokens = _tokens_of_requests(path, tables["requests"], tables["tokens"], meta)
+    capture = Capture(path, meta, tables["requests"], tokens, tables["steps"])
     validate(capture)
     return capture
+
+
+def _tokens_of_requests(
+    path: Path, requests: pa.Table, tokens: pa.Table, meta: dict[str, Any]
+) -> pa.Table:
+    """The token rows of the requests in requests.parquet. A partial capture keeps only its
+    finished requests' tokens (those still in flight have no request row); a complete one must
+    hold exactly num_output_tokens rows per request and no others."""
+    rid = requests["request_id"].to_numpy()
+    if len(np.unique(rid)) != len(rid):
+        raise TraceError(f"{path}/requests.parquet: a request_id appears twice")
+    known = pc.is_in(tokens["request_id"], value_set=requests["request_id"]).to_numpy(
+        zero_copy_only=False
+    )
+    if meta.get("is_partial"):
+        if len(rid) == 0:
+            raise TraceError(f"{path} is a partial capture without one finished request")
+        return tokens.filter(pa.array(known))
+    stray = _first_bad(~known)
+    if stray is not None:
+        raise TraceError(
+            f"{path}/tokens.parquet: row {stray}: request_id "
+            f"{tokens['request_id'][stray].as_py()} has no row in requests.parquet"
+        )
+    ids, counts = np.unique(tokens["request_id"].to_numpy(), return_counts=True)
+    have = dict(zip(ids.tolist(), counts.tolist(), strict=True))
+    want = requests["num_output_tokens"].to_numpy()
+    for r, n in zip(rid.tolist(), want.tolist(), strict=True):
+        if have.get(r, 0) != n:
+            raise TraceError(
+                f"{path}/requests.parquet: request {r} has {have.get(r, 0)} token rows for "
+                f"num_output_tokens {n}"
+            )
+    return tokens
 
 
 def _first_bad(mask: np.ndarray) -> int | None:

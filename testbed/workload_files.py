@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import os
 import re
@@ -22,6 +23,8 @@ import numpy as np
 
 from testbed.datasets import DATA_DIR_ENV
 from testbed.errors import WorkloadError
+
+log = logging.getLogger(__name__)
 
 AZURE_COLUMNS = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
 MOONCAKE_FIELDS = ("timestamp", "input_length", "output_length")
@@ -77,6 +80,10 @@ def _number(value: object, name: str, where: str) -> float:
     return number
 
 
+# No served model's context comes near this; a larger count is a corrupt or mis-scaled file.
+MAX_TOKEN_COUNT = 10_000_000
+
+
 def _count(value: object, name: str, where: str) -> int:
     """A non-negative whole number from a CSV cell or JSON value ('12', '12.0', 12)."""
     number = _number(value, name, where)
@@ -84,6 +91,8 @@ def _count(value: object, name: str, where: str) -> int:
         raise WorkloadError(f"{where}: {name} {value!r} is not a whole number")
     if number < 0:
         raise WorkloadError(f"{where}: {name} is negative ({value})")
+    if number > MAX_TOKEN_COUNT:
+        raise WorkloadError(f"{where}: {name} {value!r} is over {MAX_TOKEN_COUNT:,} tokens")
     return int(number)
 
 
@@ -138,6 +147,11 @@ def _cell(row: dict[str, str], column: str, where: str) -> str:
 
 def _from_first(raw: list[tuple[float, int, int]]) -> list[LengthSpec]:
     """Sort by arrival (stable: equal times keep file order) and measure from the first."""
+    times = np.array([r[0] for r in raw])
+    num_back = int(np.count_nonzero(np.diff(times) < 0))
+    if num_back:  # a merged or shuffled file: replayed in time order, and said so
+        log.warning("%d of %d requests are out of arrival order in the file; replayed sorted "
+                    "by arrival time", num_back, len(raw))  # fmt: skip
     raw = sorted(raw, key=lambda r: r[0])
     start_s = raw[0][0]
     return [LengthSpec(t - start_s, p, o) for t, p, o in raw]

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from testbed.sim.errors import SimulationError
 from testbed.sim.metrics import Metrics, RequestRecord, StepRecord, compute_metrics
+from testbed.workload import ClipReport
 
 NUM_TOKENS = 20
 BASE_DURATION_S = 10.0
@@ -20,6 +21,7 @@ BASE_DURATION_S = 10.0
 class FakeResult:
     config: object
     metrics: Metrics
+    clip: ClipReport = ClipReport(1, 0, 0, 0)
 
 
 def fake_metrics(cfg) -> Metrics:

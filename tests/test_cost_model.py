@@ -127,7 +127,8 @@ def test_roofline_maps_a_shallower_trace_by_relative_depth():
 
 def test_model_shape_from_hf_config_and_capture_meta():
     config = {"num_hidden_layers": 32, "hidden_size": 4096, "intermediate_size": 11008,
-              "num_attention_heads": 32, "vocab_size": 32000, "torch_dtype": "float16"}  # fmt: skip
+              "num_attention_heads": 32, "vocab_size": 32000, "torch_dtype": "float16",
+              "max_position_embeddings": 4096}  # fmt: skip
     assert ModelShape.from_hf_config(config) == ModelShape.preset("llama-2-7b")
     shape = ModelShape.from_capture_meta(read_meta(ORACLE))
     assert (shape.num_layers, shape.hidden_size, shape.num_kv_heads, shape.head_dim) == (

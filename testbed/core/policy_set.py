@@ -43,12 +43,16 @@ class PolicySet:
     kv_fill: KvFillPolicy
 
 
-def build_policies(cfg: PolicyConfig) -> PolicySet:
-    """Instantiate through the registry; unknown names and bad values raise PolicyConfigError."""
+def build_policies(cfg: PolicyConfig, *, num_layers: int | None = None) -> PolicySet:
+    """Instantiate through the registry; unknown names and bad values raise PolicyConfigError,
+    and so do exit points beyond the model when its depth ``num_layers`` is given."""
     rule = create("exit_rule", cfg.exit_rule, threshold=cfg.threshold, decay_tau=cfg.decay_tau)
-    return PolicySet(
+    policies = PolicySet(
         batching=create("batching", cfg.batching, **dict(cfg.batching_params)),
         exit_rule=rule,
         exit_points=ExitPoints(min_exit_layer=cfg.min_exit_layer, stride=cfg.exit_stride),
         kv_fill=create("kv_fill", cfg.kv_fill, **dict(cfg.kv_fill_params)),
     )
+    if num_layers is not None and policies.batching.is_early_exit:
+        policies.exit_points.check_depth(num_layers)
+    return policies

@@ -70,7 +70,7 @@ class LLMEngine:
         self.checkpoint, self.config = checkpoint, config
         model = checkpoint.model
         cfg = model.config
-        self.policies = build_policies(config.policy)
+        self.policies = build_policies(config.policy, num_layers=cfg.num_layers)
         if config.policy.exit_rule == "classifier" and checkpoint.exit_heads is None:
             raise ConfigError(f"{checkpoint.path} has no exit_heads.safetensors for 'classifier'")
         dtype = next(model.parameters()).dtype

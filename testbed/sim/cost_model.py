@@ -26,7 +26,7 @@ from testbed.trace import read_capture
 __all__ = [
     "CostModel", "CostModelError", "FitReport", "FittedCostModel", "GpuSpec", "ModelShape",
     "ProfileCostModel", "RooflineCostModel", "ScaledCostModel", "StepFeatures",
-    "build_cost_model", "map_layers", "nnls", "price_capture_s", "split_time_factor",
+    "build_cost_model", "context_tokens_of", "map_layers", "nnls", "price_capture_s", "split_time_factor",
 ]  # fmt: skip
 
 log = logging.getLogger(__name__)
@@ -292,6 +292,10 @@ class ScaledCostModel:
     def name(self) -> str:
         return self.base.name
 
+    @property
+    def max_context_tokens(self) -> int | None:
+        return context_tokens_of(self.base)
+
     def step_time_s(self, f: StepFeatures) -> float:
         return self.factor * self.base.step_time_s(f)
 
@@ -312,8 +316,18 @@ def _build_profile(arg: str) -> ProfileCostModel:
     path, _, model = arg.rpartition(":")
     if not path or model.strip().lower() not in MODEL_PRESETS:  # a ':' inside the path itself
         path, model = arg, ""
-    num_layers = ModelShape.preset(model).num_layers if model else None
-    return ProfileCostModel.from_csv(path, num_layers=num_layers)
+    if not model:
+        return ProfileCostModel.from_csv(path)
+    shape = ModelShape.preset(model)
+    return ProfileCostModel.from_csv(
+        path, num_layers=shape.num_layers, max_context_tokens=shape.max_context_tokens
+    )
+
+
+def context_tokens_of(cost: CostModel) -> int | None:
+    """The longest request (prompt + output) the priced model serves, None when the cost model
+    does not say (a fit prices the trace's own model, whose context the caller knows)."""
+    return getattr(cost, "max_context_tokens", None)
 
 
 def build_cost_model(spec: str, *, trace_meta: Mapping[str, Any] | None = None) -> CostModel:

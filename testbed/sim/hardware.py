@@ -57,6 +57,9 @@ class ModelShape:
     head_dim: int
     vocab_size: int
     bytes_per_param: float  # weights and K/V cache: 2 for bf16
+    # the longest prompt + output it serves (config.json's max_position_embeddings); a simulation
+    # priced on this shape takes requests up to this length (None: unknown)
+    max_context_tokens: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "hidden_size", "intermediate_size", "num_heads",
@@ -65,6 +68,10 @@ class ModelShape:
                 raise CostModelError(
                     f"model shape: {name} must be positive, got {getattr(self, name)}"
                 )
+        if self.max_context_tokens is not None and self.max_context_tokens < 2:
+            raise CostModelError(
+                f"model shape: max_context_tokens must be >= 2, got {self.max_context_tokens}"
+            )
 
     @property
     def kv_proj_params(self) -> int:
@@ -100,6 +107,7 @@ class ModelShape:
                 num_kv_heads=int(config.get("num_key_value_heads") or heads),
                 head_dim=int(config.get("head_dim") or hidden // heads),
                 vocab_size=int(config["vocab_size"]),
+                max_context_tokens=int(config.get("max_position_embeddings") or 0) or None,
             )  # fmt: skip
         except KeyError as exc:
             raise CostModelError(f"model config lacks {exc.args[0]!r}") from exc
@@ -133,8 +141,8 @@ class ModelShape:
 
 # Shapes from each model's published config.json (bf16).
 MODEL_PRESETS: Mapping[str, ModelShape] = {
-    "llama-2-7b": ModelShape(32, 4096, 11008, 32, 32, 128, 32000, 2),
-    "llama-2-13b": ModelShape(40, 5120, 13824, 40, 40, 128, 32000, 2),
-    "llama-2-70b": ModelShape(80, 8192, 28672, 64, 8, 128, 32000, 2),
-    "llama-3-8b": ModelShape(32, 4096, 14336, 32, 8, 128, 128256, 2),
+    "llama-2-7b": ModelShape(32, 4096, 11008, 32, 32, 128, 32000, 2, 4096),
+    "llama-2-13b": ModelShape(40, 5120, 13824, 40, 40, 128, 32000, 2, 4096),
+    "llama-2-70b": ModelShape(80, 8192, 28672, 64, 8, 128, 32000, 2, 4096),
+    "llama-3-8b": ModelShape(32, 4096, 14336, 32, 8, 128, 128256, 2, 8192),
 }

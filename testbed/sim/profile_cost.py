@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from testbed.sim.cost_base import CostModelError, StepFeatures, spread_layers
-from testbed.sim.hardware import MODEL_PRESETS
+from testbed.sim.hardware import MODEL_PRESETS, ModelShape
 
 log = logging.getLogger(__name__)
 
@@ -81,12 +81,12 @@ def _op_medians(path: Path) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str
     return grid, medians, shape
 
 
-def _layers_of_shape(shape: dict[str, float]) -> int | None:
-    """Depth of the preset whose width matches the profiled layer, if one does."""
+def _preset_of_shape(shape: dict[str, float]) -> ModelShape | None:
+    """The preset whose width matches the profiled layer, if one does."""
     for preset in MODEL_PRESETS.values():
         dims = (preset.hidden_size, preset.intermediate_size, preset.num_heads, preset.num_kv_heads)
         if tuple(shape.get(c) for c in _SHAPE_COLUMNS) == dims:
-            return preset.num_layers
+            return preset
     return None
 
 
@@ -111,6 +111,7 @@ class ProfileCostModel:
     step_ms: np.ndarray = field(repr=False)  # [points] once-per-step operators
     context_ms: np.ndarray = field(repr=False)  # [points] attention against context; 0 if absent
     num_layers: int | None = None  # target depth; None = the trace's own depth
+    max_context_tokens: int | None = None  # the profiled model's context, when known
     overhead_s: float = 0.0
     name: str = field(default="profile", init=False)
     # memo of relative-depth matrices by trace depth; not part of the model's value
@@ -118,14 +119,22 @@ class ProfileCostModel:
 
     @classmethod
     def from_csv(
-        cls, path: str | Path, *, num_layers: int | None = None, overhead_s: float = 0.0
+        cls,
+        path: str | Path,
+        *,
+        num_layers: int | None = None,
+        overhead_s: float = 0.0,
+        max_context_tokens: int | None = None,
     ) -> ProfileCostModel:
         """Without num_layers the depth of a preset of the profiled width is used, else the
         trace's own depth (each trace layer priced as one profiled layer)."""
         path = Path(path)
         grid, medians, shape = _op_medians(path)
-        if num_layers is None:
-            num_layers = _layers_of_shape(shape)
+        matched = _preset_of_shape(shape)
+        if num_layers is None and matched is not None:
+            num_layers = matched.num_layers
+        if max_context_tokens is None and matched is not None:
+            max_context_tokens = matched.max_context_tokens
         if num_layers is not None and num_layers < 1:
             raise CostModelError(f"profile cost model: num_layers must be >= 1, got {num_layers}")
         if not overhead_s >= 0:
@@ -140,7 +149,7 @@ class ProfileCostModel:
             fill_ms=sum((medians[op] for op in FILL_OPS & medians.keys()), zero),
             step_ms=sum((medians[op] for op in STEP_OPS & medians.keys()), zero),
             context_ms=sum((medians[op] for op in CONTEXT_OPS & medians.keys()), zero),
-            num_layers=num_layers, overhead_s=overhead_s,
+            num_layers=num_layers, overhead_s=overhead_s, max_context_tokens=max_context_tokens,
         )  # fmt: skip
 
     def _spread_matrix(self, num_source: int) -> np.ndarray:

@@ -78,6 +78,10 @@ class RooflineCostModel:
         default_factory=dict, init=False, repr=False, compare=False
     )
 
+    @property
+    def max_context_tokens(self) -> int | None:
+        return self.shape.max_context_tokens
+
     def __post_init__(self) -> None:
         if not 0 < self.efficiency <= 1:
             raise CostModelError(f"roofline efficiency must be in (0, 1], got {self.efficiency}")

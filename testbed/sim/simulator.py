@@ -8,7 +8,7 @@ policies decide, exactly as in the engine; only the runner (``ReplayRunner``) di
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import simpy
@@ -18,13 +18,13 @@ from testbed.core import Sequence as SeqState
 from testbed.core.errors import CoreError
 from testbed.core.policy_set import PolicyConfig, build_policies
 from testbed.core.step import StepPlan
-from testbed.sim.cost_model import CostModel, StepFeatures, build_cost_model
+from testbed.sim.cost_model import CostModel, StepFeatures, build_cost_model, context_tokens_of
 from testbed.sim.errors import SimulationError
 from testbed.sim.metrics import Metrics, RequestRecord, StepRecord, compute_metrics
 from testbed.sim.replay import ReplayRunner, StepWork
 from testbed.sim.token_source import TokenStream, TraceTokens
 from testbed.trace import Capture, read_capture
-from testbed.workload import workload_lengths
+from testbed.workload import ClipReport, workload_lengths
 from testbed.workload_files import LengthSpec
 
 # The scheduler's full invariant check is O(KV blocks): with 4096 blocks it costs a few simulated
@@ -44,12 +44,18 @@ class SimulationConfig:
     num_kv_blocks: int = 4096
     seed: int = 0
     data_dir: str | None = None
+    # longest prompt + output; it replaces scheduler.max_model_len. None: the context of the model
+    # the cost model prices (a 7B roofline: 4096), else the engine's context for the trace's model
+    # (a fit prices that model). The trace only supplies exit behaviour, not the lengths.
+    max_model_len: int | None = None
+    allow_partial: bool = False  # replay an interrupted capture's finished requests
 
 
 @dataclass(frozen=True)
 class SimulationResult:
-    config: SimulationConfig
+    config: SimulationConfig  # as run: max_model_len and scheduler.max_model_len resolved
     metrics: Metrics
+    clip: ClipReport  # requests whose lengths did not fit max_model_len (clipped, say so)
     requests: tuple[RequestRecord, ...] = ()
     steps: tuple[StepRecord, ...] = ()
     num_rejected: int = 0  # requests the scheduler refused (too long, never fit)
@@ -72,14 +78,16 @@ class Simulation:
     """One run; ``run()`` returns its result. Build with :func:`simulate` for the usual path."""
 
     def __init__(self, capture: Capture, lengths: list[LengthSpec], cfg: SimulationConfig,
-                 cost: CostModel, *, keep_plans: bool = False) -> None:  # fmt: skip
+                 cost: CostModel, *, keep_plans: bool = False,
+                 clip: ClipReport | None = None) -> None:  # fmt: skip
         self.cfg, self.cost, self.lengths = cfg, cost, lengths
-        self.policies = build_policies(cfg.policy)
+        self.clip = clip if clip is not None else ClipReport(len(lengths), 0, 0, 0)
+        self.policies = build_policies(cfg.policy, num_layers=capture.num_layers)
         self.tokens = TraceTokens(capture)
         if self.policies.batching.needs_signals:
             self.tokens.check_signal(self.policies.exit_rule.signal)
         self.num_layers = capture.num_layers
-        self.eos = capture.meta["model"]["config"].get("eos_token_id")
+        self.eos = capture.meta["model"].get("config", {}).get("eos_token_id")
         self.blocks = BlockManager(cfg.num_kv_blocks, cfg.block_size)
         self.scheduler = Scheduler(
             cfg.scheduler, self.blocks, resume_policy=self.policies.batching,
@@ -106,7 +114,7 @@ class Simulation:
         done = self.env.process(self._engine())
         self.env.run(until=done)
         return SimulationResult(
-            self.cfg, compute_metrics(self.records, self.steps), tuple(self.records),
+            self.cfg, compute_metrics(self.records, self.steps), self.clip, tuple(self.records),
             tuple(self.steps), self.num_rejected, tuple(self.plans),
         )  # fmt: skip
 
@@ -234,14 +242,22 @@ class Simulation:
 def simulate(cfg: SimulationConfig, *, keep_plans: bool = False) -> SimulationResult:
     """One simulation run; a top-level function so executors can ship it to workers."""
     build_policies(cfg.policy)  # the cheapest check first: an unknown name fails at once
-    capture = read_capture(cfg.trace)
+    capture = read_capture(cfg.trace, allow_partial=cfg.allow_partial)
     if cfg.num_kv_blocks <= 0 or cfg.block_size <= 0:
         raise SimulationError("num_kv_blocks and block_size must be positive")
-    lengths, _ = workload_lengths(
-        cfg.workload,
-        seed=cfg.seed,
-        max_model_len=cfg.scheduler.max_model_len,
-        data_dir=cfg.data_dir,
-    )
     cost = build_cost_model(cfg.cost_model, trace_meta=capture.meta)
-    return Simulation(capture, lengths, cfg, cost, keep_plans=keep_plans).run()
+    max_len = cfg.max_model_len or context_tokens_of(cost) or engine_context(capture)
+    cfg = replace(cfg, max_model_len=max_len,
+                  scheduler=replace(cfg.scheduler, max_model_len=max_len))  # fmt: skip
+    lengths, clip = workload_lengths(
+        cfg.workload, seed=cfg.seed, max_model_len=max_len, data_dir=cfg.data_dir
+    )
+    return Simulation(capture, lengths, cfg, cost, keep_plans=keep_plans, clip=clip).run()
+
+
+def engine_context(capture: Capture) -> int:
+    """The context the engine ran the trace's model at: its max_position_embeddings, capped
+    like the engine caps it."""
+    config = capture.meta["model"].get("config", {})
+    model_len = int(config.get("max_position_embeddings") or SchedulerConfig.max_model_len)
+    return min(SchedulerConfig.max_model_len, model_len)

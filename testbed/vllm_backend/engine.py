@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,6 +10,7 @@ from typing import Any
 
 import vllm
 
+from testbed.core.policy_set import build_policies
 from testbed.vllm_backend.options import VllmEarlyExitConfig, to_overrides
 
 # In-process engine core (the capture reads the model after each step) and a small CPU KV
@@ -45,6 +47,9 @@ def engine_kwargs(
 
 
 def start_llm(ckpt_dir: Path, settings: VllmEarlyExitConfig, cfg: VllmEngineConfig) -> vllm.LLM:
+    # depth checks before vLLM starts: an error inside its model constructor arrives wrapped
+    config = json.loads((Path(ckpt_dir) / "config.json").read_text())
+    build_policies(settings.policy, num_layers=int(config["num_hidden_layers"]))
     for key, value in ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
     return vllm.LLM(**engine_kwargs(ckpt_dir, settings, cfg))

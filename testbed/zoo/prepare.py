@@ -10,7 +10,6 @@ written, so an interrupted prepare leaves nothing that looks complete.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
@@ -27,6 +26,7 @@ from pathlib import Path
 import torch
 
 from testbed.errors import CheckpointError
+from testbed.locks import exclusive
 from testbed.model.checkpoint import EXIT_HEADS_FILE, checkpoint_hash, load_checkpoint
 from testbed.model.prompt import write_prompt_format
 from testbed.runinfo import git_commit
@@ -58,7 +58,10 @@ def prepare_model(
     """Idempotent: a complete copy whose weights still hash as recorded is kept as it is."""
     final = model_dir(spec, cache)
     final.parent.mkdir(parents=True, exist_ok=True)
-    with _lock(final.parent / f".{spec.name}.lock"):
+    refusal = lambda: CheckpointError(  # noqa: E731
+        f"another `eetb model prepare` is writing {final.parent}; wait for it"
+    )
+    with exclusive(final.parent / f".{spec.name}.lock", refusal):
         cached = None if force else _intact(final)
         if cached is not None:
             _copy_adapters(spec, final)  # adapters the repository shipped since, if any
@@ -89,27 +92,6 @@ def prepare_model(
         finally:
             shutil.rmtree(work, ignore_errors=True)
     return PrepareResult(final, False, digest, diff)
-
-
-class _lock:
-    """An exclusive lock on a file beside the cache entry: a second prepare refuses at once."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def __enter__(self) -> None:
-        self.fh = self.path.open("w")
-        try:
-            fcntl.flock(self.fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as exc:
-            self.fh.close()
-            raise CheckpointError(
-                f"another `eetb model prepare` is writing {self.path.parent}; wait for it"
-            ) from exc
-
-    def __exit__(self, *exc: object) -> None:
-        fcntl.flock(self.fh, fcntl.LOCK_UN)
-        self.fh.close()
 
 
 def _intact(path: Path) -> PrepareResult | None:
