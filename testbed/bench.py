@@ -19,6 +19,7 @@ import torch
 
 from testbed.core import SchedulerConfig
 from testbed.core.policy_set import PolicyConfig
+from testbed.engine.device import resolve_device, resolve_dtype, synchronize
 from testbed.engine.engine import EngineConfig, LLMEngine, RequestOutput
 from testbed.engine.sampler import SamplingParams
 from testbed.model.checkpoint import Checkpoint
@@ -38,6 +39,8 @@ class ThroughputConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 4096
     seed: int = 0
+    device: str = "auto"  # the native engine's and transformers' (see testbed.engine.device)
+    dtype: str = "float32"
 
 
 @dataclass(frozen=True)
@@ -65,7 +68,8 @@ def run_engine(ckpt: Checkpoint, prompts, cfg: ThroughputConfig) -> ThroughputRo
     )
     need = min(cfg.num_requests, cfg.max_num_seqs) * (cfg.max_prompt_tokens + cfg.max_new_tokens)
     kv_mb = max(512.0, kv_cache_mb_for(ckpt.config, need))  # no preemption: time the model
-    engine = LLMEngine(ckpt, EngineConfig(scheduler=sched, kv_cache_mb=kv_mb))
+    engine = LLMEngine(ckpt, EngineConfig(scheduler=sched, kv_cache_mb=kv_mb,
+                                          device=cfg.device, dtype=cfg.dtype))  # fmt: skip
     params = SamplingParams(max_tokens=cfg.max_new_tokens, ignore_eos=True)
     start = time.perf_counter()
     outs = engine.generate(prompts, params)
@@ -77,18 +81,21 @@ def run_engine(ckpt: Checkpoint, prompts, cfg: ThroughputConfig) -> ThroughputRo
 def run_transformers(ckpt: Checkpoint, prompts, cfg: ThroughputConfig) -> ThroughputRow:
     import transformers  # noqa: PLC0415  (an optional comparison, not a dependency)
 
-    hf = transformers.LlamaForCausalLM.from_pretrained(ckpt.path, dtype=torch.float32).eval()
+    device = resolve_device(cfg.device)
+    hf = transformers.LlamaForCausalLM.from_pretrained(ckpt.path, dtype=resolve_dtype(cfg.dtype))
+    hf = hf.eval().to(device)
     total, start = 0, time.perf_counter()
     for i in range(0, len(prompts), cfg.hf_batch_size):
         chunk = prompts[i : i + cfg.hf_batch_size]
         width = max(map(len, chunk))
-        ids = torch.tensor([[0] * (width - len(p)) + p for p in chunk])  # left padding
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in chunk], device=device)  # left pad
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
         out = hf.generate(
             input_ids=ids, attention_mask=mask, max_new_tokens=cfg.max_new_tokens,
             min_new_tokens=cfg.max_new_tokens, do_sample=False, pad_token_id=0,
         )  # fmt: skip
         total += (out.shape[1] - width) * len(chunk)
+    synchronize(device)
     return ThroughputRow(
         f"transformers (static {cfg.hf_batch_size})", total, time.perf_counter() - start
     )
@@ -161,12 +168,16 @@ def run_policy(
     policy: PolicyConfig,
     params: SamplingParams,
     max_num_seqs: int,
+    *,
+    device: str = "auto",
+    dtype: str = "float32",
 ) -> tuple[EarlyExitRow, list[RequestOutput]]:
     sched = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=4096)
     # room for every request at once: a preemption would time the cache, not the policy
     kv_mb = kv_cache_mb_for(ckpt.config, max_num_seqs * (ckpt.config.max_position_embeddings // 4))
     kv_mb = min(kv_mb, kv_cache_mb_for(ckpt.config, max_num_seqs * 1024))
-    engine = LLMEngine(ckpt, EngineConfig(policy=policy, scheduler=sched, kv_cache_mb=kv_mb))
+    engine = LLMEngine(ckpt, EngineConfig(policy=policy, scheduler=sched, kv_cache_mb=kv_mb,
+                                          device=device, dtype=dtype))  # fmt: skip
     L = engine.num_layers
     acc = {"decode_rl": 0, "kv": 0, "prefill_s": 0.0, "decode_s": 0.0}
 

@@ -23,7 +23,14 @@ from testbed.bench import (
     run_vllm,
 )
 from testbed.builtin_model import resolve_model_dir
-from testbed.commands.common import ProgressLine, add_data_dir, add_model, guarded, parser
+from testbed.commands.common import (
+    ProgressLine,
+    add_data_dir,
+    add_device_args,
+    add_model,
+    guarded,
+    parser,
+)
 from testbed.core import SchedulerConfig
 from testbed.core.policy_set import PolicyConfig
 from testbed.datasets import load_summaries
@@ -64,6 +71,7 @@ def main(argv: list[str]) -> int:
     p = parser("bench", "Benchmarks: engine vs transformers throughput; early-exit grid.")
     add_model(p)
     add_data_dir(p)
+    add_device_args(p)
     p.add_argument(
         "--suite",
         choices=(
@@ -141,7 +149,8 @@ def _vllm(args, ckpt) -> int:
     from testbed.vllm_backend.bench import run_vllm_policy  # noqa: PLC0415
 
     cfg = ThroughputConfig(num_requests=args.num_requests or 32, max_prompt_tokens=256,
-                           max_new_tokens=args.max_new_tokens or 64, max_num_seqs=32)  # fmt: skip
+                           max_new_tokens=args.max_new_tokens or 64, max_num_seqs=32,
+                           device=args.device, dtype=args.dtype)  # fmt: skip
     prompts = random_prompts(cfg, ckpt.config.vocab_size)
     early_policy = _vllm_policy(args, ckpt.config.num_hidden_layers)
     native = run_engine(ckpt, prompts, cfg)
@@ -174,7 +183,7 @@ def _vllm(args, ckpt) -> int:
 
 
 def _throughput(args, ckpt) -> int:
-    cfg = ThroughputConfig()
+    cfg = ThroughputConfig(device=args.device, dtype=args.dtype)
     if args.num_requests:
         cfg = dataclasses.replace(cfg, num_requests=args.num_requests)
     if args.max_new_tokens:
@@ -249,7 +258,8 @@ def _early_exit(args, ckpt) -> int:
     # `full` runs first and again last; its faster run is the baseline, so a noisy neighbour
     # during one of them cannot inflate every speedup
     for i, policy in enumerate([*grid, grid[0]]):
-        row, out = run_policy(ckpt, prompts, references, policy, params, n)
+        row, out = run_policy(ckpt, prompts, references, policy, params, n,
+                              device=args.device, dtype=args.dtype)  # fmt: skip
         rows.append(row)
         outs.append(out)
         progress("early-exit", i + 1, len(grid) + 1, policy.label())
@@ -285,7 +295,8 @@ def _capture(args, ckpt) -> int:
     )  # fmt: skip
     prompts = random_prompts(cfg, ckpt.config.vocab_size)
     requests = [CaptureRequest(i, 0.0, tuple(p), cfg.max_new_tokens) for i, p in enumerate(prompts)]
-    engine_cfg = EngineConfig(scheduler=SchedulerConfig(max_num_seqs=cfg.max_num_seqs))
+    engine_cfg = EngineConfig(scheduler=SchedulerConfig(max_num_seqs=cfg.max_num_seqs),
+                              device=args.device, dtype=args.dtype)  # fmt: skip
     times = {"plain": [], "oracle capture": []}
     with tempfile.TemporaryDirectory() as tmp:
         for rep in range(3):

@@ -10,6 +10,7 @@ from testbed.builtin_model import resolve_model_dir
 from testbed.commands.common import (
     ProgressLine,
     add_data_dir,
+    add_device_args,
     add_model,
     add_policy_args,
     guarded,
@@ -34,6 +35,7 @@ def main(argv: list[str]) -> int:
     add_model(p)
     add_data_dir(p)
     add_policy_args(p)
+    add_device_args(p)
     p.add_argument("--workload", required=True, metavar="KIND:ARGS",
                    help="e.g. poisson:rate=4,n=32,prompt=64-256,output=64 or azure:path=FILE,n=100,scale=0.1")  # fmt: skip
     p.add_argument("--dataset", default="cnndm",
@@ -64,7 +66,9 @@ def main(argv: list[str]) -> int:
         engine=EngineConfig(
             policy=policy_from_args(args),
             scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs),
-        ),
+            device=args.device,
+            dtype=args.dtype,
+        ),  # fmt: skip
         profile_layers=args.profile,
         workload=args.workload,
         seed=args.seed,

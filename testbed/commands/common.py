@@ -87,6 +87,17 @@ def add_policy_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--fill", default="copy", help="KV fill: copy|lazy|recompute|skip")
 
 
+DTYPE_NAMES = ("float32", "bfloat16", "float16")  # testbed.engine.device.DTYPES's keys
+
+
+def add_device_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("device (native engine)")
+    # names only: this module stays torch-free (simulate and sweep import it); the engine checks
+    g.add_argument("--device", default="auto",
+                   help="auto (CUDA when there is one), cpu, cuda or cuda:N")  # fmt: skip
+    g.add_argument("--dtype", default="float32", choices=DTYPE_NAMES)
+
+
 def _number(text: str) -> int | float | str:
     for cast in (int, float):
         try:

@@ -8,6 +8,7 @@ import sys
 from testbed.builtin_model import resolve_model_dir
 from testbed.commands.common import (
     add_data_dir,
+    add_device_args,
     add_model,
     add_policy_args,
     guarded,
@@ -29,6 +30,7 @@ def main(argv: list[str]) -> int:
     add_model(p)
     add_data_dir(p)
     add_policy_args(p)
+    add_device_args(p)
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--prompts-from-data", type=int, default=0, metavar="N",
                    help="also summarise the first N evaluation articles of --dataset")  # fmt: skip
@@ -51,8 +53,8 @@ def main(argv: list[str]) -> int:
     cfg = EngineConfig(
         policy=policy_from_args(args),
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs),
-        seed=args.seed,
-    )
+        seed=args.seed, device=args.device, dtype=args.dtype,
+    )  # fmt: skip
     engine = LLMEngine(ckpt, cfg)
     params = SamplingParams(
         max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p

@@ -45,7 +45,7 @@ class CaptureRequest:
     ignore_eos: bool = False  # run to max_tokens past an end-of-sequence token (workload eos=)
 
 
-def capture_meta(ckpt: Checkpoint, cfg: CaptureConfig) -> dict[str, Any]:
+def capture_meta(ckpt: Checkpoint, cfg: CaptureConfig, device: str = "cpu") -> dict[str, Any]:
     model_cfg = ckpt.config
     return {
         "mode": cfg.mode,
@@ -56,8 +56,8 @@ def capture_meta(ckpt: Checkpoint, cfg: CaptureConfig) -> dict[str, Any]:
             "name": ckpt.path.name,
         },
         "engine": {"name": "native", "version": importlib.metadata.version("eetb")},
-        "device": "cpu",
-        "dtype": str(next(ckpt.model.parameters()).dtype).removeprefix("torch."),
+        "device": device,  # the engine's, resolved (auto never appears here)
+        "dtype": cfg.engine.dtype,
         "policy": to_jsonable(cfg.engine.policy),
         "scheduler": to_jsonable(cfg.engine.scheduler),
         "block_size": cfg.engine.block_size,
@@ -82,14 +82,14 @@ def run_capture(
     if cfg.mode == "oracle":  # full depth: the recorded token stream is the full-depth one
         engine_cfg = dataclasses.replace(engine_cfg, policy=PolicyConfig())
     engine = LLMEngine(ckpt, dataclasses.replace(engine_cfg, seed=cfg.seed))
-    probe = TraceProbe(ckpt.model, ckpt.exit_heads, is_oracle=cfg.mode == "oracle",
+    probe = TraceProbe(engine.runner.model, engine.runner.exit_heads, is_oracle=cfg.mode == "oracle",
                        profile_layers=cfg.profile_layers)  # fmt: skip
     engine.runner.probe = probe
     # the engine numbers sequences 0, 1, ... in the order they arrive
     order = sorted(requests, key=lambda r: (r.arrival_s, r.request_id))
     request_ids = {seq_id: r.request_id for seq_id, r in enumerate(order)}
     with CaptureWriter(
-        out, capture_meta(ckpt, dataclasses.replace(cfg, engine=engine_cfg))
+        out, capture_meta(ckpt, dataclasses.replace(cfg, engine=engine_cfg), str(engine.device))
     ) as writer:
         limits = {seq_id: r.max_tokens for seq_id, r in enumerate(order)}
         recorder = TraceRecorder(writer, probe, engine.num_layers, request_ids, limits)

@@ -14,6 +14,7 @@ from testbed.core import BlockManager, Scheduler, SchedulerConfig
 from testbed.core import Sequence as SeqState
 from testbed.core.policy_set import PolicyConfig, build_policies
 from testbed.core.step import StepPlan, StepResult
+from testbed.engine.device import AUTO, place, resolve_device, resolve_dtype
 from testbed.engine.kv_cache import KVCacheShape, PagedKVCache
 from testbed.engine.runner import ModelRunner, SeqMeta
 from testbed.engine.sampler import Sampler, SamplingParams
@@ -31,10 +32,13 @@ class EngineConfig:
     block_size: int = 16
     kv_cache_mb: float = 256.0  # K/V memory for all layers; sets the number of blocks
     seed: int = 0
+    device: str = AUTO  # auto (CUDA when there is one), cpu, cuda, cuda:N
+    dtype: str = "float32"  # weights, K/V and activations: float32, bfloat16 or float16
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.kv_cache_mb <= 0:
             raise ConfigError("block_size and kv_cache_mb must be positive")
+        resolve_dtype(self.dtype)
 
 
 @dataclass
@@ -68,12 +72,12 @@ class RequestOutput:
 class LLMEngine:
     def __init__(self, checkpoint: Checkpoint, config: EngineConfig = EngineConfig()) -> None:
         self.checkpoint, self.config = checkpoint, config
-        model = checkpoint.model
-        cfg = model.config
+        cfg = checkpoint.model.config
         self.policies = build_policies(config.policy, num_layers=cfg.num_layers)
         if config.policy.exit_rule == "classifier" and checkpoint.exit_heads is None:
             raise ConfigError(f"{checkpoint.path} has no exit_heads.safetensors for 'classifier'")
-        dtype = next(model.parameters()).dtype
+        self.device, dtype = resolve_device(config.device), resolve_dtype(config.dtype)
+        model = place(checkpoint.model, self.device, dtype)
         per_block = KVCacheShape(
             cfg.num_layers, 1, config.block_size, cfg.num_key_value_heads, cfg.head_size
         )
@@ -93,8 +97,8 @@ class LLMEngine:
         )
         self.runner = ModelRunner(
             model,
-            checkpoint.exit_heads,
-            PagedKVCache(shape, dtype),
+            place(checkpoint.exit_heads, self.device, dtype),
+            PagedKVCache(shape, dtype, self.device),
             self.policies,
             Sampler(config.seed),
         )

@@ -32,7 +32,9 @@ class KVCacheShape:
 
 
 class PagedKVCache:
-    def __init__(self, shape: KVCacheShape, dtype: torch.dtype) -> None:
+    def __init__(
+        self, shape: KVCacheShape, dtype: torch.dtype, device: torch.device | str = "cpu"
+    ) -> None:
         self.shape = shape
         size = (
             shape.num_layers,
@@ -41,9 +43,12 @@ class PagedKVCache:
             shape.num_kv_heads,
             shape.head_dim,
         )
-        self.keys = torch.zeros(size, dtype=dtype)  # [layers, blocks, block_size, Hkv, D]
-        self.values = torch.zeros(size, dtype=dtype)
-        self.is_valid = torch.zeros(shape.num_layers, shape.num_slots, dtype=torch.bool)
+        self.device = torch.device(device)
+        self.keys = torch.zeros(size, dtype=dtype, device=device)  # [layers, blocks, bs, Hkv, D]
+        self.values = torch.zeros(size, dtype=dtype, device=device)
+        self.is_valid = torch.zeros(
+            shape.num_layers, shape.num_slots, dtype=torch.bool, device=device
+        )
 
     def slot_view(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of one layer as [slots, Hkv, D] views."""
@@ -70,12 +75,15 @@ class DecodeContext:
     context_lens: torch.Tensor  # [rows] positions 0..len-1 are the row's context
 
     @classmethod
-    def build(cls, tables: list[tuple[int, ...]], context_lens: list[int]) -> DecodeContext:
+    def build(
+        cls, tables: list[tuple[int, ...]], context_lens: list[int],
+        device: torch.device | str = "cpu",
+    ) -> DecodeContext:  # fmt: skip
         width = max(len(t) for t in tables)
         padded = torch.zeros(len(tables), width, dtype=torch.long)
         for i, t in enumerate(tables):
             padded[i, : len(t)] = torch.tensor(t)
-        return cls(padded, torch.tensor(context_lens))
+        return cls(padded.to(device), torch.tensor(context_lens, device=device))
 
 
 GROUP_ROWS = 8  # rows per attention call: sorted by context length, so padding stays small
@@ -97,7 +105,7 @@ def decode_attention(
         width = num_blocks * bs
         k = cache.keys[layer].index_select(0, blocks).view(len(sel), width, -1, q.shape[-1])
         v = cache.values[layer].index_select(0, blocks).view(len(sel), width, -1, q.shape[-1])
-        mask = torch.arange(width)[None, :] < lens[sel][:, None]
+        mask = torch.arange(width, device=q.device)[None, :] < lens[sel][:, None]
         mask &= valid.index_select(0, blocks).view(len(sel), width)  # [group, width]
         out[sel] = F.scaled_dot_product_attention(
             q[sel].unsqueeze(2),  # [group, Hq, 1, D]
@@ -121,7 +129,7 @@ def span_attention(
     keys, values = cache.slot_view(layer)
     k = keys.index_select(0, ctx_slots).transpose(0, 1)  # [Hkv, ctx, D]
     v = values.index_select(0, ctx_slots).transpose(0, 1)
-    key_pos = torch.arange(len(ctx_slots))
+    key_pos = torch.arange(len(ctx_slots), device=q.device)
     mask = (key_pos[None, :] <= q_positions[:, None]) & cache.is_valid[layer][ctx_slots][None, :]
     out = F.scaled_dot_product_attention(
         q.transpose(0, 1), k, v, attn_mask=mask[None], enable_gqa=True

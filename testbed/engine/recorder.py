@@ -86,14 +86,19 @@ class TraceProbe:
         # [L, rows, vocab], one batched head call
         logits = F.linear(normed, self.model.lm_head_weight())
         top2 = logits.float().softmax(-1).topk(2, dim=-1).values
-        margin = (top2[..., 0] - top2[..., 1]).numpy()  # [L, rows]
-        cosine = F.cosine_similarity(states[1:].float(), states[:-1].float(), dim=-1).numpy()
+        margin = (top2[..., 0] - top2[..., 1]).cpu().numpy()  # [L, rows]
+        cosine = F.cosine_similarity(states[1:].float(), states[:-1].float(), dim=-1)
+        cosine = cosine.cpu().numpy()
         argmax = logits.argmax(-1).T.tolist()  # [rows][L]
         prob = None
         if self.heads is not None:
-            prob = torch.sigmoid(
-                torch.einsum("lrh,lh->lr", normed, self.heads.weight) + self.heads.bias[:, None]
-            ).numpy()
+            prob = (
+                torch.sigmoid(
+                    torch.einsum("lrh,lh->lr", normed, self.heads.weight) + self.heads.bias[:, None]
+                )
+                .cpu()
+                .numpy()
+            )
         for i, s in enumerate(self._seq_ids):
             trace = self.rows[s]
             L = margin.shape[0]

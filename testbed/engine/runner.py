@@ -16,6 +16,7 @@ import torch
 
 from testbed.core.policy_set import PolicySet
 from testbed.core.step import RowResult, StepPlan, StepResult
+from testbed.engine.device import synchronize
 from testbed.engine.kv_cache import PagedKVCache, decode_attention, span_attention
 from testbed.engine.sampler import Sampler, SamplingParams
 from testbed.engine.step_batch import Deferred, StepBatch, build_step_batch
@@ -79,6 +80,7 @@ class ModelRunner:
         self.model, self.exit_heads, self.cache = model, exit_heads, cache
         self.policies, self.sampler = policies, sampler
         self.num_layers = model.num_layers
+        self.device = cache.device
         self.deferred: dict[int, list[Deferred]] = {}  # owed K/V per sequence (lazy, recompute)
         self.parked: dict[int, torch.Tensor] = {}  # rebatch: hidden state at the parked layer
         self.meta: dict[int, SeqMeta] = {}
@@ -125,6 +127,7 @@ class ModelRunner:
         if self.probe is not None:
             self.probe.on_step_end(batch, state.executed.copy(), filled)
         rows = tuple(self._row_result(batch, state, r) for r in range(batch.num_rows))
+        synchronize(self.device)  # the K/V fill's kernels may still be queued on a GPU
         return StepResult(
             step_id=plan.step_id,
             rows=rows,
@@ -138,7 +141,7 @@ class ModelRunner:
         )
 
     def _run_layer(self, batch: StepBatch, state: _RowState, i: int, counters: _Counters) -> bool:
-        running = torch.from_numpy(state.is_running)
+        running = self._on_device(state.is_running)
         active = (batch.unit_start_layer <= i) & running[batch.unit_row]
         units = active.nonzero().squeeze(1)
         if len(units) == 0:
@@ -191,7 +194,7 @@ class ModelRunner:
         if not p.exit_points.is_exit_point(layer, self.num_layers):
             return
         cand = np.flatnonzero(
-            state.is_running & batch.is_decode_row.numpy() & (batch.row_start_layer.numpy() < layer)
+            state.is_running & batch.is_decode_row & (batch.row_start_layer < layer)
         )
         if len(cand) == 0:
             return
@@ -201,9 +204,10 @@ class ModelRunner:
         logits = None
         need = cand[~has_token]
         if p.batching.needs_signals and len(need):
-            h = batch.hidden[batch.main_unit[need]]
+            need_t = self._on_device(need)
+            h = batch.hidden[batch.main_unit[need_t]]
             sig = compute_signals(
-                self.model, self.exit_heads, layer, h, main_prev[need],
+                self.model, self.exit_heads, layer, h, main_prev[need_t],
                 needed=frozenset({p.exit_rule.signal}),
             )  # fmt: skip
             counters.rule_evals += len(need)
@@ -251,7 +255,7 @@ class ModelRunner:
         if logits is not None and all(r in logits for r in rows.tolist()):
             row_logits = torch.stack([logits[r] for r in rows.tolist()])
         else:
-            h = batch.hidden[batch.main_unit[rows]]
+            h = batch.hidden[batch.main_unit[self._on_device(rows)]]
             row_logits = exit_logits(self.model, self.exit_heads, layer, h)
         seq_ids = [batch.rows[r].seq_id for r in rows.tolist()]
         tokens = self.sampler.sample(row_logits, seq_ids, [self.meta[s].params for s in seq_ids])
@@ -299,18 +303,18 @@ class ModelRunner:
             return filled
         fill = self.policies.kv_fill
         decision = fill.decide(executed_layers=state.executed[rows], num_layers=self.num_layers)
-        mains = batch.main_unit[rows]
+        mains = batch.main_unit[self._on_device(rows)]
         h_exit = torch.stack([state.exit_hidden[r] for r in rows.tolist()])  # [rows, hidden]
         slots = batch.unit_slot[mains]
         for j in range(self.num_layers):
-            now = torch.from_numpy(decision.fill_now[:, j])
+            now = self._on_device(decision.fill_now[:, j])
             if bool(now.any()):
                 k, v = self.model.layers[j].kv(
                     h_exit[now], batch.cos[mains][now], batch.sin[mains][now]
                 )
                 self.cache.write(j, slots[now], k, v)
                 counters.kv_only += int(now.sum())
-            missing = torch.from_numpy(~decision.fill_now[:, j] & (j >= state.executed[rows]))
+            missing = self._on_device(~decision.fill_now[:, j] & (j >= state.executed[rows]))
             if bool(missing.any()):
                 self.cache.invalidate(j, slots[missing])
         self._defer(batch, state, rows, decision.owe, h_exit)
@@ -325,10 +329,19 @@ class ModelRunner:
             row = batch.rows[r]
             token = row.token_ids[-1]
             if from_layer0:  # EE-LLM: recompute the position from its layer-0 input
-                d = Deferred(row.start_position, token, 0, self.model.embed(torch.tensor(token)))
+                d = Deferred(
+                    row.start_position,
+                    token,
+                    0,
+                    self.model.embed(torch.tensor(token, device=self.device)),
+                )
             else:  # FREE: carry the exit state into the deep layers later
                 d = Deferred(row.start_position, token, int(state.executed[r]), h_exit[i])
             self.deferred.setdefault(row.seq_id, []).append(d)
+
+    def _on_device(self, a: np.ndarray) -> torch.Tensor:
+        """A numpy index or mask, as a tensor beside the tensors it addresses."""
+        return torch.from_numpy(np.ascontiguousarray(a)).to(self.device)
 
     def _output_positions(self, batch: StepBatch, rows: np.ndarray) -> np.ndarray:
         """Output index t of the token each row produces (0 for the first generated token)."""

@@ -58,7 +58,8 @@ class Sampler:
 
     @staticmethod
     def _draw(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator) -> int:
-        probs = (logits.float() / p.temperature).softmax(-1)
+        # on the CPU: the sequence's generator is a CPU one, so a draw does not depend on device
+        probs = (logits.float().cpu() / p.temperature).softmax(-1)
         sorted_probs, order = probs.sort(descending=True)
         # keep the smallest prefix whose mass reaches top_p (always at least one token)
         keep = sorted_probs.cumsum(-1) - sorted_probs < p.top_p

@@ -54,11 +54,11 @@ def compute_signals(
     logits = margin = cosine = prob = None
     if "softmax_margin" in needed:
         logits = exit_logits(model, heads, layer, h)
-        margin = softmax_margin(logits).numpy()
+        margin = softmax_margin(logits).cpu().numpy()
     if "hidden_cosine" in needed:
-        cosine = hidden_cosine(h, h_prev).numpy()
+        cosine = hidden_cosine(h, h_prev).cpu().numpy()
     if "classifier_prob" in needed:
         if heads is None:
             raise ValueError("the classifier signal needs exit_heads.safetensors in the checkpoint")
-        prob = classifier_prob(model, heads, layer, h).numpy()
+        prob = classifier_prob(model, heads, layer, h).cpu().numpy()
     return ExitPointSignals(ExitSignals(margin, cosine, prob), logits)
