@@ -92,6 +92,8 @@ class ValidationConfig:
     # rounds of runs, round-robin over the configurations (calibration runs first in each): a
     # slow spell of a shared machine then spreads over every configuration; measured = median
     repeats: int = 3
+    device: str = "auto"  # the native engine's (testbed.engine.device); vLLM picks its own
+    dtype: str = "float32"
 
     def __post_init__(self) -> None:
         if self.repeats < 1:
@@ -162,7 +164,7 @@ class EngineRuns:
         from testbed.engine.speed_probe import SpeedProbe
 
         if self._probe is None:
-            self._probe = SpeedProbe(self.ckpt)
+            self._probe = SpeedProbe(self.ckpt, device=self.cfg.device, dtype=self.cfg.dtype)
             self._probe.measure_s()
         return self._probe.measure_s()
 
@@ -181,7 +183,8 @@ class EngineRuns:
         from testbed.engine.engine import EngineConfig
 
         reqs = self.requests if requests is None else requests
-        engine_cfg = EngineConfig(policy=policy, scheduler=self.scheduler)
+        engine_cfg = EngineConfig(policy=policy, scheduler=self.scheduler,
+                                  device=self.cfg.device, dtype=self.cfg.dtype)  # fmt: skip
         cap = CaptureConfig(mode=mode, engine=engine_cfg, workload=self.cfg.workload,
                             seed=self.cfg.seed)  # fmt: skip
         shutil.rmtree(out, ignore_errors=True)  # an unfinished earlier attempt

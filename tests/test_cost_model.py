@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -386,3 +387,14 @@ def test_price_capture_is_the_fit_price_of_the_captures_own_steps():
     assert priced_s == pytest.approx(sum(priced_each))
     # fitted on the capture's durations doubled: it ran in about half the time the fit prices
     assert 0.4 < measured_s / priced_s < 0.6
+
+
+@needs_profiles
+def test_the_roofline_is_a_lower_bound_within_2_5x_of_vidurs_measured_h100_layers():
+    spec = importlib.util.spec_from_file_location(
+        "roofline_vs_vidur", Path(__file__).resolve().parent.parent / "scripts/roofline_vs_vidur.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for tokens, measured_ms, roofline_ms in module.compare(LLAMA_CSV):
+        assert 1.0 <= measured_ms / roofline_ms <= 2.5, (tokens, measured_ms, roofline_ms)

@@ -10,6 +10,7 @@ from typing import Any
 from testbed.commands.common import (
     ProgressLine,
     add_data_dir,
+    add_device_args,
     add_model,
     add_policy_args,
     guarded,
@@ -49,6 +50,7 @@ def _args(argv: list[str]):
     add_model(p)
     add_data_dir(p)
     add_policy_args(p)
+    add_device_args(p)
     return p.parse_args(argv)
 
 
@@ -69,6 +71,7 @@ def main(argv: list[str]) -> int:
         policies=tuple(policies), workload=workload, calibration=args.calibration,
         calibration_workload=args.calibrate, trace=trace or "", engine=args.engine,
         model=args.model, dataset=args.dataset, seed=args.seed, data_dir=args.data_dir,
+        device=args.device, dtype=args.dtype,
     )  # fmt: skip
     result = run_validation(cfg, args.out, progress=ProgressLine(min_interval_s=0))
     print(error_table(result.summary))

@@ -27,14 +27,14 @@ class SpeedProbe:
 
     def __init__(
         self, ckpt: Checkpoint, *, num_prompts: int = 12, prompt_tokens: int = 48,
-        new_tokens: int = 6,
+        new_tokens: int = 6, device: str = "auto", dtype: str = "float32",
     ) -> None:  # fmt: skip
         rng = np.random.default_rng(PROBE_SEED)
         vocab = ckpt.config.vocab_size
         self.prompts = [rng.integers(3, vocab, prompt_tokens).tolist() for _ in range(num_prompts)]
         self.params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
         # a small cache of its own, reused: every probe finishes all of its sequences
-        self.engine = LLMEngine(ckpt, EngineConfig(kv_cache_mb=8.0))
+        self.engine = LLMEngine(ckpt, EngineConfig(kv_cache_mb=8.0, device=device, dtype=dtype))
 
     def measure_s(self) -> float:
         """Seconds the probe took now."""
