@@ -113,6 +113,7 @@ def _validation_section(doc: dict[str, Any]) -> list[str]:
         header = ["configuration", "throughput tok/s", "mean TPOT ms", "probe time / reference",
                   "step time / fit price"]  # fmt: skip
         lines += [*_table(header, rows), ""]
+    lines += _noise_section(doc)
     lines += ["### Speedup and replay error", "",
               "The oracle trace holds the full-depth token stream; a live early-exit run "
               "diverges once one of its tokens differs. Exit TV is the total variation distance "
@@ -135,6 +136,53 @@ def _validation_section(doc: dict[str, Any]) -> list[str]:
               "exit TV", "agree sim", "agree real", "tokens sim", "tokens real",
               "ROUGE-L"]  # fmt: skip
     return [*lines, *_table(header, rows), ""]
+
+
+def _noise_section(doc: dict[str, Any]) -> list[str]:
+    """The measurement's repeatability beside the forecast: no error is read below it."""
+    noise = [r for r in doc.get("noise") or [] if r.get("mad_rel") is not None]
+    if not noise:
+        return []
+    lines = [
+        "### Noise floor",
+        "",
+        "How repeatable each measurement is over its rounds: MAD / median of the rounds, "
+        "their range, and whether the simulator's forecast (and its hindsight prediction) "
+        "falls inside that range. *Error / noise* is the forecast's |error| in units of the "
+        "noise floor: below 1 the simulator is as close as the machine repeats itself.",
+        "",
+    ]
+    scale = {
+        "throughput_tokens_per_s": (1.0, "throughput tok/s"),
+        "tpot_mean_s": (1e3, "mean TPOT ms"),
+    }
+    rows = []
+    for r in noise:
+        k, name = scale.get(r["metric"], (1.0, r["metric"]))
+        rows.append([r["policy"], name, _fmt(r["median"] * k, ".4g"), _fmt(r["mad_rel"], ".1%"),
+                     f"{r['low'] * k:.4g}–{r['high'] * k:.4g}",
+                     _fmt(None if r["predicted"] is None else r["predicted"] * k, ".4g"),
+                     _yes(r["forecast_inside"]), _yes(r["hindsight_inside"]),
+                     _fmt(r["error_over_noise"], ".1f")])  # fmt: skip
+    header = ["configuration", "metric", "median", "MAD / median", "range", "simulated",
+              "forecast inside", "hindsight inside", "error / noise"]  # fmt: skip
+    lines += _table(header, rows)
+    inside = doc.get("forecast_inside_range")
+    judged = [r for r in noise if r.get("forecast_inside") is not None]
+    if inside is not None:
+        lines += ["", f"Forecast inside the measured range on {sum(r['forecast_inside'] for r in judged)} "
+                  f"of {len(judged)} configuration × metric pairs ({inside:.0%}; goal 90%)."]  # fmt: skip
+    unordered = doc.get("unordered_pairs") or []
+    if unordered:
+        shown = "; ".join(f"{a} vs {b}" for a, b in unordered[:12])
+        more = f" and {len(unordered) - 12} more" if len(unordered) > 12 else ""
+        lines += ["", f"Pairs this measurement cannot order (fewer than 80% of at least 3 rounds "
+                  f"agree; no ranking claim is made between them): {shown}{more}."]  # fmt: skip
+    return [*lines, ""]
+
+
+def _yes(flag: bool | None) -> str:
+    return "–" if flag is None else ("yes" if flag else "no")
 
 
 def _tokens(metrics: dict[str, Any]) -> str:

@@ -5,6 +5,7 @@ Pure functions over plain numbers, so `eetb validate` and its tests share them.
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -92,6 +93,46 @@ def resolved_pairs(
             if max(above, below) >= min_share * len(both):
                 pairs.append((i, j))
     return pairs
+
+
+def noise_floor(values: Sequence[float | None]) -> dict[str, float | None]:
+    """How repeatable one configuration's measurement is, over its rounds: the median, the
+    median absolute deviation over the median (the noise floor a forecast's error is held to)
+    and the min-max range. With one round the spread is unknown (None)."""
+    v = [float(x) for x in values if x is not None]
+    if not v:
+        return {"median": None, "mad_rel": None, "low": None, "high": None}
+    median = statistics.median(v)
+    mad = statistics.median(abs(x - median) for x in v) if len(v) > 1 else None
+    return {"median": median, "mad_rel": None if mad is None or median == 0 else mad / median,
+            "low": min(v), "high": max(v)}  # fmt: skip
+
+
+def noise_rows(
+    label: str, runs: Sequence[Mapping[str, Any]], predicted: Mapping[str, Any],
+    hindsight: Mapping[str, Any] | None,
+) -> list[dict[str, Any]]:  # fmt: skip
+    """Per goal metric of one configuration: its rounds' noise floor, whether the forecast
+    (and the hindsight prediction) lies inside the measured range, and the forecast's error in
+    units of the noise floor (below 1: inside what the machine's own repeatability allows)."""
+    rows = []
+    for key in GOAL_METRICS:
+        floor = noise_floor([r.get(key) for r in runs])
+        pred = predicted.get(key)
+        post = None if hindsight is None else hindsight.get(key)
+        error = relative_error(pred, floor["median"])
+        inside = (
+            None if pred is None or floor["low"] is None else floor["low"] <= pred <= floor["high"]
+        )
+        post_inside = (None if post is None or floor["low"] is None
+                       else floor["low"] <= post <= floor["high"])  # fmt: skip
+        mad = floor["mad_rel"]
+        rows.append({
+            "policy": label, "metric": key, **floor, "predicted": pred,
+            "forecast_inside": inside, "hindsight_inside": post_inside,
+            "error_over_noise": None if error is None or not mad else abs(error) / mad,
+        })  # fmt: skip
+    return rows
 
 
 def exit_histogram(exit_layers: Sequence[int], num_layers: int) -> list[float]:

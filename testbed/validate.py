@@ -53,6 +53,7 @@ from testbed.compare import (
     error_rows,
     exit_histogram,
     kendall_tau,
+    noise_rows,
     relative_error,
     resolved_pairs,
     total_variation,
@@ -623,6 +624,12 @@ def summarise(
     errors_hindsight, tau_hindsight, worst_hindsight = (
         compared("predicted_hindsight") if has_hindsight else ([], None, None)
     )
+    noise = [row for d in done for row in noise_rows(
+        d["label"], d["measured_runs"], d["predicted"], d["predicted_hindsight"])]  # fmt: skip
+    judged = [r["forecast_inside"] for r in noise if r["forecast_inside"] is not None]
+    resolved = set(pairs)
+    unordered = [[done[i]["label"], done[j]["label"]] for i in range(len(done))
+                 for j in range(i + 1, len(done)) if (i, j) not in resolved]  # fmt: skip
     full = next((d for d in done if d["index"] == 0), None)
     configs = []
     for d in done:
@@ -661,6 +668,11 @@ def summarise(
         "kendall_tau_resolved": tau_resolved,
         "num_pairs_resolved": len(pairs),
         "num_pairs": len(done) * (len(done) - 1) // 2,
+        # the measurement's own repeatability, per configuration and goal metric, and the
+        # pairs it cannot order (the rounds split on them): no ranking claim is made there
+        "noise": noise,
+        "forecast_inside_range": sum(judged) / len(judged) if judged else None,
+        "unordered_pairs": unordered,
         "max_goal_error": worst,
         # the same comparison with each run predicted at the speed its probes measured
         "errors_probed": errors_probed,

@@ -207,3 +207,22 @@ def test_report_of_a_validation_with_hindsight_shows_it_beside_the_forecast(tmp_
     assert "in hindsight, each run at the speed its steps ran: 2.0% and tau 1.000" in text
     assert "| full | 1.0 / 2.0 | 100.00 / 200.00 | 1.10 / 0.90 | 1.25 / 0.80 |" in text
     assert (tmp_path / "figures" / "sim_vs_measured.png").read_bytes().startswith(PNG)
+
+
+def test_report_shows_the_noise_floor_and_the_pairs_it_cannot_order(tmp_path):
+    file, doc = _probed_validation(tmp_path / "validate")
+    doc["noise"] = [
+        {"policy": "full", "metric": "throughput_tokens_per_s", "median": 100.0, "mad_rel": 0.02,
+         "low": 97.0, "high": 104.0, "predicted": 103.0, "forecast_inside": True,
+         "hindsight_inside": True, "error_over_noise": 1.5},
+        {"policy": "full", "metric": "tpot_mean_s", "median": 0.1, "mad_rel": 0.05,
+         "low": 0.09, "high": 0.11, "predicted": 0.2, "forecast_inside": False,
+         "hindsight_inside": None, "error_over_noise": 20.0},
+    ]  # fmt: skip
+    doc["forecast_inside_range"], doc["unordered_pairs"] = 0.5, [["full", "shrink/x"]]
+    file.write_text(json.dumps(doc))
+    text = write_report(tmp_path).read_text()
+    assert "| full | throughput tok/s | 100 | 2.0% | 97–104 | 103 | yes | yes | 1.5 |" in text
+    assert "| full | mean TPOT ms | 100 | 5.0% | 90–110 | 200 | no | – | 20.0 |" in text
+    assert "Forecast inside the measured range on 1 of 2 configuration × metric pairs (50%" in text
+    assert "cannot order" in text and "full vs shrink/x" in text

@@ -13,6 +13,8 @@ from testbed.compare import (
     error_rows,
     exit_histogram,
     kendall_tau,
+    noise_floor,
+    noise_rows,
     relative_error,
     resolved_pairs,
     total_variation,
@@ -102,3 +104,23 @@ def test_exit_histogram_and_total_variation():
         exit_histogram([9], 8)
     with pytest.raises(ValueError):
         total_variation([1], [0.5, 0.5])
+
+
+def test_noise_floor_is_the_rounds_mad_over_median_and_their_range():
+    floor = noise_floor([100.0, 110.0, 90.0, None, 104.0])
+    assert floor["median"] == 102.0 and floor["low"] == 90.0 and floor["high"] == 110.0
+    assert floor["mad_rel"] == pytest.approx(5.0 / 102.0)  # deviations 2, 8, 12, 2: median 5
+    assert noise_floor([5.0])["mad_rel"] is None  # one round: the spread is unknown
+    assert noise_floor([None])["median"] is None
+
+
+def test_noise_rows_say_whether_the_forecast_lies_inside_the_rounds():
+    runs = [{"throughput_tokens_per_s": v, "tpot_mean_s": t}
+            for v, t in ((100.0, 0.10), (104.0, 0.11), (96.0, 0.09))]  # fmt: skip
+    rows = noise_rows("p", runs, {"throughput_tokens_per_s": 110.0, "tpot_mean_s": 0.1},
+                      {"throughput_tokens_per_s": 101.0, "tpot_mean_s": 0.2})  # fmt: skip
+    tp, tpot = rows
+    assert (tp["forecast_inside"], tp["hindsight_inside"]) == (False, True)
+    assert tp["error_over_noise"] == pytest.approx(0.10 / 0.04)  # 10% off, MAD 4%
+    assert (tpot["forecast_inside"], tpot["hindsight_inside"]) == (True, False)
+    assert noise_rows("p", runs, {}, None)[0]["forecast_inside"] is None

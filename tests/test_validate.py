@@ -281,6 +281,14 @@ def test_repeated_rounds_report_the_median_and_the_spread(tmp_path):
         assert (tmp_path / "live" / "00" / f"r{k}" / "meta.json").is_file()
         assert (tmp_path / "calibration" / "full" / f"r{k}" / "meta.json").is_file()
     assert s["cost_model"].count("+") == 2 * 2 - 1  # four calibration captures in the fit
+    # the noise floor of each configuration's two rounds, beside its forecast
+    assert len(s["noise"]) == 2 * len(s["configurations"])
+    for row, c in zip(s["noise"][::2], s["configurations"], strict=True):
+        runs = c["throughput_runs"]
+        assert (row["low"], row["high"]) == (min(runs), max(runs))
+        assert row["forecast_inside"] == (min(runs) <= row["predicted"] <= max(runs))
+    # two rounds order no pair (three at least are needed): every pair is listed as unordered
+    assert len(s["unordered_pairs"]) == s["num_pairs"]
 
 
 def test_each_run_is_predicted_at_the_speed_its_probes_measured(tmp_path, monkeypatch):

@@ -117,6 +117,14 @@ def error_table(summary: dict[str, Any]) -> str:
         lines.append(f"over the {summary['num_pairs_resolved']} of {summary['num_pairs']} pairs "
                      "whose order 80% of the rounds agree on: tau "
                      f"{_num(summary['kendall_tau_resolved'], '.3f')}")  # fmt: skip
+    inside = summary.get("forecast_inside_range")
+    if inside is not None:
+        mads = [r["mad_rel"] for r in summary["noise"] if r["mad_rel"] is not None]
+        floor = f"; rounds' MAD / median up to {max(mads):.1%}" if mads else ""
+        lines.append(f"forecast inside the measured rounds' range on {inside:.0%} of "
+                     f"configuration × metric pairs{floor}; "
+                     f"{len(summary['unordered_pairs'])} of {summary['num_pairs']} pairs the "
+                     "rounds cannot order")  # fmt: skip
     if summary.get("reference_probe_s") is not None:
         lines.append(
             "each run predicted at the speed its probes measured instead: "
