@@ -11,6 +11,7 @@ from typing import Any
 from analysis import figures
 from analysis.load import RunData, load_run
 from analysis.rank import with_speedups
+from testbed import atomic
 
 GOAL_ERROR = 0.10  # the validation goal: |simulated / measured - 1| for throughput and mean TPOT
 GOAL_TAU = 0.6
@@ -259,8 +260,4 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     notes = [*run.notes, *fig_notes]
     if notes:
         lines += ["## Missing", "", *(f"- {n}" for n in notes), ""]
-    path = report_dir / "report.md"
-    tmp = path.with_name(".report.md.tmp")
-    tmp.write_text("\n".join(lines))
-    os.replace(tmp, path)
-    return path
+    return atomic.write_text(report_dir / "report.md", "\n".join(lines))

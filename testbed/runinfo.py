@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
-import json
 import platform
 import subprocess
 import sys
@@ -12,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import testbed
+from testbed import atomic
 
 
 def git_commit() -> str | None:
@@ -69,5 +69,5 @@ def run_info(config: Any, *, seed: int, **extra: Any) -> dict[str, Any]:
 def write_run_info(out_dir: Path, config: Any, *, seed: int, **extra: Any) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "run.json"
-    path.write_text(json.dumps(run_info(config, seed=seed, **extra), indent=2) + "\n")
+    atomic.write_json(path, run_info(config, seed=seed, **extra), indent=2)
     return path

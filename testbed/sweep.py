@@ -34,7 +34,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import signal
 import sys
 import traceback
@@ -49,9 +48,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from policies.errors import PolicyConfigError
+from testbed import atomic
 from testbed.core.admission import SchedulerConfig
 from testbed.core.errors import CoreError
-from testbed.core.policy_set import PolicyConfig, build_policies
+from testbed.core.policy_set import PolicyConfig
 from testbed.errors import ConfigError, EetbError
 from testbed.locks import LOCK_FILE, exclusive
 from testbed.runinfo import to_jsonable
@@ -215,11 +215,10 @@ def _policy_grid(t: _Table) -> PolicyGrid:
         kv_fill=t.optional("kv_fill", str, "copy"),
         decay_tau=t.optional("decay_tau", float, None),
     )
-    for policy in grid.expand():
-        try:
-            build_policies(policy)  # unknown names and out-of-range values fail here, not in runs
-        except PolicyConfigError as exc:
-            raise t.error(f"{t.path.rstrip('.')}: {exc}") from None
+    try:  # each PolicyConfig checks itself: unknown names and bad values fail here, not in runs
+        grid.expand()
+    except PolicyConfigError as exc:
+        raise t.error(f"{t.path.rstrip('.')}: {exc}") from None
     return grid
 
 
@@ -314,10 +313,7 @@ def run_label(cfg: SimulationConfig) -> str:
 
 
 def _write_json(path: Path, doc: dict[str, Any]) -> None:
-    # write then rename: a sweep killed mid-write never leaves a file that looks finished
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(doc, indent=1) + "\n")
-    os.replace(tmp, path)
+    atomic.write_json(path, doc)  # a sweep killed mid-write leaves no point that looks finished
 
 
 def _record_run(runs_dir: Path, key: str, cfg: SimulationConfig, result: SimulationResult) -> None:
@@ -454,7 +450,7 @@ def _dask_client(address: str, num_workers: int) -> Iterator[Any]:
 
 def config_columns(cfg: SimulationConfig) -> dict[str, Any]:
     p = cfg.policy
-    is_baseline = not build_policies(p).batching.is_early_exit
+    is_baseline = not p.is_early_exit
     return {
         "trace": cfg.trace,
         "workload": cfg.workload,
@@ -499,9 +495,8 @@ def _finished_metrics(path: Path, *, quiet: bool = False) -> dict[str, Any] | No
 
 
 def write_results(rows: Sequence[dict[str, Any]], path: Path) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(pa.Table.from_pylist(list(rows)), tmp)
-    os.replace(tmp, path)
+    with atomic.atomic_path(path) as tmp:
+        pq.write_table(pa.Table.from_pylist(list(rows)), tmp)
     return path
 
 

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import re
 import shutil
 from collections.abc import Callable, Sequence
@@ -48,6 +47,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from testbed import atomic
 from testbed.compare import (
     GOAL_METRICS,
     error_rows,
@@ -59,7 +59,7 @@ from testbed.compare import (
     total_variation,
 )
 from testbed.core import SchedulerConfig
-from testbed.core.policy_set import PolicyConfig, build_policies
+from testbed.core.policy_set import PolicyConfig
 from testbed.errors import ConfigError, EetbError
 from testbed.runinfo import to_jsonable, write_run_info
 from testbed.sim.cost_model import FittedCostModel, build_cost_model, price_capture_s
@@ -108,8 +108,6 @@ class ValidationConfig:
                 "validation needs a calibration run for the cost model: give --calibration "
                 "DIR[+DIR] (captures of another run) or --calibrate WORKLOAD"
             )
-        for policy in self.policies:
-            build_policies(policy)  # an unknown policy fails here, before any run
 
     @property
     def configurations(self) -> tuple[PolicyConfig, ...]:
@@ -363,9 +361,7 @@ def _latency_rows(label: str, source: str, records: Sequence[RequestRecord]) -> 
 
 
 def _write_json(path: Path, doc: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")  # never a half-written file under the real name
-    tmp.write_text(json.dumps(to_jsonable(doc), indent=1) + "\n")
-    os.replace(tmp, path)
+    atomic.write_json(path, to_jsonable(doc))
 
 
 def _median_metrics(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:

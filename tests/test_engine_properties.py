@@ -106,17 +106,17 @@ def test_bad_requests_rejected_and_batch_survives(ckpt):
 
 
 @pytest.mark.parametrize(
-    "policy,error",
+    "fields,error",
     [
-        (PolicyConfig(batching="nope"), UnknownPolicyError),
-        (PolicyConfig(exit_rule="softmax", threshold=1.5), PolicyConfigError),
-        (PolicyConfig(kv_fill="nope"), UnknownPolicyError),
-        (PolicyConfig(batching="quorum", batching_params=(("fraction", 0.0),)), PolicyConfigError),
+        (dict(batching="nope"), UnknownPolicyError),
+        (dict(exit_rule="softmax", threshold=1.5), PolicyConfigError),
+        (dict(kv_fill="nope"), UnknownPolicyError),
+        (dict(batching="quorum", batching_params=(("fraction", 0.0),)), PolicyConfigError),
     ],
 )
-def test_bad_policy_config(ckpt, policy, error):
+def test_bad_policy_config_is_refused_where_it_is_made(fields, error):
     with pytest.raises(error):
-        _engine(ckpt, kv_mb=1.0, policy=policy)
+        PolicyConfig(**fields)
 
 
 def test_arrival_paced_run_reports_latencies(ckpt):

@@ -24,6 +24,15 @@ class PolicyConfig:
     kv_fill: str = "copy"  # copy, lazy, recompute, skip
     kv_fill_params: tuple[tuple[str, Any], ...] = field(default=())
 
+    def __post_init__(self) -> None:
+        # a config that exists is one the registry can build: unknown names and bad values
+        # fail where the config is made, not in the run (or the sweep point) that uses it
+        build_policies(self)
+
+    @property
+    def is_early_exit(self) -> bool:
+        return build_policies(self).batching.is_early_exit
+
     def label(self) -> str:
         """Short name for tables: 'consensus/hidden@0.95≥4/copy'."""
         params = ",".join(f"{k}={v}" for k, v in self.batching_params)

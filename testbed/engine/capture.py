@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from testbed.core import SchedulerConfig
-from testbed.core.policy_set import PolicyConfig, build_policies
+from testbed.core.policy_set import PolicyConfig
 from testbed.datasets import load_summaries
 from testbed.engine.engine import EngineConfig, LLMEngine, RequestOutput, StepHook
 from testbed.engine.recorder import MODES, TraceProbe, TraceRecorder
@@ -78,7 +78,6 @@ def run_capture(
 ) -> Path:
     """Run the workload arrival-paced and write the capture directory ``out``."""
     engine_cfg = cfg.engine
-    build_policies(engine_cfg.policy)  # a bad option is an error even where oracle ignores it
     if cfg.mode == "oracle":  # full depth: the recorded token stream is the full-depth one
         engine_cfg = dataclasses.replace(engine_cfg, policy=PolicyConfig())
     engine = LLMEngine(ckpt, dataclasses.replace(engine_cfg, seed=cfg.seed))

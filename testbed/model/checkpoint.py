@@ -16,6 +16,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
+from testbed.atomic import atomic_path
 from testbed.errors import CheckpointError
 from testbed.model.config import LlamaConfig
 from testbed.model.llama import ExitClassifiers, LlamaModel
@@ -184,9 +185,8 @@ def save_exit_heads(
         f"exit_heads.{k}": v.detach().to(dtype).contiguous() for k, v in heads.state_dict().items()
     }
     meta = {"format": "pt"} | ({BASE_HASH_KEY: base_hash} if base_hash else {})
-    tmp = file.with_name(file.name + ".tmp")
-    save_file(state, str(tmp), metadata=meta)
-    tmp.replace(file)
+    with atomic_path(file) as tmp:
+        save_file(state, str(tmp), metadata=meta)
 
 
 def _write_tokenizer_config(path: Path, cfg: LlamaConfig) -> None:

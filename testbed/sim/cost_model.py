@@ -227,7 +227,8 @@ class FittedCostModel:
         model, report = cls.fit(rows, durations)
         # a validation fits on dozens of captures: name them when few, count them when many
         source = path if len(parts) <= 3 else f"{len(parts)} captures ({parts[0]} ...)"
-        log.info(
+        # debug: every sweep point refits in its worker; the report and the CLIs state the fit
+        log.debug(
             "fitted cost model on %s: R² %.3f over %d steps", source, report.r2, report.num_steps
         )
         return model, report

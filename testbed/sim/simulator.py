@@ -241,7 +241,6 @@ class Simulation:
 
 def simulate(cfg: SimulationConfig, *, keep_plans: bool = False) -> SimulationResult:
     """One simulation run; a top-level function so executors can ship it to workers."""
-    build_policies(cfg.policy)  # the cheapest check first: an unknown name fails at once
     capture = read_capture(cfg.trace, allow_partial=cfg.allow_partial)
     if cfg.num_kv_blocks <= 0 or cfg.block_size <= 0:
         raise SimulationError("num_kv_blocks and block_size must be positive")

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from testbed.core.policy_set import PolicyConfig, build_policies
+from testbed.core.policy_set import PolicyConfig
 from testbed.errors import ConfigError
 
 ARCHITECTURE = "EarlyExitLlamaForCausalLM"
@@ -60,7 +60,6 @@ class VllmEarlyExitConfig:
 
 def check_supported(policy: PolicyConfig) -> None:
     """Raise ConfigError when the vLLM backend cannot run ``policy``, saying why."""
-    build_policies(policy)  # unknown names and bad values: the registry's own message
     if policy.batching in REFUSED_BATCHING:
         raise ConfigError(
             f"vLLM cannot run batching '{policy.batching}': {REFUSED_BATCHING[policy.batching]}"
