@@ -143,3 +143,15 @@ def test_refused_policy_raises_before_vllm_starts(tmp_path):
     with pytest.raises(ConfigError, match="shrink"):
         run_vllm_capture(BUILTIN, [], cfg, tmp_path / "never")
     assert not (tmp_path / "never").exists()
+
+
+def test_capture_runs_on_model_runner_v1_and_names_a_runner_without_its_batch(tmp_path):
+    from testbed.vllm_backend.capture import _batch_order_and_records
+
+    assert ENV_DEFAULTS["VLLM_USE_V2_MODEL_RUNNER"] == "0"
+
+    class RunnerV2:  # vLLM's V2 runner drops its input batch after each step
+        model = None
+
+    with pytest.raises(ConfigError, match="VLLM_USE_V2_MODEL_RUNNER=0"):
+        _batch_order_and_records(RunnerV2())

@@ -127,11 +127,19 @@ def run_vllm_capture(
             start_s = run.clock()
             outputs = engine.step()
             duration_s = run.clock() - start_s
-            req_ids, records = model_runner_call(
-                llm, lambda r: (list(r.input_batch.req_ids), r.model.drain_records())
-            )
+            req_ids, records = model_runner_call(llm, _batch_order_and_records)
             _write_step(run, start_s, duration_s, req_ids, records, outputs, on_finish)
     return out
+
+
+def _batch_order_and_records(runner) -> tuple[list[str], list]:
+    batch = getattr(runner, "input_batch", None)
+    if batch is None:
+        raise ConfigError(
+            f"vLLM's {type(runner).__name__} keeps no input_batch, so the capture cannot name the"
+            " request of each row; run with VLLM_USE_V2_MODEL_RUNNER=0 (model runner V1)"
+        )
+    return list(batch.req_ids), runner.model.drain_records()
 
 
 def _add(engine, run: _Run, request: CaptureRequest, *, seq_id: int) -> None:

@@ -13,9 +13,15 @@ import vllm
 from testbed.core.policy_set import build_policies
 from testbed.vllm_backend.options import VllmEarlyExitConfig, to_overrides
 
-# In-process engine core (the capture reads the model after each step) and a small CPU KV
-# cache; a user's own settings win.
-ENV_DEFAULTS = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
+# In-process engine core (the capture reads the model after each step), a small CPU KV cache,
+# and model runner V1: the capture names each forward row's request from its persistent
+# `input_batch`, which the V2 runner (vLLM's default on GPUs) does not keep between steps. A
+# user's own settings win.
+ENV_DEFAULTS = {
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "VLLM_USE_V2_MODEL_RUNNER": "0",
+}
 
 
 @dataclass(frozen=True)
