@@ -17,10 +17,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from testbed.capture_records import EngineConfig, RequestOutput
 from testbed.core import SchedulerConfig
 from testbed.core.policy_set import PolicyConfig
 from testbed.engine.device import resolve_device, resolve_dtype, synchronize
-from testbed.engine.engine import EngineConfig, LLMEngine, RequestOutput
+from testbed.engine.engine import LLMEngine
 from testbed.engine.sampler import SamplingParams
 from testbed.model.checkpoint import Checkpoint
 from testbed.model.config import LlamaConfig

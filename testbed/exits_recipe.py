@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from testbed.capture_records import EngineConfig
 from testbed.datasets import SummaryExample, load_summaries
-from testbed.engine.engine import EngineConfig, LLMEngine
+from testbed.engine.engine import LLMEngine
 from testbed.engine.sampler import SamplingParams
 from testbed.model.checkpoint import EXIT_HEADS_FILE, Checkpoint, checkpoint_hash, save_exit_heads
 from testbed.model.exit_training import ExitTrainConfig, Progress, probe_data, train_exit_heads

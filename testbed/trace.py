@@ -24,7 +24,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from policies.exit_rules import ExitPoints, ThresholdRule
 from testbed.errors import EetbError
 from testbed.locks import exclusive
 
@@ -361,25 +360,6 @@ def signal_matrix(tokens: pa.Table, column: str, num_layers: int) -> np.ndarray:
     cols = np.arange(len(flat)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
     out[rows, cols] = flat
     return out
-
-
-def replay_exit_layers(capture: Capture, rule: ThresholdRule, points: ExitPoints) -> np.ndarray:
-    """Exit layer per token if every token left at its first confident exit point (``shrink``
-    or ``consensus`` semantics for the token itself). Position 0 comes from the prefill and
-    always runs full depth; a token never confident exits at the last layer."""
-    L = capture.num_layers
-    tokens = capture.tokens
-    signal = signal_matrix(tokens, rule.signal, L)  # [tokens, L], NaN where not recorded
-    positions = tokens["position"].to_numpy()
-    limits = dict(zip(capture.requests["request_id"].to_pylist(),
-                      capture.requests["max_tokens"].to_pylist(), strict=True))  # fmt: skip
-    max_tokens = np.array([limits[r] for r in tokens["request_id"].to_pylist()])
-    threshold = rule.threshold_at(positions, max_tokens)
-    exits = np.full(len(positions), L, dtype=np.int64)
-    for layer in points.layers(L):  # ascending: the first confident layer wins
-        confident = (signal[:, layer - 1] >= threshold) & (exits == L) & (positions > 0)
-        exits[confident] = layer
-    return exits
 
 
 def agreement_by_layer(capture: Capture) -> np.ndarray:

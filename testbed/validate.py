@@ -178,8 +178,8 @@ class EngineRuns:
         return path
 
     def capture(self, policy: PolicyConfig, mode: str, out: Path, requests=None) -> Path:
-        from testbed.engine.capture import CaptureConfig, run_capture
-        from testbed.engine.engine import EngineConfig
+        from testbed.capture_records import CaptureConfig, EngineConfig
+        from testbed.engine.capture import run_capture
 
         reqs = self.requests if requests is None else requests
         engine_cfg = EngineConfig(policy=policy, scheduler=self.scheduler,

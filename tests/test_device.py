@@ -10,12 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from testbed.capture_records import CaptureConfig, CaptureRequest, EngineConfig
 from testbed.commands.common import DTYPE_NAMES
 from testbed.core import SchedulerConfig
 from testbed.core.policy_set import PolicyConfig
-from testbed.engine.capture import CaptureConfig, CaptureRequest, run_capture
+from testbed.engine.capture import run_capture
 from testbed.engine.device import DTYPES, place, resolve_device, resolve_dtype
-from testbed.engine.engine import EngineConfig, LLMEngine
+from testbed.engine.engine import LLMEngine
 from testbed.engine.sampler import SamplingParams
 from testbed.errors import ConfigError
 from testbed.trace import read_capture

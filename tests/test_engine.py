@@ -9,9 +9,10 @@ import torch
 import transformers
 
 from testbed.builtin_model import resolve_model_dir
+from testbed.capture_records import EngineConfig
 from testbed.core import SchedulerConfig
 from testbed.core.policy_set import PolicyConfig
-from testbed.engine.engine import EngineConfig, LLMEngine
+from testbed.engine.engine import LLMEngine
 from testbed.engine.sampler import SamplingParams
 from testbed.model.checkpoint import load_checkpoint
 from tests.engine_helpers import TINY, prompts, reference_generate, tiny_checkpoint

@@ -7,9 +7,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from policies import PolicyConfigError, UnknownPolicyError
+from testbed.capture_records import EngineConfig
 from testbed.core import RequestNeverFitsError, RequestTooLongError, SchedulerConfig
 from testbed.core.policy_set import PolicyConfig
-from testbed.engine.engine import EngineConfig, LLMEngine
+from testbed.engine.engine import LLMEngine
 from testbed.engine.sampler import SamplingParams
 from testbed.errors import ConfigError
 from tests.engine_helpers import TINY, tiny_checkpoint

@@ -8,8 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from testbed.capture_records import EngineConfig
 from testbed.core.policy_set import PolicyConfig
-from testbed.engine.engine import EngineConfig, LLMEngine
+from testbed.engine.engine import LLMEngine
 from testbed.engine.sampler import SamplingParams
 from testbed.errors import CheckpointError
 from testbed.model.checkpoint import EXIT_HEADS_FILE, load_checkpoint, save_exit_heads

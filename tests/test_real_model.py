@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from testbed.builtin_model import resolve_model_dir
+from testbed.capture_records import EngineConfig
 from testbed.cli import main as cli_main
 from testbed.core.policy_set import PolicyConfig
-from testbed.engine.engine import EngineConfig, LLMEngine
+from testbed.engine.engine import LLMEngine
 from testbed.engine.sampler import SamplingParams
 from testbed.errors import CheckpointError, ConfigError
 from testbed.model.checkpoint import load_checkpoint

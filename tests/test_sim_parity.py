@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import pytest
 
+from testbed.capture_records import CaptureConfig, CaptureRequest, EngineConfig
 from testbed.core import SchedulerConfig
 from testbed.core.policy_set import PolicyConfig
-from testbed.engine.capture import CaptureConfig, CaptureRequest, run_capture
-from testbed.engine.engine import EngineConfig, LLMEngine
+from testbed.engine.capture import run_capture
+from testbed.engine.engine import LLMEngine
 from testbed.sim.cost_model import build_cost_model
 from testbed.sim.simulator import Simulation, SimulationConfig
 from testbed.trace import read_capture

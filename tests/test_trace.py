@@ -17,16 +17,16 @@ import pyarrow.parquet as pq
 import pytest
 
 from policies import ExitPoints, HiddenCosineRule
+from testbed.capture_records import CaptureConfig, CaptureRequest, EngineConfig
 from testbed.core.policy_set import PolicyConfig
-from testbed.engine.capture import CaptureConfig, CaptureRequest, run_capture
-from testbed.engine.engine import EngineConfig
+from testbed.engine.capture import run_capture
+from testbed.sim.first_exit import replay_exit_layers
 from testbed.trace import (
     SCHEMA_VERSION,
     SCHEMAS,
     CaptureWriter,
     TraceError,
     read_capture,
-    replay_exit_layers,
     signal_matrix,
 )
 from tests.engine_helpers import TINY, prompts, tiny_checkpoint
@@ -281,7 +281,8 @@ _CAPTURE_SCRIPT = """
 import sys
 from pathlib import Path
 from tests.engine_helpers import tiny_checkpoint, prompts
-from testbed.engine.capture import CaptureConfig, CaptureRequest, run_capture
+from testbed.capture_records import CaptureConfig, CaptureRequest
+from testbed.engine.capture import run_capture
 ck = tiny_checkpoint(Path(sys.argv[1]) / "ckpt")
 reqs = [CaptureRequest(i, 0.02 * i, tuple(p), 64) for i, p in enumerate(prompts(400, seed=1))]
 print("start", flush=True)

@@ -15,15 +15,20 @@ vllm = pytest.importorskip(
 )
 
 from testbed.builtin_model import resolve_model_dir  # noqa: E402
+from testbed.capture_records import (  # noqa: E402
+    CaptureConfig,
+    CaptureRequest,
+    EngineConfig,  # noqa: E402
+)
 from testbed.core import SchedulerConfig  # noqa: E402
 from testbed.core.policy_set import PolicyConfig, build_policies  # noqa: E402
-from testbed.engine.capture import CaptureConfig, CaptureRequest  # noqa: E402
-from testbed.engine.engine import EngineConfig, LLMEngine  # noqa: E402
+from testbed.engine.engine import LLMEngine  # noqa: E402
 from testbed.engine.sampler import SamplingParams  # noqa: E402
 from testbed.errors import ConfigError  # noqa: E402
 from testbed.model.checkpoint import load_checkpoint  # noqa: E402
+from testbed.sim.first_exit import replay_exit_layers  # noqa: E402
 from testbed.sim.simulator import SimulationConfig, simulate  # noqa: E402
-from testbed.trace import read_capture, replay_exit_layers  # noqa: E402
+from testbed.trace import read_capture  # noqa: E402
 from testbed.vllm_backend.capture import run_vllm_capture  # noqa: E402
 from testbed.vllm_backend.engine import (  # noqa: E402
     ENV_DEFAULTS,

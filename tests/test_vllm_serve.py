@@ -21,10 +21,10 @@ pytest.importorskip(
 httpx = pytest.importorskip("httpx", reason="httpx comes with vLLM's server dependencies")
 
 from testbed.builtin_model import resolve_model_dir  # noqa: E402
+from testbed.capture_records import CaptureConfig, EngineConfig  # noqa: E402
 from testbed.core.policy_set import PolicyConfig, build_policies  # noqa: E402
-from testbed.engine.capture import CaptureConfig  # noqa: E402
-from testbed.engine.engine import EngineConfig  # noqa: E402
-from testbed.trace import read_capture, replay_exit_layers  # noqa: E402
+from testbed.sim.first_exit import replay_exit_layers  # noqa: E402
+from testbed.trace import read_capture  # noqa: E402
 from testbed.vllm_backend.capture import vllm_capture_meta  # noqa: E402
 from testbed.vllm_backend.options import VllmEarlyExitConfig, to_overrides  # noqa: E402
 from testbed.vllm_backend.serve_log import ServedRequest, write_served_capture  # noqa: E402

@@ -23,6 +23,7 @@ from testbed.bench import (
     run_vllm,
 )
 from testbed.builtin_model import resolve_model_dir
+from testbed.capture_records import CaptureConfig, CaptureRequest, EngineConfig
 from testbed.commands.common import (
     ProgressLine,
     add_data_dir,
@@ -34,8 +35,8 @@ from testbed.commands.common import (
 from testbed.core import SchedulerConfig
 from testbed.core.policy_set import PolicyConfig
 from testbed.datasets import load_summaries
-from testbed.engine.capture import CaptureConfig, CaptureRequest, build_requests, run_capture
-from testbed.engine.engine import EngineConfig, LLMEngine
+from testbed.engine.capture import build_requests, run_capture
+from testbed.engine.engine import LLMEngine
 from testbed.engine.sampler import SamplingParams
 from testbed.errors import ConfigError
 from testbed.model.checkpoint import load_checkpoint

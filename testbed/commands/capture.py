@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from testbed.builtin_model import resolve_model_dir
+from testbed.capture_records import CaptureConfig, EngineConfig
 from testbed.commands.common import (
     ProgressLine,
     add_data_dir,
@@ -19,8 +20,7 @@ from testbed.commands.common import (
 )
 from testbed.core import SchedulerConfig
 from testbed.datasets import FILES
-from testbed.engine.capture import CaptureConfig, build_requests, run_capture
-from testbed.engine.engine import EngineConfig
+from testbed.engine.capture import build_requests, run_capture
 from testbed.engine.recorder import MODES
 from testbed.errors import ConfigError
 from testbed.model.checkpoint import load_checkpoint

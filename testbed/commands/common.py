@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 
 from policies.errors import PolicyConfigError
+from testbed.capture_records import DTYPE_NAMES
 from testbed.core.errors import CoreError
 from testbed.core.policy_set import PolicyConfig
 from testbed.errors import ConfigError, EetbError
@@ -85,9 +86,6 @@ def add_policy_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--min-exit-layer", type=int, default=1)
     g.add_argument("--exit-stride", type=int, default=1)
     g.add_argument("--fill", default="copy", help="KV fill: copy|lazy|recompute|skip")
-
-
-DTYPE_NAMES = ("float32", "bfloat16", "float16")  # testbed.engine.device.DTYPES's keys
 
 
 def add_device_args(p: argparse.ArgumentParser) -> None:

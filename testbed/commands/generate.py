@@ -6,6 +6,7 @@ import json
 import sys
 
 from testbed.builtin_model import resolve_model_dir
+from testbed.capture_records import EngineConfig
 from testbed.commands.common import (
     add_data_dir,
     add_device_args,
@@ -17,7 +18,7 @@ from testbed.commands.common import (
 )
 from testbed.core import SchedulerConfig
 from testbed.datasets import load_summaries
-from testbed.engine.engine import EngineConfig, LLMEngine
+from testbed.engine.engine import LLMEngine
 from testbed.engine.sampler import SamplingParams
 from testbed.model.checkpoint import load_checkpoint
 

@@ -9,11 +9,11 @@ import numpy as np
 
 from policies import ExitPoints, create
 from testbed.commands.common import guarded, parser
+from testbed.sim.first_exit import replay_exit_layers
 from testbed.trace import (
     Capture,
     agreement_by_layer,
     read_capture,
-    replay_exit_layers,
     signal_matrix,
 )
 

@@ -5,44 +5,20 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from testbed.capture_records import CaptureConfig, CaptureRequest, EngineConfig, RequestOutput
 from testbed.core import SchedulerConfig
 from testbed.core.policy_set import PolicyConfig
 from testbed.datasets import load_summaries
-from testbed.engine.engine import EngineConfig, LLMEngine, RequestOutput, StepHook
-from testbed.engine.recorder import MODES, TraceProbe, TraceRecorder
+from testbed.engine.engine import LLMEngine, StepHook
+from testbed.engine.recorder import TraceProbe, TraceRecorder
 from testbed.engine.sampler import SamplingParams
-from testbed.errors import ConfigError
 from testbed.model.checkpoint import Checkpoint, checkpoint_hash
 from testbed.runinfo import git_commit, to_jsonable
 from testbed.trace import CaptureWriter
 from testbed.workload import attach_prompts, synthetic_prompts, workload_lengths
-
-
-@dataclass(frozen=True)
-class CaptureConfig:
-    mode: str = "oracle"  # oracle: full depth, every signal; live: what the policy did
-    engine: EngineConfig = EngineConfig()
-    profile_layers: bool = False  # per-layer timings in steps.parquet
-    workload: str = ""  # the workload description, recorded in meta.json
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ConfigError(f"unknown capture mode {self.mode!r} (known: {', '.join(MODES)})")
-
-
-@dataclass(frozen=True)
-class CaptureRequest:
-    request_id: int
-    arrival_s: float
-    prompt_token_ids: tuple[int, ...]
-    max_tokens: int
-    source_index: int | None = None  # the data set item the prompt was cut from (references)
-    ignore_eos: bool = False  # run to max_tokens past an end-of-sequence token (workload eos=)
 
 
 def capture_meta(ckpt: Checkpoint, cfg: CaptureConfig, device: str = "cpu") -> dict[str, Any]:

@@ -13,10 +13,10 @@ import re
 
 import torch
 
+from testbed.capture_records import AUTO_DEVICE as AUTO
 from testbed.errors import ConfigError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-AUTO = "auto"  # CUDA when this torch sees a GPU, else the CPU
 _DEVICE_NAME = re.compile(r"^(cpu|cuda(:\d+)?)$")
 
 

@@ -6,15 +6,15 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 
 from tokenizers import Tokenizer
 
+from testbed.capture_records import EngineConfig, RequestOutput
 from testbed.core import BlockManager, Scheduler, SchedulerConfig
 from testbed.core import Sequence as SeqState
-from testbed.core.policy_set import PolicyConfig, build_policies
+from testbed.core.policy_set import build_policies
 from testbed.core.step import StepPlan, StepResult
-from testbed.engine.device import AUTO, place, resolve_device, resolve_dtype
+from testbed.engine.device import place, resolve_device, resolve_dtype
 from testbed.engine.kv_cache import KVCacheShape, PagedKVCache
 from testbed.engine.runner import ModelRunner, SeqMeta
 from testbed.engine.sampler import Sampler, SamplingParams
@@ -23,50 +23,6 @@ from testbed.model.checkpoint import Checkpoint
 
 log = logging.getLogger(__name__)
 StepHook = Callable[[StepPlan, StepResult], None]
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    policy: PolicyConfig = PolicyConfig()
-    scheduler: SchedulerConfig = SchedulerConfig()
-    block_size: int = 16
-    kv_cache_mb: float = 256.0  # K/V memory for all layers; sets the number of blocks
-    seed: int = 0
-    device: str = AUTO  # auto (CUDA when there is one), cpu, cuda, cuda:N
-    dtype: str = "float32"  # weights, K/V and activations: float32, bfloat16 or float16
-
-    def __post_init__(self) -> None:
-        if self.block_size <= 0 or self.kv_cache_mb <= 0:
-            raise ConfigError("block_size and kv_cache_mb must be positive")
-        resolve_dtype(self.dtype)
-
-
-@dataclass
-class RequestOutput:
-    seq_id: int
-    prompt_token_ids: tuple[int, ...]
-    token_ids: list[int]  # generated tokens
-    exit_layers: list[int]  # layer count at which each token was taken
-    text: str | None = None
-    arrival_s: float = 0.0
-    first_token_s: float | None = None  # on the run's clock
-    finish_s: float | None = None
-    num_preemptions: int = 0
-
-    @property
-    def ttft_s(self) -> float | None:
-        return None if self.first_token_s is None else self.first_token_s - self.arrival_s
-
-    @property
-    def latency_s(self) -> float | None:
-        return None if self.finish_s is None else self.finish_s - self.arrival_s
-
-    @property
-    def tpot_s(self) -> float | None:
-        """Mean time per output token after the first."""
-        if self.finish_s is None or self.first_token_s is None or len(self.token_ids) < 2:
-            return None
-        return (self.finish_s - self.first_token_s) / (len(self.token_ids) - 1)
 
 
 class LLMEngine:

@@ -15,14 +15,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from testbed.capture_records import RequestOutput
 from testbed.core.step import StepPlan, StepResult
-from testbed.engine.engine import RequestOutput
 from testbed.engine.step_batch import StepBatch
 from testbed.model.llama import ExitClassifiers, LlamaModel, exit_norm_stack
 from testbed.model.signals import SIGNAL_NAMES
 from testbed.trace import CaptureWriter
-
-MODES = ("oracle", "live")
 
 
 @dataclass

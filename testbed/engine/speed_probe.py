@@ -13,7 +13,8 @@ import time
 
 import numpy as np
 
-from testbed.engine.engine import EngineConfig, LLMEngine
+from testbed.capture_records import EngineConfig
+from testbed.engine.engine import LLMEngine
 from testbed.engine.sampler import SamplingParams
 from testbed.model.checkpoint import Checkpoint
 

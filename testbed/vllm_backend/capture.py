@@ -17,9 +17,8 @@ from typing import Any
 import vllm
 from vllm.platforms import current_platform
 
+from testbed.capture_records import CaptureConfig, CaptureRequest, RequestOutput
 from testbed.core.policy_set import PolicyConfig
-from testbed.engine.capture import CaptureConfig, CaptureRequest
-from testbed.engine.engine import RequestOutput
 from testbed.errors import ConfigError
 from testbed.model.checkpoint import checkpoint_hash, read_config
 from testbed.model.signals import SIGNAL_NAMES

@@ -1,0 +1,87 @@
+"""What a capture is asked to run and what it returns, for every engine (native and vLLM).
+
+Torch-free, so the vLLM backend and the validation loop name these records without importing
+the native engine. The native engine reads all of ``EngineConfig``; vLLM reads its policy,
+scheduler and seed (its own K/V sizing and device are vLLM's).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from testbed.core import SchedulerConfig
+from testbed.core.policy_set import PolicyConfig
+from testbed.errors import ConfigError
+
+CAPTURE_MODES = ("oracle", "live")  # oracle: full depth, every signal; live: what the policy did
+DTYPE_NAMES = ("float32", "bfloat16", "float16")  # testbed.engine.device.DTYPES's keys
+AUTO_DEVICE = "auto"  # CUDA when the engine's torch sees a GPU, else the CPU
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    policy: PolicyConfig = PolicyConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+    block_size: int = 16
+    kv_cache_mb: float = 256.0  # K/V memory for all layers; sets the number of blocks
+    seed: int = 0
+    device: str = AUTO_DEVICE  # auto, cpu, cuda, cuda:N
+    dtype: str = "float32"  # weights, K/V and activations: one of DTYPE_NAMES
+
+    def __post_init__(self) -> None:
+        if self.block_size <= 0 or self.kv_cache_mb <= 0:
+            raise ConfigError("block_size and kv_cache_mb must be positive")
+        if self.dtype not in DTYPE_NAMES:
+            raise ConfigError(f"dtype {self.dtype!r}: expected one of {', '.join(DTYPE_NAMES)}")
+
+
+@dataclass(frozen=True)
+class CaptureConfig:
+    mode: str = "oracle"  # one of CAPTURE_MODES
+    engine: EngineConfig = EngineConfig()
+    profile_layers: bool = False  # per-layer timings in steps.parquet
+    workload: str = ""  # the workload description, recorded in meta.json
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mode not in CAPTURE_MODES:
+            known = ", ".join(CAPTURE_MODES)
+            raise ConfigError(f"unknown capture mode {self.mode!r} (known: {known})")
+
+
+@dataclass(frozen=True)
+class CaptureRequest:
+    request_id: int
+    arrival_s: float
+    prompt_token_ids: tuple[int, ...]
+    max_tokens: int
+    source_index: int | None = None  # the data set item the prompt was cut from (references)
+    ignore_eos: bool = False  # run to max_tokens past an end-of-sequence token (workload eos=)
+
+
+@dataclass
+class RequestOutput:
+    seq_id: int
+    prompt_token_ids: tuple[int, ...]
+    token_ids: list[int]  # generated tokens
+    exit_layers: list[int]  # layer count at which each token was taken
+    text: str | None = None
+    arrival_s: float = 0.0
+    first_token_s: float | None = None  # on the run's clock
+    finish_s: float | None = None
+    num_preemptions: int = 0
+
+    @property
+    def ttft_s(self) -> float | None:
+        return None if self.first_token_s is None else self.first_token_s - self.arrival_s
+
+    @property
+    def latency_s(self) -> float | None:
+        return None if self.finish_s is None else self.finish_s - self.arrival_s
+
+    @property
+    def tpot_s(self) -> float | None:
+        """Mean time per output token after the first."""
+        if self.finish_s is None or self.first_token_s is None or len(self.token_ids) < 2:
+            return None
+        return (self.finish_s - self.first_token_s) / (len(self.token_ids) - 1)
