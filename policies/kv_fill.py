@@ -7,10 +7,19 @@ The policy only marks the missing cells; the engine (or the simulator's cost mod
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
+
+
+class Resolve(enum.Enum):
+    """How a policy's owed K/V is filled later."""
+
+    NEVER = "never"  # nothing is owed, or what is owed stays missing
+    DEEP = "deep"  # the kept exit hidden state runs the deep layers at the row's next deep run
+    FROM_LAYER0 = "from_layer0"  # the owed positions are recomputed from layer 0
 
 
 @dataclass(frozen=True)
@@ -37,7 +46,7 @@ class KvFillPolicy:
 
     name: ClassVar[str]  # registry, config and CLI key
     kind: ClassVar[str] = "kv_fill"
-    resolve: ClassVar[str | None] = None  # how owed K/V is filled later; None: it never is
+    resolve: ClassVar[Resolve] = Resolve.NEVER  # how owed K/V is filled later
 
     def decide(self, *, executed_layers: np.ndarray, num_layers: int) -> FillDecision:
         """executed_layers: int [rows], the number of layers each row computed this step."""
@@ -63,7 +72,7 @@ class LazyFill(KvFillPolicy):
     """FREE: keep the exit hidden state and push it through the deep layers on the next deep run."""
 
     name: ClassVar[str] = "lazy"
-    resolve: ClassVar[str | None] = "deep"
+    resolve: ClassVar[Resolve] = Resolve.DEEP
 
     def _from_skipped(self, skipped: np.ndarray) -> FillDecision:
         return FillDecision(fill_now=np.zeros_like(skipped), owe=skipped)
@@ -74,7 +83,7 @@ class RecomputeFill(KvFillPolicy):
     """EE-LLM: recompute the missing positions from layer 0 at the next full-depth step."""
 
     name: ClassVar[str] = "recompute"
-    resolve: ClassVar[str | None] = "from_layer0"
+    resolve: ClassVar[Resolve] = Resolve.FROM_LAYER0
 
     def _from_skipped(self, skipped: np.ndarray) -> FillDecision:
         return FillDecision(fill_now=np.zeros_like(skipped), owe=skipped)

@@ -23,6 +23,7 @@ from policies import (
     SkipFill,
     SoftmaxMarginRule,
 )
+from policies.kv_fill import Resolve
 
 RULES = (SoftmaxMarginRule, HiddenCosineRule, ClassifierRule)
 
@@ -190,18 +191,18 @@ def test_copy_fills_skipped_layers_now():
 
 
 @pytest.mark.parametrize(
-    ("policy", "resolve"), [(LazyFill(), "deep"), (RecomputeFill(), "from_layer0")]
+    ("policy", "resolve"), [(LazyFill(), Resolve.DEEP), (RecomputeFill(), Resolve.FROM_LAYER0)]
 )
 def test_lazy_and_recompute_owe_skipped_layers(policy, resolve):
     decision = policy.decide(executed_layers=np.array([3, 5]), num_layers=5)
-    assert policy.resolve == resolve
+    assert policy.resolve is resolve
     assert decision.owe.tolist() == [[False, False, False, True, True], [False] * 5]
     assert not decision.fill_now.any()
 
 
 def test_skip_writes_and_owes_nothing():
     decision = SkipFill().decide(executed_layers=np.array([1, 2]), num_layers=6)
-    assert SkipFill.resolve is None and CopyFill.resolve is None
+    assert SkipFill.resolve is Resolve.NEVER is CopyFill.resolve
     assert not decision.fill_now.any() and not decision.owe.any()
     assert decision.owe.shape == (2, 6)
 

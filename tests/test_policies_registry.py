@@ -23,6 +23,7 @@ from policies import (
     available,
     create,
 )
+from policies.kv_fill import Resolve
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,7 @@ def test_create_builds_instances_with_params():
     assert create("batching", "consensus") == ConsensusBatching()
     rule = create("exit_rule", "softmax", threshold=0.9, decay_tau=4.0)
     assert rule == SoftmaxMarginRule(threshold=0.9, decay_tau=4.0)
-    assert create("kv_fill", "lazy").resolve == "deep"
+    assert create("kv_fill", "lazy").resolve is Resolve.DEEP
 
 
 def test_unknown_name_lists_the_known_ones():

@@ -14,6 +14,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from policies.kv_fill import Resolve
 from testbed.core.policy_set import PolicySet
 from testbed.core.step import RowResult, StepPlan, StepResult
 from testbed.engine.device import synchronize
@@ -322,7 +323,7 @@ class ModelRunner:
         return filled
 
     def _defer(self, batch, state, rows, owe: np.ndarray, h_exit: torch.Tensor) -> None:
-        from_layer0 = self.policies.kv_fill.resolve == "from_layer0"
+        from_layer0 = self.policies.kv_fill.resolve is Resolve.FROM_LAYER0
         for i, r in enumerate(rows.tolist()):
             if not owe[i].any():
                 continue

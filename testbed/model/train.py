@@ -145,11 +145,14 @@ ProgressFn = Callable[[int, float], None]
 def train_model(
     cfg: TrainConfig, seqs: list[list[int]], vocab_size: int, progress: ProgressFn | None = None
 ) -> LlamaModel:
-    torch.manual_seed(cfg.seed)  # scoped: the seed comes from the config, not a global default
-    model = LlamaModel(model_config(cfg, vocab_size))
-    for p in model.parameters():
-        if p.dim() > 1:
-            torch.nn.init.normal_(p, std=0.02)
+    with torch.random.fork_rng(
+        devices=[]
+    ):  # the config's seed, and the caller's RNG left as it was
+        torch.manual_seed(cfg.seed)
+        model = LlamaModel(model_config(cfg, vocab_size))
+        for p in model.parameters():
+            if p.dim() > 1:
+                torch.nn.init.normal_(p, std=0.02)
     decay = [p for p in model.parameters() if p.dim() > 1]
     no_decay = [p for p in model.parameters() if p.dim() <= 1]
     opt = torch.optim.AdamW(

@@ -14,6 +14,7 @@ import numpy as np
 
 from policies.exit_rules import ExitSignals
 from policies.fast_path import fill_kind, has_confident_layers, has_step_exits
+from policies.kv_fill import Resolve
 from testbed.core.policy_set import PolicySet
 from testbed.core.step import RowResult, StepPlan, StepResult
 from testbed.sim.replay_fast import FastReplay
@@ -233,7 +234,7 @@ class ReplayRunner:
             executed_layers=st.executed[fill_rows], num_layers=L
         )
         kv_only += decision.fill_now.sum(axis=0)
-        from_layer0 = self.policies.kv_fill.resolve == "from_layer0"
+        from_layer0 = self.policies.kv_fill.resolve is Resolve.FROM_LAYER0
         for i, r in enumerate(fill_rows):
             if decision.owe[i].any():
                 layer = 0 if from_layer0 else int(st.executed[r])

@@ -16,6 +16,7 @@ from __future__ import annotations
 from itertools import accumulate
 
 from policies.fast_path import FillKind, step_exits
+from policies.kv_fill import Resolve
 from testbed.core.policy_set import PolicySet
 from testbed.core.step import RowResult, StepPlan, StepResult
 from testbed.sim.replay_state import Deferred, SeqReplay
@@ -28,7 +29,7 @@ class FastReplay:
     def __init__(self, policies: PolicySet, fill: FillKind, num_layers: int) -> None:
         self.batching, self.fill, self.num_layers = policies.batching, fill, num_layers
         self.exit_layers = policies.exit_points.layers(num_layers)
-        self.is_from_layer0 = policies.kv_fill.resolve == "from_layer0"
+        self.is_from_layer0 = policies.kv_fill.resolve is Resolve.FROM_LAYER0
 
     def execute(
         self,
