@@ -22,16 +22,12 @@ from testbed.validate import (
     EngineRuns,
     ValidationConfig,
     ValidationError,
-    agreement_with,
-    capture_records,
-    fitted_at_reference,
-    policy_of,
-    probe_time_s,
     run_validation,
     select_from_sweep,
-    speed_file,
-    step_dilation,
 )
+from testbed.validate.measured import agreement_with, live_records
+from testbed.validate.selection import policy_of
+from testbed.validate.speed import fitted_at_reference, probe_time_s, speed_file, step_dilation
 
 WORKLOAD = "poisson:rate=20,n=6,prompt=16-64,output=10"
 CALIBRATE = "poisson:rate=20,n=6,prompt=16-64,output=10"
@@ -69,7 +65,7 @@ def test_validation_writes_measured_and_predicted_for_full_and_each_policy(valid
     # every measured number comes from the live capture of that configuration
     live = read_capture(out / "live" / "01" / "r0")
     assert live.meta["mode"] == "live" and live.meta["policy"]["batching"] == "consensus"
-    records = capture_records(live)
+    records = live_records(live)
     layers = [x for r in records for x in r.exit_layers]
     assert early["measured"]["mean_exit_layer"] == pytest.approx(sum(layers) / len(layers))
     assert early["measured"]["num_output_tokens"] == live.tokens.num_rows

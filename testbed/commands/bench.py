@@ -45,7 +45,7 @@ from testbed.sim.cost_model import build_cost_model
 from testbed.sim.metrics import compute_metrics
 from testbed.sim.simulator import SimulationConfig, simulate
 from testbed.trace import read_capture
-from testbed.validate import capture_records
+from testbed.validate.measured import live_records
 from testbed.workload_files import read_azure_csv, resolve_path
 
 # the early-exit grid: (batching, params) × rule × λ; each rule's λ spans "rarely" to "often"
@@ -388,7 +388,7 @@ FIDELITY_TARGETS = (
 
 
 def _measured(capture_dir: Path):
-    return compute_metrics(capture_records(read_capture(capture_dir)), [])
+    return compute_metrics(live_records(read_capture(capture_dir)), [])
 
 
 def _fidelity(args, ckpt) -> int:

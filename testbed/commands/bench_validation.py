@@ -39,12 +39,13 @@ def capacity_tokens_per_s(out: Path, data_dir: str | None) -> float:
     """`full`'s output tokens per second on BURST, measured now on the native engine."""
     from testbed.sim.metrics import compute_metrics
     from testbed.trace import read_capture
-    from testbed.validate import BASELINE, EngineRuns, ValidationConfig, capture_records
+    from testbed.validate import BASELINE, EngineRuns, ValidationConfig
+    from testbed.validate.measured import live_records
 
     cfg = ValidationConfig(policies=(BASELINE,), workload=BURST, calibration_workload=BURST,
                            data_dir=data_dir)  # fmt: skip
     path = EngineRuns(cfg).capture(BASELINE, "live", out / "capacity")
-    records = capture_records(read_capture(path))
+    records = live_records(read_capture(path))
     return compute_metrics(records, []).throughput_tokens_per_s
 
 
