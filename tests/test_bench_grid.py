@@ -5,8 +5,13 @@ from __future__ import annotations
 
 import pytest
 
-from testbed.bench import EarlyExitRow, kv_cache_mb_for, lm_head_cost_layers, relative_to_full
-from testbed.commands.bench import _grid
+from testbed.bench.early_exit import (
+    EarlyExitRow,
+    lm_head_cost_layers,
+    policy_grid,
+    relative_to_full,
+)
+from testbed.bench.throughput import kv_cache_mb_for
 from testbed.errors import ConfigError
 from testbed.model.config import LlamaConfig
 
@@ -16,13 +21,13 @@ SMOL = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536,
 
 
 def test_grid_first_exit_layers_scale_with_depth():
-    eight = {p.min_exit_layer for p in _grid(["hidden"], ["copy"], 8)[1:]}
-    thirty = {p.min_exit_layer for p in _grid(["hidden"], ["copy"], 30)[1:]}
+    eight = {p.min_exit_layer for p in policy_grid(["hidden"], ["copy"], 8)[1:]}
+    thirty = {p.min_exit_layer for p in policy_grid(["hidden"], ["copy"], 30)[1:]}
     assert eight == {1, 4, 5} and thirty == {1, 15, 19}
-    only = _grid(["hidden"], ["copy"], 8, ["shrink"])
+    only = policy_grid(["hidden"], ["copy"], 8, ["shrink"])
     assert {p.batching for p in only[1:]} == {"shrink"} and only[0].batching == "full"
     with pytest.raises(ConfigError, match="unknown rule"):
-        _grid(["sofmax"], ["copy"], 8)
+        policy_grid(["sofmax"], ["copy"], 8)
 
 
 def test_lm_head_cost_of_smollm2_is_several_layers():
@@ -49,10 +54,10 @@ def test_kv_cache_for_smollm2_holds_the_tokens_asked_for():
 
 
 def test_explicit_points_replace_the_default_grid():
-    from testbed.commands.bench import parse_points
+    from testbed.bench.early_exit import parse_points
 
     points = parse_points("classifier:0.9:1,hidden:0.98:20")
-    grid = _grid([], ["copy"], 30, ["shrink"], points)
+    grid = policy_grid([], ["copy"], 30, ["shrink"], points)
     assert [(p.exit_rule, p.threshold, p.min_exit_layer) for p in grid[1:]] == points
     with pytest.raises(ConfigError, match="RULE:λ:FIRST_LAYER"):
         parse_points("classifier:0.9")

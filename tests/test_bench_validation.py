@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from testbed.bench.validation import WORKLOAD_NAMES, recorded_capacity, workloads
 from testbed.cli import main as cli
-from testbed.commands.bench_validation import WORKLOAD_NAMES, recorded_capacity, workloads
 from testbed.runinfo import write_run_info
 from testbed.workload import parse_workload
 

@@ -1,4 +1,4 @@
-"""``eetb bench --suite validation``: the demo's loop (calibrate → oracle capture → sweep →
+"""``--suite validation``: the demo's loop (calibrate → oracle capture → sweep →
 validate top 3 + full) on three workloads; prints simulated-vs-measured errors and Kendall tau."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from testbed.commands.common import ProgressLine
+from testbed.bench.options import Progress, Say
 from testbed.demo import DemoConfig, run_demo
 from testbed.errors import ConfigError
 from testbed.runinfo import write_run_info
@@ -58,7 +58,8 @@ def recorded_capacity(out: Path) -> float | None:
     return json.loads(info.read_text())["config"].get("capacity_tokens_per_s")
 
 
-def run(out: Path, data_dir: str | None, names: list[str] | None = None) -> int:
+def run(out: Path, data_dir: str | None, names: list[str] | None = None, *, say: Say = print,
+        progress: Progress | None = None) -> list[tuple]:  # fmt: skip
     unknown = sorted(set(names or ()) - set(WORKLOAD_NAMES))
     if unknown or names == []:
         raise ConfigError(
@@ -69,9 +70,9 @@ def run(out: Path, data_dir: str | None, names: list[str] | None = None) -> int:
     capacity = recorded_capacity(out)
     if capacity is None:
         capacity = capacity_tokens_per_s(out, data_dir)
-        print(f"capacity: {capacity:.0f} tokens/s at full depth on {BURST}", flush=True)
+        say(f"capacity: {capacity:.0f} tokens/s at full depth on {BURST}")
     else:
-        print(f"capacity: {capacity:.0f} tokens/s, as measured by the earlier run into {out}")
+        say(f"capacity: {capacity:.0f} tokens/s, as measured by the earlier run into {out}")
     chosen = [w for w in workloads(capacity) if names is None or w[0] in names]
     write_run_info(out, {"capacity_tokens_per_s": capacity, "workloads": chosen}, seed=0,
                    suite="validation")  # fmt: skip
@@ -79,7 +80,7 @@ def run(out: Path, data_dir: str | None, names: list[str] | None = None) -> int:
         # the demo's own run is exactly `eetb demo`'s; the others validate their one workload
         higher = DemoConfig.higher_load if name == "demo" else ""
         cfg = DemoConfig(workload=workload, higher_load=higher, calibration_workload=calibration)
-        run_demo(cfg, out / name, data_dir=data_dir, progress=ProgressLine(min_interval_s=0))
+        run_demo(cfg, out / name, data_dir=data_dir, progress=progress)
         summary = json.loads((out / name / "validate" / "validation.json").read_text())
         errors, probed, hindsight = (_by_key(summary.get(key) or []) for key in
                                      ("errors", "errors_probed", "errors_hindsight"))  # fmt: skip
@@ -93,19 +94,19 @@ def run(out: Path, data_dir: str | None, names: list[str] | None = None) -> int:
                          summary.get("kendall_tau_resolved")))  # fmt: skip
     # errors at the calibration's median speed; "probed": each run predicted at the machine
     # speed its speed probes measured beside it
-    print(f"{'workload':18s} {'configuration':40s} {'tput err':>8s} {'TPOT err':>8s} "
+    say(f"{'workload':18s} {'configuration':40s} {'tput err':>8s} {'TPOT err':>8s} "
           f"{'tput prb':>8s} {'TPOT prb':>8s} {'tput hnd':>8s} {'TPOT hnd':>8s} "
           f"{'speedup sim':>11s} {'speedup real':>12s} "
           f"{'tau':>6s} {'tau prb':>7s} {'tau res':>7s}")  # fmt: skip
     for name, label, *values in rows:
         errs, (s_sim, s_real, tau, tau_probed, tau_resolved) = values[:6], values[6:]
-        print(
+        say(
             f"{name:18s} {label:40s} "
             + " ".join(f"{_pct(e):>8s}" for e in errs)
             + f" {_num(s_sim):>11s} {_num(s_real):>12s} {_num(tau):>6s} {_num(tau_probed):>7s}"
             + f" {_num(tau_resolved):>7s}"
         )
-    print(
+    say(
         "tau res: over the pairs whose order at least 80% of the rounds agree on; hnd: in "
         "hindsight, each run at the speed its own steps ran (what is left is the simulator's)"
     )
@@ -113,10 +114,10 @@ def run(out: Path, data_dir: str | None, names: list[str] | None = None) -> int:
                       ("in hindsight, each run at its steps' speed", 6)):  # fmt: skip
         goal = [abs(e) for r in rows for e in r[lo : lo + 2] if e is not None]
         if goal:
-            print(f"{title}: largest |error| of throughput and mean TPOT over {len(rows)} "
+            say(f"{title}: largest |error| of throughput and mean TPOT over {len(rows)} "
                   f"validated runs: {max(goal):.1%}; within 10%: "
                   f"{sum(e <= 0.10 for e in goal)}/{len(goal)}")  # fmt: skip
-    return 0
+    return rows
 
 
 def _by_key(error_rows: list[dict]) -> dict[tuple[str, str], float | None]:

@@ -1,121 +1,30 @@
-"""Benchmarks of the native engine, side by side in one process (ratios, not absolute times).
-
-``throughput``: full-depth output tokens/s of the engine against transformers' ``generate`` on
-static batches, same checkpoint, prompts and lengths (and vLLM when it is installed).
-``early_exit``: a grid of policy × rule × λ on CNN/DM prompts against ``full`` in the same run.
-"""
+"""``--suite early-exit``: a grid of batching × rule × λ on data-set prompts against ``full`` in
+the same run: speedup, the ideal speedup of the layers saved, ROUGE-L and agreement."""
 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
-import logging
+import itertools
+import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
+from testbed.bench.options import BenchOptions, Progress, Say
+from testbed.bench.throughput import kv_cache_mb_for
 from testbed.capture_records import EngineConfig, RequestOutput
 from testbed.core import SchedulerConfig
 from testbed.core.policy_set import PolicyConfig
-from testbed.engine.device import resolve_device, resolve_dtype, synchronize
+from testbed.datasets import load_summaries
 from testbed.engine.engine import LLMEngine
 from testbed.engine.sampler import SamplingParams
+from testbed.errors import ConfigError
 from testbed.model.checkpoint import Checkpoint
 from testbed.model.config import LlamaConfig
 from testbed.quality import rouge, token_agreement
-
-log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ThroughputConfig:
-    num_requests: int = 64
-    min_prompt_tokens: int = 64
-    max_prompt_tokens: int = 512
-    max_new_tokens: int = 128
-    hf_batch_size: int = 16
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 4096
-    seed: int = 0
-    device: str = "auto"  # the native engine's and transformers' (see testbed.engine.device)
-    dtype: str = "float32"
-
-
-@dataclass(frozen=True)
-class ThroughputRow:
-    system: str
-    num_output_tokens: int
-    wall_s: float
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.num_output_tokens / self.wall_s
-
-
-def random_prompts(cfg: ThroughputConfig, vocab_size: int) -> list[list[int]]:
-    rng = np.random.default_rng(cfg.seed)
-    lengths = rng.integers(cfg.min_prompt_tokens, cfg.max_prompt_tokens + 1, cfg.num_requests)
-    return [rng.integers(3, vocab_size, n).tolist() for n in lengths]
-
-
-def run_engine(ckpt: Checkpoint, prompts, cfg: ThroughputConfig) -> ThroughputRow:
-    sched = SchedulerConfig(
-        max_num_seqs=cfg.max_num_seqs,
-        max_num_batched_tokens=cfg.max_num_batched_tokens,
-        max_model_len=ckpt.config.max_position_embeddings,
-    )
-    need = min(cfg.num_requests, cfg.max_num_seqs) * (cfg.max_prompt_tokens + cfg.max_new_tokens)
-    kv_mb = max(512.0, kv_cache_mb_for(ckpt.config, need))  # no preemption: time the model
-    engine = LLMEngine(ckpt, EngineConfig(scheduler=sched, kv_cache_mb=kv_mb,
-                                          device=cfg.device, dtype=cfg.dtype))  # fmt: skip
-    params = SamplingParams(max_tokens=cfg.max_new_tokens, ignore_eos=True)
-    start = time.perf_counter()
-    outs = engine.generate(prompts, params)
-    wall = time.perf_counter() - start
-    return ThroughputRow("eetb engine", sum(len(o.token_ids) for o in outs), wall)
-
-
-@torch.inference_mode()
-def run_transformers(ckpt: Checkpoint, prompts, cfg: ThroughputConfig) -> ThroughputRow:
-    import transformers  # noqa: PLC0415  (an optional comparison, not a dependency)
-
-    device = resolve_device(cfg.device)
-    hf = transformers.LlamaForCausalLM.from_pretrained(ckpt.path, dtype=resolve_dtype(cfg.dtype))
-    hf = hf.eval().to(device)
-    total, start = 0, time.perf_counter()
-    for i in range(0, len(prompts), cfg.hf_batch_size):
-        chunk = prompts[i : i + cfg.hf_batch_size]
-        width = max(map(len, chunk))
-        ids = torch.tensor([[0] * (width - len(p)) + p for p in chunk], device=device)  # left pad
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
-        out = hf.generate(
-            input_ids=ids, attention_mask=mask, max_new_tokens=cfg.max_new_tokens,
-            min_new_tokens=cfg.max_new_tokens, do_sample=False, pad_token_id=0,
-        )  # fmt: skip
-        total += (out.shape[1] - width) * len(chunk)
-    synchronize(device)
-    return ThroughputRow(
-        f"transformers (static {cfg.hf_batch_size})", total, time.perf_counter() - start
-    )
-
-
-def run_vllm(ckpt: Checkpoint, prompts, cfg: ThroughputConfig) -> ThroughputRow | None:
-    if importlib.util.find_spec("vllm") is None:
-        return None
-    import vllm  # noqa: PLC0415  (optional third column)
-
-    # the plugin's architecture (full depth runs vLLM's own Llama forward): stock vLLM refuses a
-    # checkpoint directory that also holds exit_heads.safetensors
-    llm = vllm.LLM(model=str(ckpt.path), enforce_eager=True, dtype="float32", seed=cfg.seed,
-                   hf_overrides={"architectures": ["EarlyExitLlamaForCausalLM"]})  # fmt: skip
-    params = vllm.SamplingParams(max_tokens=cfg.max_new_tokens, ignore_eos=True, temperature=0)
-    start = time.perf_counter()
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-    wall = time.perf_counter() - start
-    return ThroughputRow("vllm", sum(len(o.outputs[0].token_ids) for o in outs), wall)
+from testbed.runinfo import to_jsonable, write_run_info
 
 
 def _layer_flops(cfg: LlamaConfig) -> int:
@@ -134,12 +43,6 @@ def lm_head_cost_layers(cfg: LlamaConfig) -> float:
     """FLOPs of the LM head for one token, in decoder layers: every output token pays it once,
     at whatever layer it exits (SmolLM2-135M's 49k-token head costs about 8 of its 30 layers)."""
     return cfg.vocab_size * cfg.hidden_size / _layer_flops(cfg)
-
-
-def kv_cache_mb_for(cfg: LlamaConfig, num_tokens: int) -> float:
-    """K/V memory (float32) for num_tokens positions in every layer, at least 256 MB."""
-    per_token = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_size * 4
-    return max(256.0, num_tokens * per_token / 2**20)
 
 
 @dataclass(frozen=True)
@@ -245,3 +148,109 @@ def relative_to_full(
 
 
 ProgressFn = Callable[[str, int, int, str], None]
+
+
+# the early-exit grid: (batching, params) × rule × λ; each rule's λ spans "rarely" to "often"
+GRID_BATCHING = (
+    ("consensus", ()),
+    ("quorum", (("fraction", 0.75),)),
+    ("shrink", ()),
+    ("rebatch", ()),
+)
+# per rule: (λ, first exit layer as a fraction of the depth); a model's first layers agree with
+# the last rarely (the built-in model's about half the tokens), so most points start exiting at
+# half or five eighths of the depth (layers 4 and 5 of the built-in model's 8)
+GRID_THRESHOLDS = {
+    "hidden": ((0.98, 0.0), (0.95, 0.0), (0.95, 0.5), (0.9, 0.5), (0.9, 0.625), (0.85, 0.625)),
+    "softmax": ((0.7, 0.0), (0.5, 0.5)),
+    "classifier": ((0.9, 0.0), (0.7, 0.5), (0.5, 0.625)),
+}
+GRID_FILLS = ("copy",)
+ARTICLE_CHARS = 1200  # about 250-300 tokens: the built-in model was trained on 400-token heads
+
+
+def parse_points(text: str) -> list[tuple[str, float, int]]:
+    """'RULE:λ:FIRST_LAYER,...' → (rule, λ, first exit layer) per grid point."""
+    points = []
+    for item in text.split(","):
+        parts = item.split(":")
+        try:
+            rule, lam, layer = parts[0], float(parts[1]), int(parts[2])
+        except (IndexError, ValueError) as exc:
+            raise ConfigError(f"--points: {item!r} is not RULE:λ:FIRST_LAYER") from exc
+        points.append((rule, lam, layer))
+    return points
+
+
+def policy_grid(
+    rules: list[str],
+    fills: list[str],
+    num_layers: int,
+    batchings: list[str] | None = None,
+    points: list[tuple[str, float, int]] | None = None,
+) -> list[PolicyConfig]:
+    """`full`, then batching × fill × point; the points default to GRID_THRESHOLDS of rules."""
+    if points is None:
+        unknown = [r for r in rules if r not in GRID_THRESHOLDS]
+        if unknown:
+            raise ConfigError(
+                f"--rules: unknown rule {unknown[0]!r} (known: {', '.join(GRID_THRESHOLDS)})"
+            )
+        points = [(rule, lam, max(1, round(depth * num_layers)))
+                  for rule in rules for lam, depth in GRID_THRESHOLDS[rule]]  # fmt: skip
+    grid = [PolicyConfig()]
+    chosen = [b for b in GRID_BATCHING if batchings is None or b[0] in batchings]
+    for (batching, params), fill in itertools.product(chosen, fills):
+        for rule, lam, min_layer in points:
+            grid.append(PolicyConfig(batching=batching, batching_params=params, exit_rule=rule,
+                                     threshold=lam, min_exit_layer=min_layer, kv_fill=fill))  # fmt: skip
+    return grid
+
+
+def run(
+    opts: BenchOptions, ckpt: Checkpoint, say: Say = print, progress: Progress | None = None
+) -> list[EarlyExitRow]:
+    """`full`, the grid, `full` again, on summarisation prompts of a data set."""
+    batchings = None if opts.batchings is None else opts.batchings.split(",")
+    points = None if opts.points is None else parse_points(opts.points)
+    # a bad grid fails before any data is read
+    grid = policy_grid(opts.rules.split(","), opts.fills.split(","), ckpt.config.num_hidden_layers,
+                       batchings, points)  # fmt: skip
+    n = opts.num_requests or 32
+    examples = load_summaries(opts.dataset, "eval", opts.data_dir)[:n]
+    prompts = [ckpt.prompt.summary_request(ex.article[:ARTICLE_CHARS], opts.dataset)
+               for ex in examples]  # fmt: skip
+    params = SamplingParams(max_tokens=opts.max_new_tokens or 64)
+    rows, outs = [], []
+    references = [ex.reference for ex in examples]
+    # `full` runs first and again last; its faster run is the baseline, so a noisy neighbour
+    # during one of them cannot inflate every speedup
+    for i, policy in enumerate([*grid, grid[0]]):
+        row, out = run_policy(ckpt, prompts, references, policy, params, n,
+                              device=opts.device, dtype=opts.dtype)  # fmt: skip
+        rows.append(row)
+        outs.append(out)
+        if progress is not None:
+            progress("early-exit", i + 1, len(grid) + 1, policy.label())
+    last, last_out = rows.pop(), outs.pop()
+    if last.wall_s < rows[0].wall_s:
+        rows[0], outs[0] = last, last_out
+    rows = relative_to_full(
+        rows, outs, kv_only_cost_fraction(ckpt.config), lm_head_cost_layers(ckpt.config)
+    )
+    header = (f"{'configuration':44s} {'tok/s':>7s} {'speedup':>7s} {'ideal':>6s} {'ach/ideal':>9s} "
+              f"{'layers':>6s} {'ROUGE-L':>7s} {'agree':>6s}")  # fmt: skip
+    say(header)
+    for r in rows:
+        say(f"{r.label:44s} {r.tokens_per_s:7.1f} {r.speedup:6.2f}x {r.ideal_speedup:5.2f}x "
+              f"{r.speedup / r.ideal_speedup:9.2f} {r.mean_exit_layer:6.2f} {r.rouge_l:7.4f} "
+              f"{r.agreement:6.1%}")  # fmt: skip
+    full_rouge = rows[0].rouge_l
+    ok = [r for r in rows[1:] if r.rouge_l >= full_rouge - 0.01]
+    if ok:
+        best = max(ok, key=lambda r: r.speedup)
+        say(f"best within 1 ROUGE-L point of full: {best.label} at {best.speedup:.2f}x "
+              f"(ideal {best.ideal_speedup:.2f}x, achieved/ideal {best.speedup / best.ideal_speedup:.2f})")  # fmt: skip
+    write_run_info(opts.out, {"grid": [p.label() for p in grid]}, seed=0, suite="early-exit")
+    (opts.out / "early_exit.json").write_text(json.dumps(to_jsonable(rows), indent=2) + "\n")
+    return 0
