@@ -20,7 +20,7 @@ import numpy as np
 from testbed.datasets import DATA_DIR_ENV
 from testbed.sim.cost_model import build_cost_model
 from testbed.sim.profile_cost import ProfileCostModel
-from testbed.workload_files import resolve_path
+from testbed.workload.readers import resolve_path
 
 PROFILE = "vidur_op_profiles/h100_Llama-2-7b-hf_mlp.csv"
 TOKENS = (1, 8, 32, 128, 512, 1024, 2048, 4096)

@@ -56,7 +56,7 @@ from testbed.errors import ConfigError, EetbError
 from testbed.locks import LOCK_FILE, exclusive
 from testbed.runinfo import to_jsonable
 from testbed.sim.simulator import SimulationConfig, SimulationResult, simulate
-from testbed.workload import parse_workload
+from testbed.workload.spec import parse_workload
 
 if sys.version_info >= (3, 11):
     import tomllib

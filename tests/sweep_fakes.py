@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from testbed.sim.errors import SimulationError
 from testbed.sim.metrics import Metrics, RequestRecord, StepRecord, compute_metrics
-from testbed.workload import ClipReport
+from testbed.workload.transforms import ClipReport
 
 NUM_TOKENS = 20
 BASE_DURATION_S = 10.0

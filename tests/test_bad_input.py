@@ -22,7 +22,7 @@ from testbed.sim.hardware import ModelShape
 from testbed.sim.simulator import SimulationConfig, simulate
 from testbed.sweep import GridError, open_executor, run_key, run_sweep
 from testbed.trace import SCHEMA_VERSION, SCHEMAS, CaptureWriter, TraceError, read_capture
-from testbed.workload_files import read_mooncake_jsonl
+from testbed.workload.readers import read_mooncake_jsonl
 from tests.sweep_fakes import fake_run
 
 REPO = Path(__file__).resolve().parent.parent

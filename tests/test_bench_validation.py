@@ -5,7 +5,7 @@ from __future__ import annotations
 from testbed.bench.validation import WORKLOAD_NAMES, recorded_capacity, workloads
 from testbed.cli import main as cli
 from testbed.runinfo import write_run_info
-from testbed.workload import parse_workload
+from testbed.workload.spec import parse_workload
 
 
 def test_saturated_load_is_ninety_percent_of_the_measured_capacity():

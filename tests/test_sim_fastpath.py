@@ -42,7 +42,7 @@ from testbed.sim.replay import ReplayRunner
 from testbed.sim.roofline import gpu_spec
 from testbed.sim.simulator import Simulation, SimulationConfig
 from testbed.trace import CaptureWriter, read_capture
-from testbed.workload_files import LengthSpec
+from testbed.workload.spec import LengthSpec
 
 # ---- batching: whole-step outcome against one decide() per exit point -------------------------
 

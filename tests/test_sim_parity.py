@@ -13,7 +13,7 @@ from testbed.engine.engine import LLMEngine
 from testbed.sim.cost_model import build_cost_model
 from testbed.sim.simulator import Simulation, SimulationConfig
 from testbed.trace import read_capture
-from testbed.workload_files import LengthSpec
+from testbed.workload.spec import LengthSpec
 from tests.engine_helpers import prompts, tiny_checkpoint
 
 POLICIES = {

@@ -11,7 +11,7 @@ from testbed.sim.cost_model import FittedCostModel
 from testbed.sim.errors import SimulationError
 from testbed.sim.simulator import Simulation, SimulationConfig, simulate
 from testbed.trace import CaptureWriter, read_capture
-from testbed.workload_files import LengthSpec
+from testbed.workload.spec import LengthSpec
 
 L = 6
 

@@ -10,28 +10,23 @@ import numpy as np
 import pytest
 
 from testbed.errors import WorkloadError
-from testbed.workload import (
-    ClipReport,
-    LengthSpec,
-    WorkloadSpec,
-    attach_prompts,
-    build_lengths,
-    clip_lengths,
-    mean_rate_per_s,
-    parse_workload,
-    rescale_rate,
-    synthetic_prompts,
-    take,
-    time_scale,
-    workload_lengths,
-)
-from testbed.workload_files import (
-    gamma_arrivals,
-    poisson_arrivals,
+from testbed.workload.arrivals import gamma_arrivals, poisson_arrivals
+from testbed.workload.lengths import build_lengths, workload_lengths
+from testbed.workload.prompts import attach_prompts, synthetic_prompts
+from testbed.workload.readers import (
     read_azure_csv,
     read_length_csv,
     read_mooncake_jsonl,
     resolve_path,
+)
+from testbed.workload.spec import LengthSpec, WorkloadSpec, parse_workload
+from testbed.workload.transforms import (
+    ClipReport,
+    clip_lengths,
+    mean_rate_per_s,
+    rescale_rate,
+    take,
+    time_scale,
 )
 
 AZURE_FILE = "azure_llm_trace_2023/AzureLLMInferenceTrace_conv.csv"

@@ -10,7 +10,7 @@ from testbed.bench.options import BenchOptions, Say
 from testbed.core.policy_set import PolicyConfig
 from testbed.runinfo import write_run_info
 from testbed.sim.simulator import SimulationConfig, simulate
-from testbed.workload_files import read_azure_csv, resolve_path
+from testbed.workload.readers import read_azure_csv, resolve_path
 
 AZURE_CONV = "azure_llm_trace_2023/AzureLLMInferenceTrace_conv.csv"
 

@@ -18,7 +18,8 @@ from testbed.engine.sampler import SamplingParams
 from testbed.model.checkpoint import Checkpoint, checkpoint_hash
 from testbed.runinfo import git_commit, to_jsonable
 from testbed.trace import CaptureWriter
-from testbed.workload import attach_prompts, synthetic_prompts, workload_lengths
+from testbed.workload.lengths import workload_lengths
+from testbed.workload.prompts import attach_prompts, synthetic_prompts
 
 
 def capture_meta(ckpt: Checkpoint, cfg: CaptureConfig, device: str = "cpu") -> dict[str, Any]:

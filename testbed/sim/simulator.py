@@ -24,8 +24,9 @@ from testbed.sim.metrics import Metrics, RequestRecord, StepRecord, compute_metr
 from testbed.sim.replay import ReplayRunner, StepWork
 from testbed.sim.token_source import TokenStream, TraceTokens
 from testbed.trace import Capture, read_capture
-from testbed.workload import ClipReport, workload_lengths
-from testbed.workload_files import LengthSpec
+from testbed.workload.lengths import workload_lengths
+from testbed.workload.spec import LengthSpec
+from testbed.workload.transforms import ClipReport
 
 # The scheduler's full invariant check is O(KV blocks): with 4096 blocks it costs a few simulated
 # steps, 5% of the run when done every 64th step. A simulation checks every 1024th step (the engine

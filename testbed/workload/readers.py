@@ -1,11 +1,8 @@
-"""Where length specs come from: request-trace files in their public forms, and arrival processes.
-
-Azure LLM inference CSV (`TIMESTAMP`, `ContextTokens`, `GeneratedTokens`), Mooncake-style JSONL
-(`timestamp` in ms, `input_length`, `output_length`) and Vidur's length-only CSV
-(`num_prefill_tokens`, `num_decode_tokens`). Read with the csv and json modules, so that a file a
-user downloads unchanged behaves as ours do; a bad file gives one line naming the file and line.
-Poisson and Gamma processes give arrivals to synthetic streams and to length-only files.
-"""
+"""Request-trace files in their public forms: Azure LLM inference CSV (`TIMESTAMP`,
+`ContextTokens`, `GeneratedTokens`), Mooncake-style JSONL (`timestamp` in ms, `input_length`,
+`output_length`) and Vidur's length-only CSV (`num_prefill_tokens`, `num_decode_tokens`). Read
+with the csv and json modules, so that a file a user downloads unchanged behaves as ours do; a
+bad file gives one line naming the file and line."""
 
 from __future__ import annotations
 
@@ -15,7 +12,6 @@ import logging
 import math
 import os
 import re
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -23,29 +19,26 @@ import numpy as np
 
 from testbed.datasets import DATA_DIR_ENV
 from testbed.errors import WorkloadError
+from testbed.workload.arrivals import synthetic_arrivals
+from testbed.workload.spec import LengthSpec
 
 log = logging.getLogger(__name__)
 
+
 AZURE_COLUMNS = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
+
+
 MOONCAKE_FIELDS = ("timestamp", "input_length", "output_length")
+
+
 LENGTH_COLUMNS = ("num_prefill_tokens", "num_decode_tokens")
+
+
 # Azure writes 100 ns resolution ("18:15:46.6805900"); datetime keeps at most 6 fractional digits
 # (and Python 3.10 accepts only 3 or 6), so the fraction is split off and added as a float.
 _DATETIME = re.compile(
     r"^(?P<whole>.*?\d\d:\d\d:\d\d)(?:\.(?P<frac>\d+))?(?P<tz>Z|[+-]\d\d:?\d\d)?$"
 )
-
-
-@dataclass(frozen=True)
-class LengthSpec:
-    """One request as a trace file gives it, before a prompt is attached."""
-
-    arrival_s: float  # seconds after the first request of the trace (or of the stream)
-    num_prompt_tokens: int  # prompt (prefill) length
-    num_output_tokens: int  # tokens to generate
-    # True: generate exactly num_output_tokens even past an end-of-sequence token (a trace
-    # replay's lengths are what its users got); False: num_output_tokens is a cap
-    ignore_eos: bool = False
 
 
 def resolve_path(path: str | Path, data_dir: str | Path | None = None) -> Path:
@@ -213,49 +206,6 @@ def read_length_rows(path: str | Path) -> list[tuple[int, int]]:
     return out
 
 
-# ---- arrival processes, for synthetic streams and length-only files -----------------------------
-
-
-def check_stream(rate_per_s: float, num_requests: int) -> None:
-    """Reject a rate that is not a positive finite number, or an empty stream."""
-    if not rate_per_s > 0 or math.isinf(rate_per_s):  # `not >` also rejects NaN
-        raise WorkloadError(f"arrival rate must be a positive number, got {rate_per_s}")
-    if num_requests < 1:
-        raise WorkloadError(f"number of requests must be at least 1, got {num_requests}")
-
-
-def _from_gaps(gaps_s: np.ndarray) -> np.ndarray:
-    # the first request arrives at 0, like a trace read from a file
-    return np.concatenate(([0.0], np.cumsum(gaps_s)))  # [num_requests]
-
-
-def poisson_arrivals(rate_per_s: float, num_requests: int, seed: int) -> np.ndarray:
-    """Arrival times (s) of a Poisson process: exponential gaps with mean 1/rate; first at 0."""
-    check_stream(rate_per_s, num_requests)
-    rng = np.random.default_rng(seed)
-    return _from_gaps(rng.exponential(1.0 / rate_per_s, num_requests - 1))
-
-
-def gamma_arrivals(rate_per_s: float, cv: float, num_requests: int, *, seed: int) -> np.ndarray:
-    """Arrival times (s) with Gamma gaps of mean 1/rate and coefficient of variation `cv`
-    (cv > 1: burstier than Poisson; cv = 1: same distribution as Poisson); first at 0."""
-    check_stream(rate_per_s, num_requests)
-    if not cv > 0 or math.isinf(cv):
-        raise WorkloadError(f"coefficient of variation must be a positive number, got {cv}")
-    shape = 1.0 / cv**2  # Gamma(k, θ) has cv = 1/sqrt(k) and mean kθ
-    rng = np.random.default_rng(seed)
-    return _from_gaps(rng.gamma(shape, 1.0 / (rate_per_s * shape), num_requests - 1))
-
-
-def synthetic_arrivals(
-    rate_per_s: float, cv: float | None, num_requests: int, *, seed: int
-) -> np.ndarray:
-    """Poisson arrivals, or Gamma arrivals when a coefficient of variation is given."""
-    if cv is None:
-        return poisson_arrivals(rate_per_s, num_requests, seed)
-    return gamma_arrivals(rate_per_s, cv, num_requests, seed=seed)
-
-
 def read_length_csv(
     path: str | Path, *, rate_per_s: float, cv: float | None = None, seed: int
 ) -> list[LengthSpec]:
@@ -263,3 +213,6 @@ def read_length_csv(
     rows = read_length_rows(path)
     arrivals_s = synthetic_arrivals(rate_per_s, cv, len(rows), seed=seed)
     return [LengthSpec(float(t), p, o) for t, (p, o) in zip(arrivals_s, rows, strict=True)]
+
+
+log = logging.getLogger(__name__)
