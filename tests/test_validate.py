@@ -16,6 +16,7 @@ from testbed.errors import ConfigError
 from testbed.sim.cost_model import build_cost_model, price_capture_s
 from testbed.sim.simulator import SimulationConfig
 from testbed.sweep import config_columns
+from testbed.sweep.results import policy_of
 from testbed.trace import read_capture
 from testbed.validate import (
     BASELINE,
@@ -26,7 +27,6 @@ from testbed.validate import (
     select_from_sweep,
 )
 from testbed.validate.measured import agreement_with, live_records
-from testbed.validate.selection import policy_of
 from testbed.validate.speed import fitted_at_reference, probe_time_s, speed_file, step_dilation
 
 WORKLOAD = "poisson:rate=20,n=6,prompt=16-64,output=10"

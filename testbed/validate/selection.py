@@ -13,7 +13,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from testbed.core.policy_set import PolicyConfig
-from testbed.validate.config import BASELINE, ValidationError
+from testbed.sweep.results import policy_of, rank_runs
+from testbed.validate.config import ValidationError
 
 
 @dataclass(frozen=True)
@@ -22,18 +23,6 @@ class Selection:
     workload: str
     cost_model: str
     policies: tuple[PolicyConfig, ...]
-
-
-def policy_of(row: dict[str, Any]) -> PolicyConfig:
-    """The PolicyConfig of a sweep results row (the inverse of sweep.config_columns)."""
-    if row["is_baseline"]:
-        return BASELINE
-    params = tuple(sorted(json.loads(row["batching_params"] or "{}").items()))
-    return PolicyConfig(
-        batching=row["batching"], batching_params=params, exit_rule=row["rule"],
-        threshold=row["threshold"], min_exit_layer=row["min_exit_layer"],
-        exit_stride=row["exit_stride"], kv_fill=row["kv_fill"], decay_tau=row["decay_tau"],
-    )  # fmt: skip
 
 
 def _apart(rows: Sequence[dict[str, Any]], taken: Sequence[float], min_gap: float,
@@ -61,7 +50,6 @@ def _spread(in_group: Sequence[dict[str, Any]], chosen: Sequence[dict[str, Any]]
             base: Sequence[float], min_gap: float, n: int) -> list[dict[str, Any]]:  # fmt: skip
     """n more of the group's early-exit runs, constraint or not, evenly down from the best of
     those not chosen to the slowest; distinct ones (min_gap) first."""
-    from testbed.sweep import rank_runs
 
     policies = {policy_of(r) for r in chosen}
     rest = [r for r in rank_runs(in_group, None) if not r["is_baseline"]
@@ -85,7 +73,6 @@ def select_from_sweep(
     schedule alike), while enough others are left: a shared machine's medians of one
     configuration wander by a few percent, so a tie is ordered by chance. Slots the distinct
     runs cannot fill go to the passed-over ones, best first."""
-    from testbed.sweep import rank_runs
 
     results = Path(sweep_dir) / "results.parquet"
     if not results.is_file():
