@@ -15,8 +15,10 @@ BatchDecision invariants (checked at the end of every `decide`):
 
 from __future__ import annotations
 
+from bisect import bisect_right
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import numpy as np
 
@@ -67,6 +69,23 @@ def _decision(
         park=none if park is None else park,
         stop=not keep.any(),
     )
+
+
+class StepExits(NamedTuple):
+    """A whole step's decode rows after every exit point, from each row's first confident exit
+    layer (`BatchingPolicy.step_exits`); lists are per row, in the given order. A NamedTuple
+    rather than a frozen dataclass: the simulator builds one per step."""
+
+    executed: list[int]  # layers each row computed
+    token_layer: list[int | None]  # layer whose head gives its token (None: parked, no token)
+    is_forced: list[bool]  # the policy forced the row out before it was confident
+    num_exit_points: int  # exit points at which the policy was asked
+    num_rule_evals: int  # (row, exit point) pairs where the rule was evaluated
+    parked_layer: list[int | None] | None = None  # rebatch: where a row was parked; None: none
+
+
+def _definer(cls: type, name: str) -> type:
+    return next(c for c in cls.__mro__ if name in c.__dict__)
 
 
 @dataclass(frozen=True)
@@ -126,6 +145,28 @@ class BatchingPolicy:
         """Whether parked rows should run their deep layers now; only rebatch ever parks."""
         return True
 
+    def step_exits(
+        self, confident: Sequence[int], positions: Sequence[int], exit_layers: Sequence[int],
+        num_layers: int,
+    ) -> StepExits | None:  # fmt: skip
+        """The fast path: one step's outcome for decode rows that all start at layer 0, in plain
+        Python (far faster than numpy on the 1-30 rows of a typical step). confident: per row,
+        the first exit layer where the rule is confident (num_layers: never); positions: per
+        row, the output index of its token; exit_layers: ascending, all below num_layers. It
+        must equal asking `decide` at every exit point (tests/test_sim_fastpath.py). None: no
+        fast path; the caller runs the general one."""
+        return None
+
+    @property
+    def has_step_exits(self) -> bool:
+        """Whether `step_exits` is this policy's own: a subclass that overrides `decide` or
+        `_decide` below the class that wrote `step_exits` gets the general path."""
+        cls = type(self)
+        fast = _definer(cls, "step_exits")
+        return fast is not BatchingPolicy and all(
+            issubclass(fast, _definer(cls, name)) for name in ("decide", "_decide")
+        )
+
 
 @dataclass(frozen=True)
 class FullBatching(BatchingPolicy):
@@ -137,6 +178,10 @@ class FullBatching(BatchingPolicy):
 
     def _decide(self, *, layer, num_layers, confident, has_token, positions) -> BatchDecision:
         return _decision(has_token, take=np.zeros_like(has_token), keep=np.ones_like(has_token))
+
+    def step_exits(self, confident, positions, exit_layers, num_layers: int) -> StepExits:
+        rows = len(confident)
+        return StepExits([num_layers] * rows, [num_layers] * rows, [False] * rows, 0, 0)
 
 
 @dataclass(frozen=True)
@@ -152,6 +197,13 @@ class ConsensusBatching(BatchingPolicy):
     def _decide(self, *, layer, num_layers, confident, has_token, positions) -> BatchDecision:
         is_done = has_token | confident
         return _decision(has_token, take=confident, keep=np.full_like(is_done, not is_done.all()))
+
+    def step_exits(self, confident, positions, exit_layers, num_layers: int) -> StepExits:
+        # the batch runs until its last row is confident; each row keeps its first confident token
+        stop = max(confident)
+        num_evals = sum([bisect_right(exit_layers, c) for c in confident])
+        return StepExits([stop] * len(confident), list(confident), [False] * len(confident),
+                         bisect_right(exit_layers, stop), num_evals)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -179,6 +231,23 @@ class QuorumBatching(BatchingPolicy):
             )
         return _decision(has_token, take=confident, keep=np.ones_like(is_done))
 
+    def step_exits(self, confident, positions, exit_layers, num_layers: int) -> StepExits:
+        # the batch runs together to `stop`; rows not yet confident there are forced out
+        stop = self._stop(confident, exit_layers, num_layers)
+        num_evals = sum([bisect_right(exit_layers, min(c, stop)) for c in confident])
+        return StepExits([stop] * len(confident), [min(c, stop) for c in confident],
+                         [c > stop for c in confident], bisect_right(exit_layers, stop),
+                         num_evals)  # fmt: skip
+
+    def _stop(self, confident: Sequence[int], exit_layers: Sequence[int], num_layers: int) -> int:
+        """The first exit layer where the share of rows holding a token reaches `fraction`."""
+        ordered = sorted(confident)
+        for layer in exit_layers:
+            num_done = bisect_right(ordered, layer)
+            if num_done / len(ordered) >= self.fraction:  # the ratio, exactly as in _decide
+                return layer
+        return num_layers
+
 
 @dataclass(frozen=True)
 class ShrinkBatching(BatchingPolicy):
@@ -188,6 +257,12 @@ class ShrinkBatching(BatchingPolicy):
 
     def _decide(self, *, layer, num_layers, confident, has_token, positions) -> BatchDecision:
         return _decision(has_token, take=confident, keep=~has_token & ~confident)
+
+    def step_exits(self, confident, positions, exit_layers, num_layers: int) -> StepExits:
+        # every row leaves at its own first confident exit point
+        num_evals = sum([bisect_right(exit_layers, c) for c in confident])
+        return StepExits(list(confident), list(confident), [False] * len(confident),
+                         bisect_right(exit_layers, max(confident)), num_evals)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -238,6 +313,28 @@ class RebatchBatching(BatchingPolicy):
             return False
         return num_parked >= self.min_deep_rows or oldest_wait_steps >= self.max_wait_steps
 
+    def step_exits(self, confident, positions, exit_layers, num_layers: int) -> StepExits:
+        # confident rows take their token and stop (as shrink) until the rows still going are
+        # a small enough share of those at an exit point: then they all park there
+        rows = len(confident)
+        executed, token_layer = [num_layers] * rows, [num_layers] * rows
+        parked: list[int | None] = [None] * rows
+        running, num_points, num_evals = list(range(rows)), 0, 0
+        for layer in exit_layers:
+            if not running:
+                break
+            num_points, num_evals = num_points + 1, num_evals + len(running)
+            going = [r for r in running if confident[r] > layer]
+            for r in running:
+                if confident[r] <= layer:
+                    executed[r] = token_layer[r] = layer
+            if going and len(going) / len(running) < self.park_below_fraction:
+                for r in going:
+                    executed[r], token_layer[r], parked[r] = layer, None, layer
+                going = []
+            running = going
+        return StepExits(executed, token_layer, [False] * rows, num_points, num_evals, parked)
+
 
 @dataclass(frozen=True)
 class SkipDecodeBatching(BatchingPolicy):
@@ -278,6 +375,14 @@ class SkipDecodeBatching(BatchingPolicy):
             # Scheduled exits, not forced ones: the schedule, not low confidence, ends the step.
             return _decision(has_token, take=~has_token, keep=np.zeros_like(has_token))
         return _decision(has_token, take=np.zeros_like(has_token), keep=np.ones_like(has_token))
+
+    def step_exits(self, confident, positions, exit_layers, num_layers: int) -> StepExits:
+        # the schedule, not confidence, ends the step: no rule evaluations, no forced exits
+        rows = len(confident)
+        target = self.target_layer(np.asarray(positions, dtype=np.int64), num_layers)
+        stop = next((e for e in exit_layers if e >= target), num_layers)
+        return StepExits([stop] * rows, [stop] * rows, [False] * rows,
+                         bisect_right(exit_layers, stop), 0)  # fmt: skip
 
 
 BATCHING_POLICIES: tuple[type[BatchingPolicy], ...] = (

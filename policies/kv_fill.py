@@ -30,6 +30,15 @@ class FillDecision:
     owe: np.ndarray  # K/V still missing after the step; resolved later as the policy's `resolve`
 
 
+@dataclass(frozen=True)
+class FillKind:
+    """A KV-fill policy reduced to what it does with all of a row's skipped layers: the
+    simulator's fast path (no masks per row)."""
+
+    is_filled_now: bool  # every skipped layer computes its K/V before the step ends
+    is_owed: bool  # every skipped layer is owed, resolved later as the policy's `resolve`
+
+
 def skipped_layers(executed_layers: np.ndarray, num_layers: int) -> np.ndarray:
     """bool [rows, num_layers]: True at the 0-based layers a row did not compute this step."""
     executed = np.asarray(executed_layers, dtype=np.int64)
@@ -47,6 +56,19 @@ class KvFillPolicy:
     name: ClassVar[str]  # registry, config and CLI key
     kind: ClassVar[str] = "kv_fill"
     resolve: ClassVar[Resolve] = Resolve.NEVER  # how owed K/V is filled later
+    # the fast path: what `decide` does with every skipped layer; None: the policy decides per
+    # layer (tests/test_sim_fastpath.py checks each built-in against `decide`)
+    fast_kind: ClassVar[FillKind | None] = None
+
+    @property
+    def fill_kind(self) -> FillKind | None:
+        """`fast_kind` where it is this policy's own: None for a subclass that overrides
+        `decide` or `_from_skipped` below the class that set it."""
+        cls = type(self)
+        owner = next(c for c in cls.__mro__ if "fast_kind" in c.__dict__)
+        deciders = [next(c for c in cls.__mro__ if n in c.__dict__)
+                    for n in ("decide", "_from_skipped")]  # fmt: skip
+        return cls.fast_kind if all(issubclass(owner, d) for d in deciders) else None
 
     def decide(self, *, executed_layers: np.ndarray, num_layers: int) -> FillDecision:
         """executed_layers: int [rows], the number of layers each row computed this step."""
@@ -62,6 +84,7 @@ class CopyFill(KvFillPolicy):
     """Feed the exit hidden state to every skipped layer, computing only its K/V (Miao; CALM)."""
 
     name: ClassVar[str] = "copy"
+    fast_kind: ClassVar[FillKind | None] = FillKind(is_filled_now=True, is_owed=False)
 
     def _from_skipped(self, skipped: np.ndarray) -> FillDecision:
         return FillDecision(fill_now=skipped, owe=np.zeros_like(skipped))
@@ -72,6 +95,7 @@ class LazyFill(KvFillPolicy):
     """FREE: keep the exit hidden state and push it through the deep layers on the next deep run."""
 
     name: ClassVar[str] = "lazy"
+    fast_kind: ClassVar[FillKind | None] = FillKind(is_filled_now=False, is_owed=True)
     resolve: ClassVar[Resolve] = Resolve.DEEP
 
     def _from_skipped(self, skipped: np.ndarray) -> FillDecision:
@@ -83,6 +107,7 @@ class RecomputeFill(KvFillPolicy):
     """EE-LLM: recompute the missing positions from layer 0 at the next full-depth step."""
 
     name: ClassVar[str] = "recompute"
+    fast_kind: ClassVar[FillKind | None] = FillKind(is_filled_now=False, is_owed=True)
     resolve: ClassVar[Resolve] = Resolve.FROM_LAYER0
 
     def _from_skipped(self, skipped: np.ndarray) -> FillDecision:
@@ -94,6 +119,7 @@ class SkipFill(KvFillPolicy):
     """Write nothing; deeper attention ignores the missing positions (quality baseline)."""
 
     name: ClassVar[str] = "skip"
+    fast_kind: ClassVar[FillKind | None] = FillKind(is_filled_now=False, is_owed=False)
 
     def _from_skipped(self, skipped: np.ndarray) -> FillDecision:
         return FillDecision(fill_now=np.zeros_like(skipped), owe=np.zeros_like(skipped))

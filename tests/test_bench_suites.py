@@ -33,7 +33,8 @@ def test_sim_speed_suite_rows_count_the_requests_it_simulated(tmp_path):
     opts = BenchOptions(out=tmp_path, sizes="30", data_dir=str(data_dir),
                         trace=str(REPO / "traces" / "samples" / "oracle_cnndm"))  # fmt: skip
     rows = sim_speed.run(opts, lambda line: None)
-    assert [r["num_requests"] for r in rows] == [30]
+    assert [r["num_requests"] for r in rows] == [30, 30]
+    assert [r["policy"] for r in rows] == [p.label() for p in sim_speed.POLICIES]
     assert rows[0]["num_steps"] > 0 and rows[0]["simulated_s"] > 0
 
 

@@ -1,7 +1,7 @@
 """The simulator's fast paths equal its general paths (DESIGN §4), on random inputs:
 
-* policies.fast_path.step_exits against asking the batching policy at every exit point;
-* confident_layers against ThresholdRule.confident, fill_kind against KvFillPolicy.decide;
+* BatchingPolicy.step_exits against asking the batching policy at every exit point;
+* confident_layers against ThresholdRule.confident, KvFillPolicy.fill_kind against its decide;
 * whole simulations with the replay fast path on and off: same plans, results and records;
 * the roofline's plain-Python step price against its matrix form.
 """
@@ -22,19 +22,14 @@ from policies import (
     HiddenCosineRule,
     LazyFill,
     QuorumBatching,
+    RebatchBatching,
     RecomputeFill,
     ShrinkBatching,
     SkipDecodeBatching,
     SkipFill,
     create,
 )
-from policies.fast_path import (
-    confident_layers,
-    fill_kind,
-    has_confident_layers,
-    has_step_exits,
-    step_exits,
-)
+from policies.fast_path import confident_layers, has_confident_layers
 from testbed.core import SchedulerConfig
 from testbed.core.policy_set import PolicyConfig
 from testbed.sim.cost_model import ModelShape, RooflineCostModel, StepFeatures
@@ -53,6 +48,7 @@ def _general_exits(policy, confident: np.ndarray, positions: np.ndarray, points:
     rows, L = confident.shape
     running, has_token = np.ones(rows, bool), np.zeros(rows, bool)
     executed, token_layer, forced = [L] * rows, [L] * rows, [False] * rows
+    parked = [None] * rows
     num_points = num_evals = 0
     for layer in range(1, L):
         if not running.any():
@@ -73,7 +69,9 @@ def _general_exits(policy, confident: np.ndarray, positions: np.ndarray, points:
                 has_token[r], token_layer[r], forced[r] = True, layer, bool(d.is_forced[i])
             if not d.keep_running[i]:
                 running[r], executed[r] = False, layer
-    return executed, token_layer, forced, num_points, num_evals
+            if d.park[i]:
+                token_layer[r], parked[r] = None, layer
+    return executed, token_layer, forced, num_points, num_evals, parked
 
 
 POLICY = st.one_of(
@@ -82,6 +80,7 @@ POLICY = st.one_of(
     st.just(ShrinkBatching()),
     st.builds(QuorumBatching, fraction=st.sampled_from([0.1, 0.3, 0.5, 0.75, 1.0])),
     st.builds(SkipDecodeBatching, max_tokens=st.integers(1, 40), min_layer=st.integers(1, 9)),
+    st.builds(RebatchBatching, park_below_fraction=st.sampled_from([0.0, 0.3, 0.5, 0.8, 1.0])),
 )
 
 
@@ -103,11 +102,10 @@ def test_step_exits_equal_one_decision_per_exit_point(
     points = ExitPoints(min_exit_layer=min_exit_layer, stride=stride)
     exit_layers = points.layers(num_layers)
     first = [next((e for e in exit_layers if confident[r, e - 1]), num_layers) for r in range(rows)]
-    fast = step_exits(policy, confident=first, positions=positions.tolist(),
-                      exit_layers=exit_layers, num_layers=num_layers)  # fmt: skip
-    assert fast is not None
+    fast = policy.step_exits(first, positions.tolist(), exit_layers, num_layers)
+    assert fast is not None and policy.has_step_exits
     got = (fast.executed, fast.token_layer, fast.is_forced, fast.num_exit_points,
-           fast.num_rule_evals)  # fmt: skip
+           fast.num_rule_evals, fast.parked_layer or [None] * rows)  # fmt: skip
     assert got == _general_exits(policy, confident, positions, points)
 
 
@@ -122,9 +120,19 @@ def test_subclasses_take_the_general_path():
         def confident(self, signals, *, positions, max_tokens):
             return ~super().confident(signals, positions=positions, max_tokens=max_tokens)
 
-    assert has_step_exits(ConsensusBatching()) and not has_step_exits(Hurried())
+    class Overruled(ShrinkBatching):
+        def decide(self, **kw):
+            return ConsensusBatching.decide(self, **kw)
+
+    assert ConsensusBatching().has_step_exits and not Hurried().has_step_exits
+    assert not Overruled().has_step_exits
     assert has_confident_layers(HiddenCosineRule(0.5)) and not has_confident_layers(Inverted(0.5))
-    assert fill_kind(CopyFill()) is not None
+
+    class Stingy(CopyFill):
+        def _from_skipped(self, skipped):
+            return SkipFill()._from_skipped(skipped)
+
+    assert CopyFill().fill_kind is not None and Stingy().fill_kind is None
 
 
 # ---- exit rules and KV fill ----------------------------------------------------------------------
@@ -164,7 +172,7 @@ def test_confident_layers_equal_the_rule_at_every_exit_point(
 @settings(max_examples=50, deadline=None)
 @given(executed=st.lists(st.integers(0, 8), min_size=1, max_size=6))
 def test_fill_kind_equals_decide(policy, executed):
-    kind = fill_kind(policy)
+    kind = policy.fill_kind
     d = policy.decide(executed_layers=np.array(executed), num_layers=8)
     skipped = np.arange(8)[None, :] >= np.array(executed)[:, None]
     assert (d.fill_now == (skipped & kind.is_filled_now)).all()
@@ -182,7 +190,10 @@ POLICIES = [
     PolicyConfig(batching="consensus", threshold=0.5, kv_fill="recompute", decay_tau=3.0),
     PolicyConfig(batching="shrink", exit_rule="softmax", threshold=0.4, kv_fill="skip"),
     PolicyConfig(batching="skipdecode", batching_params=(("max_tokens", 8), ("min_layer", 2))),
-    PolicyConfig(batching="rebatch", threshold=0.6, exit_stride=2),  # general path only
+    PolicyConfig(batching="rebatch", threshold=0.6, exit_stride=2),  # fast until a resume
+    PolicyConfig(
+        batching="rebatch", batching_params=(("park_below_fraction", 0.9),), threshold=0.5
+    ),
 ]
 
 

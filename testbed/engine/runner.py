@@ -15,8 +15,9 @@ import numpy as np
 import torch
 
 from policies.kv_fill import Resolve
+from testbed.core.exit_point import RowExits, StepCounters, exit_point
 from testbed.core.policy_set import PolicySet
-from testbed.core.step import RowResult, StepPlan, StepResult
+from testbed.core.step import StepPlan, StepResult
 from testbed.engine.device import synchronize
 from testbed.engine.kv_cache import PagedKVCache, decode_attention, span_attention
 from testbed.engine.sampler import Sampler, SamplingParams
@@ -46,27 +47,26 @@ class StepProbe(Protocol):
         """Per row: layers computed for its newest position and K/V-only layers filled."""
 
 
-@dataclass
-class _RowState:
-    """Per-row outcome of the step so far (numpy, [rows])."""
+class _Signals:
+    """The exit rule's signal from one layer's hidden states (a core.exit_point.SignalSource);
+    keeps the exit logits it computed, so the rows that exit sample from them."""
 
-    is_running: np.ndarray  # still computing layers
-    token: list[int | None]
-    exit_layer: list[int | None]
-    is_forced: np.ndarray
-    parked_layer: list[int | None]
-    executed: np.ndarray  # layers computed for the row's newest position
-    exit_hidden: list[torch.Tensor | None]  # main unit's state where it stopped
+    def __init__(self, runner: ModelRunner, batch: StepBatch, main_prev: torch.Tensor | None):
+        self.runner, self.batch, self.main_prev = runner, batch, main_prev
+        self.logits: dict[int, torch.Tensor] | None = None
 
-
-@dataclass
-class _Counters:
-    row_layers: int = 0
-    kv_only: int = 0
-    rule_evals: int = 0
-    forced: int = 0
-    exit_points: int = 0
-    attention_pairs: int = 0
+    def signal(self, layer: int, rows: np.ndarray, name: str) -> np.ndarray:
+        run, batch = self.runner, self.batch
+        rows_t = run._on_device(rows)
+        h = batch.hidden[batch.main_unit[rows_t]]
+        sig = compute_signals(run.model, run.exit_heads, layer, h, self.main_prev[rows_t],
+                              needed=frozenset({name}))  # fmt: skip
+        values = getattr(sig.signals, name)
+        if run.probe is not None:
+            run.probe.on_signals(layer, [batch.rows[r].seq_id for r in rows.tolist()], name, values)
+        if sig.logits is not None:
+            self.logits = dict(zip(rows.tolist(), sig.logits, strict=True))
+        return values
 
 
 class ModelRunner:
@@ -109,39 +109,26 @@ class ModelRunner:
         )
         if self.probe is not None:
             self.probe.on_step_start(batch)
-        state = _RowState(
-            is_running=np.ones(batch.num_rows, dtype=bool),
-            token=[None] * batch.num_rows,
-            exit_layer=[None] * batch.num_rows,
-            is_forced=np.zeros(batch.num_rows, dtype=bool),
-            parked_layer=[None] * batch.num_rows,
-            executed=np.full(batch.num_rows, self.num_layers),
-            exit_hidden=[None] * batch.num_rows,
-        )
-        counters = _Counters()
+        state = RowExits.start(batch.num_rows, self.num_layers)
+        exit_hidden: list[torch.Tensor | None] = [None] * batch.num_rows  # where each row stopped
+        positions, max_tokens = self._output_positions(batch), self._max_tokens(batch)
+        counters = StepCounters()
         for i in range(self.num_layers):
-            if not self._run_layer(batch, state, i, counters):
+            if not self._run_layer(batch, state, i, counters, exit_hidden, positions, max_tokens):
                 break
-        self._take_final_tokens(batch, state)
+        self._take_final_tokens(batch, state, exit_hidden)
         self._settle_deferred(batch, state)
-        filled = self._fill(batch, state, counters)
+        filled = self._fill(batch, state, exit_hidden, counters)
         if self.probe is not None:
             self.probe.on_step_end(batch, state.executed.copy(), filled)
-        rows = tuple(self._row_result(batch, state, r) for r in range(batch.num_rows))
+        rows = tuple(state.result(r, row.seq_id) for r, row in enumerate(batch.rows))
         synchronize(self.device)  # the K/V fill's kernels may still be queued on a GPU
-        return StepResult(
-            step_id=plan.step_id,
-            rows=rows,
-            num_row_layers_executed=counters.row_layers,
-            num_kv_only_row_layers=counters.kv_only,
-            num_rule_evals=counters.rule_evals,
-            num_forced_exits=counters.forced,
-            num_exit_points=counters.exit_points,
-            num_attention_pairs=counters.attention_pairs,
-            duration_s=time.perf_counter() - start_s,
-        )
+        return counters.result(plan.step_id, rows, time.perf_counter() - start_s)
 
-    def _run_layer(self, batch: StepBatch, state: _RowState, i: int, counters: _Counters) -> bool:
+    def _run_layer(
+        self, batch: StepBatch, state: RowExits, i: int, counters: StepCounters,
+        exit_hidden: list, positions: np.ndarray, max_tokens: np.ndarray,
+    ) -> bool:  # fmt: skip
         running = self._on_device(state.is_running)
         active = (batch.unit_start_layer <= i) & running[batch.unit_row]
         units = active.nonzero().squeeze(1)
@@ -161,7 +148,16 @@ class ModelRunner:
         batch.hidden[units] = layer.finish(h_in, attn)
         if self.probe is not None:
             self.probe.on_layer(i + 1, batch)
-        self._exit_point(batch, state, i + 1, main_prev, counters)
+        source = _Signals(self, batch, main_prev)
+        outcome = exit_point(
+            self.policies, i + 1, self.num_layers, state,
+            eligible=batch.is_decode_row & (batch.row_start_layer <= i), positions=positions,
+            max_tokens=max_tokens, counters=counters, source=source,
+        )  # fmt: skip
+        if outcome is not None:
+            self._sample_rows(batch, state, outcome.takers, i + 1, source.logits)
+            for r in outcome.stopping.tolist():
+                exit_hidden[r] = batch.hidden[batch.main_unit[r]].clone()
         return True
 
     def _attend(
@@ -181,76 +177,7 @@ class ModelRunner:
             out[sel] = span_attention(self.cache, i, q[sel], positions, batch.ctx_slots[r])
         return out
 
-    def _exit_point(
-        self,
-        batch: StepBatch,
-        state: _RowState,
-        layer: int,
-        main_prev: torch.Tensor | None,
-        counters: _Counters,
-    ) -> None:
-        p = self.policies
-        if not p.batching.is_early_exit or layer >= self.num_layers:
-            return
-        if not p.exit_points.is_exit_point(layer, self.num_layers):
-            return
-        cand = np.flatnonzero(
-            state.is_running & batch.is_decode_row & (batch.row_start_layer < layer)
-        )
-        if len(cand) == 0:
-            return
-        has_token = np.array([state.token[r] is not None for r in cand])
-        positions = self._output_positions(batch, cand)
-        confident = np.zeros(len(cand), dtype=bool)
-        logits = None
-        need = cand[~has_token]
-        if p.batching.needs_signals and len(need):
-            need_t = self._on_device(need)
-            h = batch.hidden[batch.main_unit[need_t]]
-            sig = compute_signals(
-                self.model, self.exit_heads, layer, h, main_prev[need_t],
-                needed=frozenset({p.exit_rule.signal}),
-            )  # fmt: skip
-            counters.rule_evals += len(need)
-            if self.probe is not None:
-                values = getattr(sig.signals, p.exit_rule.signal)
-                self.probe.on_signals(
-                    layer, [batch.rows[r].seq_id for r in need], p.exit_rule.signal, values
-                )
-            confident[~has_token] = p.exit_rule.confident(
-                sig.signals,
-                positions=positions[~has_token],
-                max_tokens=self._max_tokens(batch, need),
-            )
-            logits = (
-                dict(zip(need.tolist(), sig.logits, strict=True))
-                if sig.logits is not None
-                else None
-            )
-        counters.exit_points += 1
-        decision = p.batching.decide(
-            layer=layer,
-            num_layers=self.num_layers,
-            confident=confident,
-            has_token=has_token,
-            positions=positions,
-        )
-        self._apply_decision(batch, state, cand, decision, layer, logits, counters)
-
-    def _apply_decision(self, batch, state, cand, decision, layer, logits, counters) -> None:
-        takers = cand[decision.take_token]
-        self._sample_rows(batch, state, takers, layer, logits)
-        state.is_forced[cand[decision.is_forced]] = True
-        counters.forced += int(decision.is_forced.sum())
-        stopping = cand[~decision.keep_running]
-        for r in stopping.tolist():
-            state.is_running[r] = False
-            state.executed[r] = layer
-            state.exit_hidden[r] = batch.hidden[batch.main_unit[r]].clone()
-        for r in cand[decision.park].tolist():
-            state.parked_layer[r] = layer
-
-    def _sample_rows(self, batch, state, rows: np.ndarray, layer: int, logits) -> None:
+    def _sample_rows(self, batch, state: RowExits, rows: np.ndarray, layer: int, logits) -> None:
         if len(rows) == 0:
             return
         if logits is not None and all(r in logits for r in rows.tolist()):
@@ -260,22 +187,17 @@ class ModelRunner:
             row_logits = exit_logits(self.model, self.exit_heads, layer, h)
         seq_ids = [batch.rows[r].seq_id for r in rows.tolist()]
         tokens = self.sampler.sample(row_logits, seq_ids, [self.meta[s].params for s in seq_ids])
-        for r, t in zip(rows.tolist(), tokens, strict=True):
-            state.token[r], state.exit_layer[r] = t, layer
+        state.take(rows.tolist(), layer, tokens)
 
-    def _take_final_tokens(self, batch: StepBatch, state: _RowState) -> None:
+    def _take_final_tokens(self, batch: StepBatch, state: RowExits, exit_hidden: list) -> None:
         """Rows that reached the last layer without a token take the final head's token."""
-        rows = [
-            r
-            for r, row in enumerate(batch.rows)
-            if row.is_sampling and state.token[r] is None and state.parked_layer[r] is None
-        ]
-        self._sample_rows(batch, state, np.array(rows, dtype=np.int64), self.num_layers, None)
+        rows = state.untaken([row.is_sampling for row in batch.rows])
+        self._sample_rows(batch, state, rows, self.num_layers, None)
         for r in range(batch.num_rows):
             if state.is_running[r]:
-                state.exit_hidden[r] = batch.hidden[batch.main_unit[r]]
+                exit_hidden[r] = batch.hidden[batch.main_unit[r]]
 
-    def _settle_deferred(self, batch: StepBatch, state: _RowState) -> None:
+    def _settle_deferred(self, batch: StepBatch, state: RowExits) -> None:
         """Deferred positions advanced as far as their row ran; fully-run ones are resolved."""
         for seq_id, units in batch.deferred_units.items():
             r = int(batch.unit_row[units[0]])
@@ -286,7 +208,9 @@ class ModelRunner:
                     left.append(Deferred(d.position, d.token_id, reached, batch.hidden[u].clone()))
             self.deferred[seq_id] = left
 
-    def _fill(self, batch: StepBatch, state: _RowState, counters: _Counters) -> np.ndarray:
+    def _fill(
+        self, batch: StepBatch, state: RowExits, exit_hidden: list, counters: StepCounters
+    ) -> np.ndarray:
         """Apply the KV-fill policy; returns K/V-only layers written per row."""
         filled = np.zeros(batch.num_rows, dtype=np.int64)
         rows = np.array(
@@ -299,13 +223,13 @@ class ModelRunner:
             dtype=np.int64,
         )  # fmt: skip
         for r in np.flatnonzero([p is not None for p in state.parked_layer]).tolist():
-            self.parked[batch.rows[r].seq_id] = state.exit_hidden[r]
+            self.parked[batch.rows[r].seq_id] = exit_hidden[r]
         if len(rows) == 0:
             return filled
         fill = self.policies.kv_fill
         decision = fill.decide(executed_layers=state.executed[rows], num_layers=self.num_layers)
         mains = batch.main_unit[self._on_device(rows)]
-        h_exit = torch.stack([state.exit_hidden[r] for r in rows.tolist()])  # [rows, hidden]
+        h_exit = torch.stack([exit_hidden[r] for r in rows.tolist()])  # [rows, hidden]
         slots = batch.unit_slot[mains]
         for j in range(self.num_layers):
             now = self._on_device(decision.fill_now[:, j])
@@ -344,28 +268,11 @@ class ModelRunner:
         """A numpy index or mask, as a tensor beside the tensors it addresses."""
         return torch.from_numpy(np.ascontiguousarray(a)).to(self.device)
 
-    def _output_positions(self, batch: StepBatch, rows: np.ndarray) -> np.ndarray:
-        """Output index t of the token each row produces (0 for the first generated token)."""
-        return np.array(
-            [
-                batch.rows[r].start_position + 1 - self.meta[batch.rows[r].seq_id].num_prompt_tokens
-                for r in rows.tolist()
-            ]
-        )
+    def _output_positions(self, batch: StepBatch) -> np.ndarray:
+        """[rows] output index t of the token each row produces (0: the first generated one)."""
+        return np.array([row.start_position + 1 - self.meta[row.seq_id].num_prompt_tokens
+                         for row in batch.rows], dtype=np.int64)  # fmt: skip
 
-    def _max_tokens(self, batch: StepBatch, rows: np.ndarray) -> np.ndarray:
-        seq_ids = [batch.rows[r].seq_id for r in rows.tolist()]
-        return np.array([self.meta[s].params.max_tokens for s in seq_ids])
-
-    def _row_result(self, batch: StepBatch, state: _RowState, r: int) -> RowResult:
-        row = batch.rows[r]
-        parked = state.parked_layer[r]
-        token = None if parked is not None else state.token[r]
-        return RowResult(
-            seq_id=row.seq_id,
-            token_id=token,
-            exit_layer=state.exit_layer[r] if token is not None else None,
-            is_forced=bool(state.is_forced[r]),
-            is_parked=parked is not None,
-            parked_layer=parked,
-        )
+    def _max_tokens(self, batch: StepBatch) -> np.ndarray:
+        return np.array([self.meta[row.seq_id].params.max_tokens for row in batch.rows],
+                        dtype=np.int64)  # fmt: skip

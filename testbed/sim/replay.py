@@ -8,15 +8,15 @@ the work per layer, which a cost model turns into time.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
-from policies.exit_rules import ExitSignals
-from policies.fast_path import fill_kind, has_confident_layers, has_step_exits
+from policies.fast_path import has_confident_layers
 from policies.kv_fill import Resolve
+from testbed.core.exit_point import RowExits, StepCounters, exit_point
 from testbed.core.policy_set import PolicySet
-from testbed.core.step import RowResult, StepPlan, StepResult
+from testbed.core.step import StepPlan
 from testbed.sim.replay_fast import FastReplay
 from testbed.sim.replay_state import Deferred, SeqReplay, SeqReplayFactory
 from testbed.sim.step_work import StepWork
@@ -55,22 +55,27 @@ class _Units:
 
 @dataclass
 class _Step:
-    running: np.ndarray
-    token: list[int | None]
-    exit_layer: list[int | None]
-    forced: np.ndarray
-    parked: list[int | None]
-    executed: np.ndarray
+    exits: RowExits
     layer_tokens: np.ndarray
     layer_ctx: np.ndarray
     units: _Units
     out_pos: np.ndarray  # [rows] output index of the token each row produces
     max_tokens: np.ndarray  # [rows] the requests' output limits
+    counters: StepCounters
     last_work: tuple[int, int] | None = None  # (tokens, context) of the last counted layer
     is_changed: bool = False  # a row stopped since last_work was counted
-    counters: dict[str, int] = field(
-        default_factory=lambda: dict(evals=0, forced=0, rl=0, points=0)
-    )
+
+
+@dataclass(frozen=True)
+class _TraceSignals:
+    """The exit rule's signal read off the trace (a core.exit_point.SignalSource)."""
+
+    runner: ReplayRunner
+    plan: StepPlan
+
+    def signal(self, layer: int, rows: np.ndarray, name: str) -> np.ndarray:
+        at = self.runner._signal_at
+        return np.array([at(self.plan.rows[r], name, layer) for r in rows.tolist()])
 
 
 class ReplayRunner:
@@ -83,11 +88,11 @@ class ReplayRunner:
         self.seqs: dict[int, SeqReplay] = {}
         self.deferred: dict[int, list[Deferred]] = {}
         self.parked: set[int] = set()
-        fill = fill_kind(policies.kv_fill)
+        fill = policies.kv_fill.fill_kind
         is_fast = (
             use_fast_path
             and fill is not None
-            and has_step_exits(policies.batching)
+            and policies.batching.has_step_exits
             and has_confident_layers(policies.exit_rule)
         )
         self._fast = FastReplay(policies, fill, num_layers) if is_fast else None
@@ -104,8 +109,8 @@ class ReplayRunner:
         self.parked.discard(seq_id)
 
     def execute(self, plan: StepPlan, duration_s: float = 0.0) -> StepWork:
-        if self._fast is not None and not self.parked:
-            work = self._fast.execute(plan, self.seqs, self.deferred, duration_s)
+        if self._fast is not None:
+            work = self._fast.execute(plan, self.seqs, self.deferred, self.parked, duration_s)
             if work is not None:
                 return work
         return self._execute_general(plan, duration_s)
@@ -116,36 +121,27 @@ class ReplayRunner:
             if row.is_prefill and row.start_position == 0:  # re-prefill after a preemption
                 self.deferred.pop(row.seq_id, None)
         st = _Step(
-            running=np.ones(len(rows), dtype=bool), token=[None] * len(rows),
-            exit_layer=[None] * len(rows), forced=np.zeros(len(rows), dtype=bool),
-            parked=[None] * len(rows), executed=np.full(len(rows), L),
+            exits=RowExits.start(len(rows), L),
             layer_tokens=np.zeros(L, dtype=np.int64), layer_ctx=np.zeros(L, dtype=np.int64),
             units=_Units.build(plan, self.deferred),
             out_pos=np.array([self._out_pos(r) for r in rows], dtype=np.int64),
             max_tokens=np.array([self.seqs[r.seq_id].max_tokens for r in rows], dtype=np.int64),
+            counters=StepCounters(),
         )  # fmt: skip
         start = np.array([r.start_layer for r in rows])
         is_decode = np.array([not r.is_prefill for r in rows], dtype=bool)
         for i in range(L):
             if not self._layer(plan, st, i, start, is_decode):
                 break
-        for r, row in enumerate(rows):  # rows that reached the last layer take its token
-            if row.is_sampling and st.token[r] is None and st.parked[r] is None:
-                st.token[r], st.exit_layer[r] = self._token(row), L
+        last = st.exits.untaken([row.is_sampling for row in rows])  # they take the last layer's
+        st.exits.take(last.tolist(), L, [self._token(rows[r]) for r in last.tolist()])
         kv_only = self._settle(plan, st, is_decode)
-        result = StepResult(
-            step_id=plan.step_id,
-            rows=tuple(self._row_result(row, st, r) for r, row in enumerate(rows)),
-            num_row_layers_executed=int(st.counters["rl"]),
-            num_kv_only_row_layers=int(kv_only.sum()),
-            num_rule_evals=st.counters["evals"],
-            num_forced_exits=st.counters["forced"],
-            num_exit_points=st.counters["points"],
-            num_attention_pairs=int(st.layer_ctx.sum()),
-            duration_s=duration_s,
-        )
+        st.counters.kv_only = int(kv_only.sum())
+        st.counters.attention_pairs = int(st.layer_ctx.sum())
+        results = tuple(st.exits.result(r, row.seq_id) for r, row in enumerate(rows))
+        result = st.counters.result(plan.step_id, results, duration_s)
         return StepWork(result, tuple(st.layer_tokens.tolist()), tuple(st.layer_ctx.tolist()),
-                        tuple(kv_only.tolist()), tuple(st.executed.tolist()))  # fmt: skip
+                        tuple(kv_only.tolist()), tuple(st.exits.executed.tolist()))  # fmt: skip
 
     def _layer(
         self, plan: StepPlan, st: _Step, i: int, start: np.ndarray, is_decode: np.ndarray
@@ -154,53 +150,28 @@ class ReplayRunner:
         u = st.units
         # the active set changes only where a row stops or a row/deferred start layer is crossed
         if st.last_work is None or st.is_changed or i in u.boundaries:
-            main = st.running & (start <= i)  # rows whose fed tokens run this layer
-            deferred = st.running[u.def_row] & (u.def_layer <= i)  # riding-along positions
+            running = st.exits.is_running
+            main = running & (start <= i)  # rows whose fed tokens run this layer
+            deferred = running[u.def_row] & (u.def_layer <= i)  # riding-along positions
             num = int(u.num_tokens[main].sum()) + int(deferred.sum())
             ctx = int(u.ctx_sum[main].sum()) + int(u.def_ctx[deferred].sum())
             st.last_work, st.is_changed = (num, ctx), False
         num, ctx = st.last_work
         if num == 0:
-            return bool(st.running.any())
+            return bool(st.exits.is_running.any())
         st.layer_tokens[i] += num
         st.layer_ctx[i] += ctx
-        st.counters["rl"] += num
-        self._exit_point(plan, st, i + 1, start, is_decode)
+        st.counters.row_layers += num
+        outcome = exit_point(
+            self.policies, i + 1, self.num_layers, st.exits, eligible=is_decode & (start <= i),
+            positions=st.out_pos, max_tokens=st.max_tokens, counters=st.counters,
+            source=_TraceSignals(self, plan),
+        )  # fmt: skip
+        if outcome is not None:
+            takers = outcome.takers.tolist()
+            st.exits.take(takers, i + 1, [self._token(plan.rows[r]) for r in takers])
+            st.is_changed |= len(outcome.stopping) > 0
         return True
-
-    def _exit_point(self, plan, st: _Step, layer: int, start, is_decode) -> None:
-        p, L = self.policies, self.num_layers
-        if not p.batching.is_early_exit or layer >= L or not p.exit_points.is_exit_point(layer, L):
-            return
-        cand = np.flatnonzero(st.running & is_decode & (start < layer))
-        if len(cand) == 0:
-            return
-        has_token = np.array([st.token[r] is not None for r in cand])
-        positions = st.out_pos[cand]
-        confident = np.zeros(len(cand), dtype=bool)
-        need = ~has_token
-        if p.batching.needs_signals and need.any():
-            rows = cand[need]
-            st.counters["evals"] += len(rows)
-            signal = p.exit_rule.signal  # only the rule's own signal is read
-            values = np.array([self._signal_at(plan.rows[r], signal, layer) for r in rows])
-            confident[need] = p.exit_rule.confident(
-                ExitSignals(**{signal: values}), positions=positions[need],
-                max_tokens=st.max_tokens[rows],
-            )  # fmt: skip
-        st.counters["points"] += 1
-        d = p.batching.decide(layer=layer, num_layers=L, confident=confident,
-                              has_token=has_token, positions=positions)  # fmt: skip
-        for r in cand[d.take_token]:
-            st.token[r], st.exit_layer[r] = self._token(plan.rows[r]), layer
-        st.forced[cand[d.is_forced]] = True
-        st.counters["forced"] += int(d.is_forced.sum())
-        st.is_changed |= bool((~d.keep_running).any())
-        for r in cand[~d.keep_running]:
-            st.running[r] = False
-            st.executed[r] = layer
-        for r in cand[d.park]:
-            st.parked[r] = layer
 
     def _out_pos(self, row) -> int:
         return row.end_position - self.seqs[row.seq_id].num_prompt_tokens
@@ -218,36 +189,27 @@ class ReplayRunner:
         kv_only = np.zeros(L, dtype=np.int64)
         for r, row in enumerate(plan.rows):
             if is_decode[r] and row.seq_id in self.deferred:
-                reached = int(st.executed[r])
+                reached = int(st.exits.executed[r])
                 self.deferred[row.seq_id] = [
                     Deferred(d.position, max(d.layer, reached))
                     for d in self.deferred[row.seq_id] if max(d.layer, reached) < L
                 ]  # fmt: skip
         for r, row in enumerate(plan.rows):
-            if st.parked[r] is not None:
+            if st.exits.parked_layer[r] is not None:
                 self.parked.add(row.seq_id)
         fill_rows = [r for r in range(len(plan.rows))
-                     if is_decode[r] and st.parked[r] is None and st.executed[r] < L]  # fmt: skip
+                     if is_decode[r] and st.exits.parked_layer[r] is None and st.exits.executed[r] < L]  # fmt: skip
         if not fill_rows:
             return kv_only
         decision = self.policies.kv_fill.decide(
-            executed_layers=st.executed[fill_rows], num_layers=L
+            executed_layers=st.exits.executed[fill_rows], num_layers=L
         )
         kv_only += decision.fill_now.sum(axis=0)
         from_layer0 = self.policies.kv_fill.resolve is Resolve.FROM_LAYER0
         for i, r in enumerate(fill_rows):
             if decision.owe[i].any():
-                layer = 0 if from_layer0 else int(st.executed[r])
+                layer = 0 if from_layer0 else int(st.exits.executed[r])
                 self.deferred.setdefault(plan.rows[r].seq_id, []).append(
                     Deferred(plan.rows[r].start_position, layer)
                 )
         return kv_only
-
-    def _row_result(self, row, st: _Step, r: int) -> RowResult:
-        parked = st.parked[r]
-        token = None if parked is not None else st.token[r]
-        return RowResult(
-            seq_id=row.seq_id, token_id=token,
-            exit_layer=st.exit_layer[r] if token is not None else None,
-            is_forced=bool(st.forced[r]), is_parked=parked is not None, parked_layer=parked,
-        )  # fmt: skip

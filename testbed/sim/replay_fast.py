@@ -3,10 +3,11 @@
 Typical simulated steps hold 1-30 rows, where numpy's per-call overhead dwarfs the arithmetic and
 the general path (replay.py: one batching decision per exit point, counted layer by layer) spends
 most of its time in it. Here a step is settled at once: each decode row's first confident exit
-layer was computed at admission (replay_state.py), `policies.fast_path` turns those into every
+layer was computed at admission (replay_state.py), `BatchingPolicy.step_exits` turns those into every
 row's executed layers and token layer, and the per-layer counts follow from difference arrays.
 
-It covers steps without resume rows under built-in policies (only rebatch parks and resumes);
+It covers steps without resume rows under built-in policies (a rebatch step that parks rows is
+covered; one that resumes them is not);
 `FastReplay.execute` returns None for any other step and the caller runs the general path, before
 either touches the runner's state. tests/test_sim_fastpath.py checks both paths agree.
 """
@@ -15,8 +16,7 @@ from __future__ import annotations
 
 from itertools import accumulate
 
-from policies.fast_path import FillKind, step_exits
-from policies.kv_fill import Resolve
+from policies.kv_fill import FillKind, Resolve
 from testbed.core.policy_set import PolicySet
 from testbed.core.step import RowResult, StepPlan, StepResult
 from testbed.sim.replay_state import Deferred, SeqReplay
@@ -36,6 +36,7 @@ class FastReplay:
         plan: StepPlan,
         seqs: dict[int, SeqReplay],
         deferred: dict[int, list[Deferred]],
+        parked: set[int],
         duration_s: float,
     ) -> StepWork | None:
         """Execute ``plan`` like the general path; None, state untouched, when it can't."""
@@ -62,28 +63,33 @@ class FastReplay:
         executed = [L] * len(rows)
         token_layer: list[int | None] = [L if row.is_sampling else None for row in rows]
         forced = [False] * len(rows)
+        parked_layer: list[int | None] = [None] * len(rows)
         num_points = num_evals = 0
         if decode:
-            exits = step_exits(self.batching, confident=confident, positions=positions,
-                               exit_layers=self.exit_layers, num_layers=L)  # fmt: skip
+            exits = self.batching.step_exits(confident, positions, self.exit_layers, L)
             if exits is None:
                 return None
             for i, r in enumerate(decode):
                 executed[r], token_layer[r] = exits.executed[i], exits.token_layer[i]
                 forced[r] = exits.is_forced[i]
+                if exits.parked_layer is not None and exits.parked_layer[i] is not None:
+                    parked_layer[r] = exits.parked_layer[i]
+                    parked.add(rows[r].seq_id)
             num_points, num_evals = exits.num_exit_points, exits.num_rule_evals
         for seq_id in restarted:  # a prefill from position 0 is a re-prefill after preemption
             deferred.pop(seq_id, None)
         layer_tokens, layer_ctx = _layer_counts(plan, executed, deferred, L)
-        kv_only = self._settle(plan, executed, decode, deferred)
+        # a parked row owes no K/V fill: its deep layers run when it resumes
+        fill_rows = [r for r in decode if parked_layer[r] is None]
+        kv_only = self._settle(plan, executed, decode, fill_rows, deferred)
         row_results = [
             RowResult(
                 seq_id=row.seq_id,
                 token_id=None if token_layer[r] is None else replays[r].token_at(out_pos[r]),
                 exit_layer=token_layer[r],
                 is_forced=forced[r],
-                is_parked=False,
-                parked_layer=None,
+                is_parked=parked_layer[r] is not None,
+                parked_layer=parked_layer[r],
             )  # fmt: skip
             for r, row in enumerate(rows)
         ]
@@ -105,6 +111,7 @@ class FastReplay:
         plan: StepPlan,
         executed: list[int],
         decode: list[int],
+        fill_rows: list[int],
         deferred: dict[int, list[Deferred]],
     ) -> tuple[int, ...]:
         """Deferred positions advance as far as their row ran; then the KV fill of exited rows.
@@ -119,7 +126,7 @@ class FastReplay:
                         for d in deferred[seq_id] if max(d.layer, reached) < L
                     ]  # fmt: skip
         kv_only = [0] * (L + 1)  # difference array
-        for r in decode:
+        for r in fill_rows:
             if executed[r] >= L:
                 continue
             if self.fill.is_filled_now:

@@ -33,6 +33,7 @@ from vllm.model_executor.layers.attention.attention import unified_kv_cache_upda
 from vllm.model_executor.models.llama import LlamaForCausalLM
 
 from policies.exit_rules import ExitSignals
+from testbed.core.exit_point import RowExits, StepCounters, exit_point
 from testbed.core.policy_set import build_policies
 from testbed.errors import ConfigError
 from testbed.model.llama import ExitClassifiers
@@ -71,8 +72,8 @@ class _Decode:
     """Decode rows of one forward: [rows] numpy masks/lists and [rows, hidden] tensors."""
 
     tokens: torch.Tensor  # flat-batch index of each decode row's token
-    token_layer: list[int | None]
-    is_forced: np.ndarray
+    exits: RowExits  # what the exit points decided; vLLM's sampler picks the tokens
+    positions: np.ndarray  # [rows] each decode row's position (read once: no sync per layer)
     out_h: list[torch.Tensor | None]  # hidden state where the row took its token
     frozen: torch.Tensor | None = None  # set once the policy stopped the rows
     stop_layer: int | None = None
@@ -80,12 +81,25 @@ class _Decode:
 
 
 @dataclass
-class _Counters:
-    row_layers: int = 0
-    kv_only: int = 0
-    rule_evals: int = 0
-    exit_points: int = 0
-    layers_run: int = 0
+class _Counters(StepCounters):
+    layers_run: int = 0  # layers the whole flat batch ran (the rest ran K/V only)
+
+
+@dataclass(frozen=True)
+class _LayerSignals:
+    """The exit rule's signal from one layer's decode-row states (a SignalSource); records the
+    values per row for a live capture."""
+
+    model: EarlyExitLlamaForCausalLM
+    h: torch.Tensor
+    h_prev: torch.Tensor
+    record: list[dict[int, float]]
+
+    def signal(self, layer: int, rows: np.ndarray, name: str) -> np.ndarray:
+        values = self.model._signal(layer, self.h[rows], self.h_prev[rows])
+        for r, v in zip(rows.tolist(), values.tolist(), strict=True):
+            self.record[r][layer] = v
+        return values
 
 
 class EarlyExitLlamaForCausalLM(LlamaForCausalLM):
@@ -159,11 +173,11 @@ class EarlyExitLlamaForCausalLM(LlamaForCausalLM):
         has_prompt = not bool(is_decode.all())
         rows = _Decode(
             tokens=torch.from_numpy(last[is_decode]).to(input_ids.device),
-            token_layer=[None] * int(is_decode.sum()),
-            is_forced=np.zeros(int(is_decode.sum()), dtype=bool),
+            exits=RowExits.start(int(is_decode.sum()), self.num_layers),
+            positions=positions.cpu().numpy()[last[is_decode]],
             out_h=[None] * int(is_decode.sum()),
         )
-        rows.signals = [{} for _ in rows.token_layer]
+        rows.signals = [{} for _ in range(len(rows.exits.token))]
         counters = _Counters()
         oracle_states = []
         last_t = torch.from_numpy(last).to(input_ids.device)
@@ -180,17 +194,17 @@ class EarlyExitLlamaForCausalLM(LlamaForCausalLM):
                 counters.layers_run += 1
             else:
                 self._kv_only(layer, positions[rows.tokens], rows.frozen)
-                counters.kv_only += len(rows.token_layer)
+                counters.kv_only += len(rows.exits.token)
             if oracle_states:
                 oracle_states.append((hidden + residual)[last_t].clone())
             if rows.frozen is None:
                 h = (hidden + residual)[rows.tokens]  # [decode rows, hidden]: the true state
-                self._exit_point(i + 1, h, h_prev, rows, positions, counters)
+                self._exit_point(i + 1, h, h_prev, rows, counters)
                 h_prev = h
         final, _ = self.model.norm(hidden, residual)
         for r, h in enumerate(rows.out_h):
             if h is not None:  # the exit-layer token: the exit's norm, then the shared LM head
-                final[rows.tokens[r]] = self._exit_norm(rows.token_layer[r], h)
+                final[rows.tokens[r]] = self._exit_norm(rows.exits.token_layer[r], h)
         record = self._record(input_ids, positions, query_start, rows, counters, oracle_states)
         return final, record
 
@@ -210,35 +224,22 @@ class EarlyExitLlamaForCausalLM(LlamaForCausalLM):
                 core.layer_name,
             )
 
-    def _exit_point(self, layer, h, h_prev, rows: _Decode, positions, counters) -> None:
-        p = self.policies
-        if not p.batching.is_early_exit or not len(rows.token_layer):
-            return
-        if not p.exit_points.is_exit_point(layer, self.num_layers):
-            return
-        has_token = np.array([t is not None for t in rows.token_layer])
-        need = np.flatnonzero(~has_token)
-        confident = np.zeros(len(has_token), dtype=bool)
-        if p.batching.needs_signals and len(need):
-            values = self._signal(layer, h[need], h_prev[need])
-            counters.rule_evals += len(need)
-            for r, v in zip(need.tolist(), values.tolist(), strict=True):
-                rows.signals[r][layer] = v
-            signal = {p.exit_rule.signal: values}
-            confident[need] = p.exit_rule.confident(
-                _signals(signal), positions=np.zeros(len(need)), max_tokens=np.ones(len(need))
-            )
-        counters.exit_points += 1
-        decision = p.batching.decide(
-            layer=layer, num_layers=self.num_layers, confident=confident, has_token=has_token,
-            positions=positions[rows.tokens].cpu().numpy(),
+    def _exit_point(self, layer, h, h_prev, rows: _Decode, counters) -> None:
+        n = len(rows.exits.token)
+        # λ is constant here (decay_tau is refused), so max_tokens is never read
+        outcome = exit_point(
+            self.policies, layer, self.num_layers, rows.exits, eligible=np.ones(n, dtype=bool),
+            positions=rows.positions, max_tokens=np.ones(n, dtype=np.int64), counters=counters,
+            source=_LayerSignals(self, h, h_prev, rows.signals),
         )  # fmt: skip
+        if outcome is None:
+            return
         # the policies vLLM runs stop all decode rows together or none (options.REFUSED_*)
-        assert decision.keep_running.all() or not decision.keep_running.any(), decision
-        for r in np.flatnonzero(decision.take_token).tolist():
-            rows.token_layer[r], rows.out_h[r] = layer, h[r].clone()
-        rows.is_forced |= decision.is_forced
-        if decision.stop:
+        assert len(outcome.stopping) in (0, n), outcome
+        rows.exits.take(outcome.takers.tolist(), layer, None)
+        for r in outcome.takers.tolist():
+            rows.out_h[r] = h[r].clone()
+        if len(outcome.stopping):
             rows.frozen, rows.stop_layer = h.clone(), layer
 
     def _exit_norm(self, layer: int, h: torch.Tensor) -> torch.Tensor:
@@ -268,9 +269,9 @@ class EarlyExitLlamaForCausalLM(LlamaForCausalLM):
             exit_layer = self.num_layers
             executed, forced, signals = self.num_layers, False, {}
             if d is not None:
-                exit_layer = rows.token_layer[d] or self.num_layers
+                exit_layer = rows.exits.token_layer[d] or self.num_layers
                 executed = rows.stop_layer or self.num_layers
-                forced = bool(rows.is_forced[d])
+                forced = bool(rows.exits.is_forced[d])
                 if rows.signals[d]:
                     values = [rows.signals[d].get(layer) for layer in range(1, self.num_layers + 1)]
                     signals = {self.policies.exit_rule.signal: values}
@@ -286,7 +287,7 @@ class EarlyExitLlamaForCausalLM(LlamaForCausalLM):
         return StepRecord(
             rows=tuple(out), num_row_layers_executed=counters.row_layers,
             num_kv_only_row_layers=counters.kv_only, num_rule_evals=counters.rule_evals,
-            num_forced_exits=int(rows.is_forced.sum()), num_exit_points=counters.exit_points,
+            num_forced_exits=int(rows.exits.is_forced.sum()), num_exit_points=counters.exit_points,
             num_layers_run=counters.layers_run, forward_s=0.0,
         )  # fmt: skip
 
