@@ -6,7 +6,6 @@ latencies.parquet of `eetb validate`. A folder from another schema version is re
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from testbed.errors import EetbError
+from testbed.jsonfile import read_object
 
 VALIDATION_SCHEMA_VERSION = 1  # the version analysis reads; testbed.validate writes it
 
@@ -42,11 +42,8 @@ def _read_parquet(path: Path) -> list[dict[str, Any]]:
 
 
 def _read_validation(path: Path) -> dict[str, Any]:
-    try:
-        doc = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ReportError(f"{path}: not readable JSON ({exc})") from None
-    version = doc.get("schema_version") if isinstance(doc, dict) else None
+    doc = read_object(path, ReportError)
+    version = doc.get("schema_version")
     if version != VALIDATION_SCHEMA_VERSION:
         raise ReportError(
             f"{path}: validation results of schema version {version!r}; this report reads "

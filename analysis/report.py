@@ -39,6 +39,13 @@ def short_cost_model(spec: str) -> str:
 
 
 def _validation_section(doc: dict[str, Any]) -> list[str]:
+    lines = _validation_intro(doc)
+    table, extra = _error_table(doc)
+    lines += [*table, "", _verdict(doc, bool(extra.get("error, probed"))), ""]
+    return [*lines, *_rounds_table(doc), *_noise_section(doc), *_replay_table(doc)]
+
+
+def _validation_intro(doc: dict[str, Any]) -> list[str]:
     lines = ["## Simulated against measured", ""]
     fit = doc.get("fit")
     fit_text = "" if fit is None else f" (R² {fit['r2']:.3f} over {fit['num_steps']} steps)"
@@ -62,6 +69,12 @@ def _validation_section(doc: dict[str, Any]) -> list[str]:
             "forecast, but what is left there is the simulator's error, not the machine's.",
             "",
         ]
+    return lines
+
+
+def _error_table(doc: dict[str, Any]) -> tuple[list[str], dict[str, dict]]:
+    """The goal metrics' errors per configuration, at the reference speed and (where made) at
+    each run's probed speed and in hindsight; returns the table and those extra columns."""
     goal = {"throughput_tokens_per_s", "tpot_mean_s", "ttft_mean_s", "e2e_mean_s"}
     extra = {
         title: {(r["policy"], r["metric"]): r["error"] for r in doc.get(key) or []}
@@ -76,8 +89,10 @@ def _validation_section(doc: dict[str, Any]) -> list[str]:
         for r in doc["errors"] if r["metric"] in goal
     ]  # fmt: skip
     header = ["configuration", "metric", "simulated", "measured", "error"]
-    lines += _table(header + list(extra), rows)
-    probed = extra.get("error, probed")
+    return _table(header + list(extra), rows), extra
+
+
+def _verdict(doc: dict[str, Any], has_probed: bool) -> str:
     tau, worst = doc.get("kendall_tau_throughput"), doc.get("max_goal_error")
     verdict = []
     if worst is not None:
@@ -92,7 +107,7 @@ def _validation_section(doc: dict[str, Any]) -> list[str]:
                        "order at least 80% of the rounds agree on (the others the measurement "
                        f"cannot order): tau {_fmt(doc.get('kendall_tau_resolved'), '.3f')}")  # fmt: skip
     worst_probed = doc.get("max_goal_error_probed")
-    if probed and worst_probed is not None:
+    if has_probed and worst_probed is not None:
         tau_probed = doc.get("kendall_tau_throughput_probed")
         verdict.append(f"each run at its probed speed: {worst_probed:.1%} and tau "
                        f"{_fmt(tau_probed, '.3f')}")  # fmt: skip
@@ -101,7 +116,12 @@ def _validation_section(doc: dict[str, Any]) -> list[str]:
         tau_hindsight = doc.get("kendall_tau_throughput_hindsight")
         verdict.append(f"in hindsight, each run at the speed its steps ran: {worst_hindsight:.1%} "
                        f"and tau {_fmt(tau_hindsight, '.3f')}")  # fmt: skip
-    lines += ["", "; ".join(verdict) + "." if verdict else "", ""]
+    return "; ".join(verdict) + "." if verdict else ""
+
+
+def _rounds_table(doc: dict[str, Any]) -> list[str]:
+    """Each round's measured values beside the medians, with the machine's speed then."""
+    lines: list[str] = []
     spread = [c for c in doc["configurations"] if len(c.get("throughput_runs", [])) > 1]
     if spread:
         lines += [f"Measured values are medians over {doc.get('repeats', '?')} rounds of runs "
@@ -114,7 +134,11 @@ def _validation_section(doc: dict[str, Any]) -> list[str]:
         header = ["configuration", "throughput tok/s", "mean TPOT ms", "probe time / reference",
                   "step time / fit price"]  # fmt: skip
         lines += [*_table(header, rows), ""]
-    lines += _noise_section(doc)
+    return lines
+
+
+def _replay_table(doc: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
     lines += ["### Speedup and replay error", "",
               "The oracle trace holds the full-depth token stream; a live early-exit run "
               "diverges once one of its tokens differs. Exit TV is the total variation distance "

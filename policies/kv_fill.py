@@ -76,7 +76,16 @@ class KvFillPolicy:
         return self._from_skipped(skipped)
 
     def _from_skipped(self, skipped: np.ndarray) -> FillDecision:
-        raise NotImplementedError
+        # a policy that treats all its skipped layers alike is its FillKind; one that decides
+        # per layer overrides this
+        kind = self.fast_kind
+        if kind is None:
+            raise NotImplementedError(
+                f"{type(self).__name__} sets no fast_kind: override _from_skipped"
+            )
+        none = np.zeros_like(skipped)
+        return FillDecision(fill_now=skipped if kind.is_filled_now else none,
+                            owe=skipped if kind.is_owed else none)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -85,9 +94,6 @@ class CopyFill(KvFillPolicy):
 
     name: ClassVar[str] = "copy"
     fast_kind: ClassVar[FillKind | None] = FillKind(is_filled_now=True, is_owed=False)
-
-    def _from_skipped(self, skipped: np.ndarray) -> FillDecision:
-        return FillDecision(fill_now=skipped, owe=np.zeros_like(skipped))
 
 
 @dataclass(frozen=True)
@@ -98,9 +104,6 @@ class LazyFill(KvFillPolicy):
     fast_kind: ClassVar[FillKind | None] = FillKind(is_filled_now=False, is_owed=True)
     resolve: ClassVar[Resolve] = Resolve.DEEP
 
-    def _from_skipped(self, skipped: np.ndarray) -> FillDecision:
-        return FillDecision(fill_now=np.zeros_like(skipped), owe=skipped)
-
 
 @dataclass(frozen=True)
 class RecomputeFill(KvFillPolicy):
@@ -110,9 +113,6 @@ class RecomputeFill(KvFillPolicy):
     fast_kind: ClassVar[FillKind | None] = FillKind(is_filled_now=False, is_owed=True)
     resolve: ClassVar[Resolve] = Resolve.FROM_LAYER0
 
-    def _from_skipped(self, skipped: np.ndarray) -> FillDecision:
-        return FillDecision(fill_now=np.zeros_like(skipped), owe=skipped)
-
 
 @dataclass(frozen=True)
 class SkipFill(KvFillPolicy):
@@ -120,9 +120,6 @@ class SkipFill(KvFillPolicy):
 
     name: ClassVar[str] = "skip"
     fast_kind: ClassVar[FillKind | None] = FillKind(is_filled_now=False, is_owed=False)
-
-    def _from_skipped(self, skipped: np.ndarray) -> FillDecision:
-        return FillDecision(fill_now=np.zeros_like(skipped), owe=np.zeros_like(skipped))
 
 
 KV_FILL_POLICIES: tuple[type[KvFillPolicy], ...] = (CopyFill, LazyFill, RecomputeFill, SkipFill)

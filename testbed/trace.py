@@ -25,6 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from testbed.errors import EetbError
+from testbed.jsonfile import read_object
 from testbed.locks import exclusive
 
 # 2: steps.parquet gained num_attention_pairs (prefill attention grows with chunk × context)
@@ -211,12 +212,7 @@ def read_meta(path: Path) -> dict[str, Any]:
     file = path / "meta.json"
     if not file.is_file():
         raise TraceError(f"{path} is not a capture: meta.json is missing")
-    try:
-        meta = json.loads(file.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise TraceError(f"{file} is not valid JSON: {exc}") from exc
-    if not isinstance(meta, dict):
-        raise TraceError(f"{file}: expected a JSON object, got {type(meta).__name__}")
+    meta = read_object(file, TraceError)
     version = meta.get("schema_version")
     if version != SCHEMA_VERSION:
         shown = f"{version!r} (a string)" if isinstance(version, str) else repr(version)

@@ -3,6 +3,7 @@ the main environment's packages (scripts/main_site_pth.py)."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -38,7 +39,11 @@ def test_pth_refuses_a_folder_that_is_no_venv(tmp_path):
      (("PYTHON=python3",), "python3 scripts/ensure_torch.py")],
 )  # fmt: skip
 def test_make_install_uses_the_project_venv_unless_python_is_given(args, expected):
+    # under `make test` (as in CI) the parent make exports PYTHON and its flags: drop them so
+    # this make sees what a user's shell would
+    inherited = {"PYTHON", "MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES"}
+    env = {key: value for key, value in os.environ.items() if key not in inherited}
     plan = subprocess.run(["make", "-n", "-B", "install", *args], cwd=REPO, capture_output=True,
-                          text=True, check=True).stdout.splitlines()  # fmt: skip
+                          text=True, check=True, env=env).stdout.splitlines()  # fmt: skip
     assert expected in plan
     assert any(line.endswith("-m venv .venv") for line in plan) == (not args)

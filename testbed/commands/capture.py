@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from testbed.builtin_model import resolve_model_dir
-from testbed.capture_records import CaptureConfig, EngineConfig
+from testbed.capture_records import CAPTURE_MODES, CaptureConfig, EngineConfig
 from testbed.commands.common import (
     ProgressLine,
     add_data_dir,
@@ -21,7 +21,6 @@ from testbed.commands.common import (
 from testbed.core import SchedulerConfig
 from testbed.datasets import FILES
 from testbed.engine.capture import build_requests, run_capture
-from testbed.engine.recorder import MODES
 from testbed.errors import ConfigError
 from testbed.model.checkpoint import load_checkpoint
 from testbed.vllm_backend.options import check_supported
@@ -40,7 +39,7 @@ def main(argv: list[str]) -> int:
                    help="e.g. poisson:rate=4,n=32,prompt=64-256,output=64 or azure:path=FILE,n=100,scale=0.1")  # fmt: skip
     p.add_argument("--dataset", default="cnndm",
                    help=f"prompt text source: {', '.join(FILES)} or 'synthetic' (random tokens) or 'self' (text the model samples)")  # fmt: skip
-    p.add_argument("--mode", choices=MODES, default="oracle")
+    p.add_argument("--mode", choices=CAPTURE_MODES, default="oracle")
     p.add_argument("--out", required=True, type=Path, help="capture directory to create")
     p.add_argument("--profile", action="store_true", help="record per-layer timings")
     p.add_argument("--seed", type=int, default=0)

@@ -18,6 +18,7 @@ from tokenizers import Tokenizer
 
 from testbed.atomic import atomic_path
 from testbed.errors import CheckpointError
+from testbed.jsonfile import read_object
 from testbed.model.config import LlamaConfig
 from testbed.model.llama import ExitClassifiers, LlamaModel
 from testbed.model.prompt import PromptFormat, read_prompt_format
@@ -50,11 +51,7 @@ def read_config(path: Path) -> LlamaConfig:
         raise CheckpointError(f"checkpoint directory not found: {path}")
     if not cfg_file.is_file():
         raise CheckpointError(f"{cfg_file} is missing: not an HF-format checkpoint directory")
-    try:
-        raw = json.loads(cfg_file.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{cfg_file} is not valid JSON: {exc}") from exc
-    return LlamaConfig.from_hf_dict(raw)
+    return LlamaConfig.from_hf_dict(read_object(cfg_file, CheckpointError))
 
 
 def _weight_files(path: Path) -> list[Path]:

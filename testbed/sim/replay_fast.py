@@ -15,12 +15,24 @@ either touches the runner's state. tests/test_sim_fastpath.py checks both paths 
 from __future__ import annotations
 
 from itertools import accumulate
+from typing import NamedTuple
 
 from policies.kv_fill import FillKind, Resolve
 from testbed.core.policy_set import PolicySet
 from testbed.core.step import RowResult, StepPlan, StepResult
 from testbed.sim.replay_state import Deferred, SeqReplay
 from testbed.sim.step_work import StepWork
+
+
+class _Read(NamedTuple):
+    """Per-row lists a step reads (decode, confident and positions: its decode rows only)."""
+
+    replays: list[SeqReplay]
+    out_pos: list[int]
+    decode: list[int]
+    confident: list[int]
+    positions: list[int]
+    restarted: list[int]  # sequences re-prefilled from position 0
 
 
 class FastReplay:
@@ -41,70 +53,74 @@ class FastReplay:
     ) -> StepWork | None:
         """Execute ``plan`` like the general path; None, state untouched, when it can't."""
         L, rows = self.num_layers, plan.rows
-        reads_signals = self.batching.needs_signals
-        replays, out_pos, decode, confident, positions, restarted = [], [], [], [], [], []
-        for r, row in enumerate(rows):  # one pass: these lists are what the step reads
-            seq = seqs[row.seq_id]
-            pos = row.start_position + len(row.token_ids) - seq.num_prompt_tokens
-            replays.append(seq)
-            out_pos.append(pos)
-            if row.is_prefill:
-                if row.start_position == 0:
-                    restarted.append(row.seq_id)
-                continue
-            if row.start_layer:  # a rebatch resume row: the general path's business
-                return None
-            decode.append(r)
-            positions.append(pos)
-            if reads_signals:  # clamped to its last entry, like SeqReplay.token_at
-                confident.append(seq.confident[min(pos, len(seq.confident) - 1)])
-            else:
-                confident.append(L)
+        read = self._read(plan, seqs)
+        if read is None:
+            return None
         executed = [L] * len(rows)
         token_layer: list[int | None] = [L if row.is_sampling else None for row in rows]
         forced = [False] * len(rows)
         parked_layer: list[int | None] = [None] * len(rows)
         num_points = num_evals = 0
-        if decode:
-            exits = self.batching.step_exits(confident, positions, self.exit_layers, L)
+        if read.decode:
+            exits = self.batching.step_exits(read.confident, read.positions, self.exit_layers, L)
             if exits is None:
                 return None
-            for i, r in enumerate(decode):
+            for i, r in enumerate(read.decode):
                 executed[r], token_layer[r] = exits.executed[i], exits.token_layer[i]
                 forced[r] = exits.is_forced[i]
                 if exits.parked_layer is not None and exits.parked_layer[i] is not None:
                     parked_layer[r] = exits.parked_layer[i]
                     parked.add(rows[r].seq_id)
             num_points, num_evals = exits.num_exit_points, exits.num_rule_evals
-        for seq_id in restarted:  # a prefill from position 0 is a re-prefill after preemption
+        for seq_id in read.restarted:  # a prefill from position 0: a re-prefill after preemption
             deferred.pop(seq_id, None)
         layer_tokens, layer_ctx = _layer_counts(plan, executed, deferred, L)
         # a parked row owes no K/V fill: its deep layers run when it resumes
-        fill_rows = [r for r in decode if parked_layer[r] is None]
-        kv_only = self._settle(plan, executed, decode, fill_rows, deferred)
-        row_results = [
+        fill_rows = [r for r in read.decode if parked_layer[r] is None]
+        kv_only = self._settle(plan, executed, read.decode, fill_rows, deferred)
+        row_results = tuple(
             RowResult(
                 seq_id=row.seq_id,
-                token_id=None if token_layer[r] is None else replays[r].token_at(out_pos[r]),
+                token_id=None
+                if token_layer[r] is None
+                else read.replays[r].token_at(read.out_pos[r]),
                 exit_layer=token_layer[r],
                 is_forced=forced[r],
                 is_parked=parked_layer[r] is not None,
                 parked_layer=parked_layer[r],
             )  # fmt: skip
             for r, row in enumerate(rows)
-        ]
-        result = StepResult(
-            step_id=plan.step_id,
-            rows=tuple(row_results),
-            num_row_layers_executed=sum(layer_tokens),
-            num_kv_only_row_layers=sum(kv_only),
-            num_rule_evals=num_evals,
-            num_forced_exits=sum(forced),
-            num_exit_points=num_points,
-            num_attention_pairs=sum(layer_ctx),
-            duration_s=duration_s,
         )
+        result = StepResult(
+            step_id=plan.step_id, rows=row_results, num_row_layers_executed=sum(layer_tokens),
+            num_kv_only_row_layers=sum(kv_only), num_rule_evals=num_evals,
+            num_forced_exits=sum(forced), num_exit_points=num_points,
+            num_attention_pairs=sum(layer_ctx), duration_s=duration_s,
+        )  # fmt: skip
         return StepWork(result, layer_tokens, layer_ctx, kv_only, tuple(executed))
+
+    def _read(self, plan: StepPlan, seqs: dict[int, SeqReplay]) -> _Read | None:
+        """One pass over the rows: what the step reads; None for a step with a resume row."""
+        L, reads_signals = self.num_layers, self.batching.needs_signals
+        read = _Read([], [], [], [], [], [])
+        for r, row in enumerate(plan.rows):
+            seq = seqs[row.seq_id]
+            pos = row.start_position + len(row.token_ids) - seq.num_prompt_tokens
+            read.replays.append(seq)
+            read.out_pos.append(pos)
+            if row.is_prefill:
+                if row.start_position == 0:
+                    read.restarted.append(row.seq_id)
+                continue
+            if row.start_layer:  # a rebatch resume row: the general path's business
+                return None
+            read.decode.append(r)
+            read.positions.append(pos)
+            if reads_signals:  # clamped to its last entry, like SeqReplay.token_at
+                read.confident.append(seq.confident[min(pos, len(seq.confident) - 1)])
+            else:
+                read.confident.append(L)
+        return read
 
     def _settle(
         self,
