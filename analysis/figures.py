@@ -18,6 +18,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 
 from analysis.rank import first_group, pareto_front, with_speedups  # noqa: E402
+from testbed.validation_records import ConfigResult, ValidationResults  # noqa: E402
 
 DPI = 110
 
@@ -107,17 +108,17 @@ def throughput_vs_load(rows: Sequence[dict[str, Any]], path: Path) -> Path | Non
     return _save(fig, path)
 
 
-def exit_histograms(configs: Sequence[dict[str, Any]], path: Path) -> Path | None:
+def exit_histograms(configs: Sequence[ConfigResult], path: Path) -> Path | None:
     """Exit-layer distributions: measured (live run) beside predicted (oracle replay)."""
-    shown = [c for c in configs if c["label"] != "full"]
+    shown = [c for c in configs if c.label != "full"]
     if not shown:
         return None
     fig, axes = plt.subplots(1, len(shown), figsize=(4.0 * len(shown), 3.2), squeeze=False)
     for ax, c in zip(axes[0], shown, strict=True):
-        layers = range(1, len(c["exit_hist_measured"]) + 1)
-        ax.bar([x - 0.2 for x in layers], c["exit_hist_measured"], width=0.4, label="measured")
-        ax.bar([x + 0.2 for x in layers], c["exit_hist_predicted"], width=0.4, label="simulated")
-        ax.set(title=c["label"], xlabel="exit layer", ylabel="fraction of tokens")
+        layers = range(1, len(c.exit_hist_measured) + 1)
+        ax.bar([x - 0.2 for x in layers], c.exit_hist_measured, width=0.4, label="measured")
+        ax.bar([x + 0.2 for x in layers], c.exit_hist_predicted, width=0.4, label="simulated")
+        ax.set(title=c.label, xlabel="exit layer", ylabel="fraction of tokens")
         ax.title.set_fontsize(8)
         ax.legend(fontsize=7)
     return _save(fig, path)
@@ -144,7 +145,7 @@ def latency_cdfs(latencies: Sequence[dict[str, Any]], path: Path) -> Path | None
     return _save(fig, path)
 
 
-def simulated_vs_measured(validation: dict[str, Any], path: Path) -> Path | None:
+def simulated_vs_measured(validation: ValidationResults, path: Path) -> Path | None:
     """Predicted against measured throughput and mean TPOT, with the y = x line: the forecast
     (filled) and, where the validation has it, the hindsight prediction at each run's own speed
     (hollow, same colour)."""
@@ -152,15 +153,15 @@ def simulated_vs_measured(validation: dict[str, Any], path: Path) -> Path | None
         ("throughput_tokens_per_s", "throughput (tokens/s)"),
         ("tpot_mean_s", "mean TPOT (ms)"),
     )
-    errors, hindsight = validation["errors"], validation.get("errors_hindsight") or []
-    if not any(r["metric"] == m for r in errors for m, _ in panels):
+    errors, hindsight = validation.forecast.errors, validation.hindsight.errors
+    if not any(r.metric == m for r in errors for m, _ in panels):
         return None
     fig, axes = plt.subplots(1, 2, figsize=(9, 4))
     for ax, (metric, title) in zip(axes, panels, strict=True):
-        pts = [(r["measured"], r["predicted"], r["policy"]) for r in errors
-               if r["metric"] == metric and r["measured"] is not None and r["predicted"] is not None]  # fmt: skip
-        later = {r["policy"]: r["predicted"] for r in hindsight
-                 if r["metric"] == metric and r["predicted"] is not None}  # fmt: skip
+        pts = [(r.measured, r.predicted, r.policy) for r in errors
+               if r.metric == metric and r.measured is not None and r.predicted is not None]  # fmt: skip
+        later = {r.policy: r.predicted for r in hindsight
+                 if r.metric == metric and r.predicted is not None}  # fmt: skip
         for i, (x, y, label) in enumerate(pts):
             ax.scatter([x], [y], color=f"C{i}", label=label)
             if label in later:

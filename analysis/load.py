@@ -1,7 +1,8 @@
 """Find and read the result files of a run folder: a sweep, a validation, or a demo holding both.
 
 Reads files only (DESIGN §3): results.parquet of `eetb sweep`, validation.json and
-latencies.parquet of `eetb validate`. A folder from another schema version is refused.
+latencies.parquet of `eetb validate` (validation.json through its records,
+testbed.validation_records). A folder from another schema version is refused.
 """
 
 from __future__ import annotations
@@ -14,9 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from testbed.errors import EetbError
-from testbed.jsonfile import read_object
-
-VALIDATION_SCHEMA_VERSION = 1  # the version analysis reads; testbed.validate writes it
+from testbed.validation_records import ResultsError, ValidationResults
 
 
 class ReportError(EetbError):
@@ -29,7 +28,7 @@ class RunData:
     sweep_dir: Path | None = None
     sweep_rows: list[dict[str, Any]] = field(default_factory=list)  # results.parquet
     validation_dir: Path | None = None
-    validation: dict[str, Any] | None = None  # validation.json
+    validation: ValidationResults | None = None  # validation.json
     latencies: list[dict[str, Any]] = field(default_factory=list)  # latencies.parquet
     notes: list[str] = field(default_factory=list)  # what is missing or was skipped, and why
 
@@ -41,15 +40,11 @@ def _read_parquet(path: Path) -> list[dict[str, Any]]:
         raise ReportError(f"{path}: not a readable Parquet file ({exc})") from None
 
 
-def _read_validation(path: Path) -> dict[str, Any]:
-    doc = read_object(path, ReportError)
-    version = doc.get("schema_version")
-    if version != VALIDATION_SCHEMA_VERSION:
-        raise ReportError(
-            f"{path}: validation results of schema version {version!r}; this report reads "
-            f"version {VALIDATION_SCHEMA_VERSION} (rerun `eetb validate`)"
-        )
-    return doc
+def _read_validation(path: Path) -> ValidationResults:
+    try:
+        return ValidationResults.read(path)
+    except ResultsError as exc:
+        raise ReportError(str(exc)) from None
 
 
 def _candidates(root: Path) -> list[Path]:
@@ -77,8 +72,8 @@ def load_run(root: str | Path) -> RunData:
         validation = _read_validation(val_dir / "validation.json")
         if (val_dir / "latencies.parquet").is_file():
             latencies = _read_parquet(val_dir / "latencies.parquet")
-        for m in validation.get("missing", []):
-            notes.append(f"validation of {m['label']} is missing: {m['message']}")
+        for m in validation.missing:
+            notes.append(f"validation of {m.label} is missing: {m.message}")
     else:
         notes.append("no validation results: the simulated-vs-measured figures are left out")
     return RunData(root, sweep_dir, rows, val_dir, validation, latencies, notes)

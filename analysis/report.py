@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,8 @@ from analysis import figures
 from analysis.load import RunData, load_run
 from analysis.rank import with_speedups
 from testbed import atomic
+from testbed.cost_spec import CostModelError, CostModelSpec
+from testbed.validation_records import ValidationResults
 
 GOAL_ERROR = 0.10  # the validation goal: |simulated / measured - 1| for throughput and mean TPOT
 GOAL_TAU = 0.6
@@ -28,40 +29,37 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
 
 
 def short_cost_model(spec: str) -> str:
-    """A fitted model over many captures reads as their count and common folder (each
-    capture's time factor, ``F*DIR``, left out)."""
-    kind, _, arg = spec.partition(":")
-    parts = [re.sub(r"^[0-9.eE+-]+\*", "", p) for p in arg.split("+")]
-    if kind != "fitted" or len(parts) < 3:
+    """A cost model for a table: a fit over many captures as their count and common folder."""
+    try:
+        return CostModelSpec.parse(spec).short()
+    except CostModelError:  # a results file of a spec this testbed no longer reads: as written
         return spec
-    common = os.path.commonpath(parts)
-    return f"fitted on {len(parts)} calibration captures under {common}"
 
 
-def _validation_section(doc: dict[str, Any]) -> list[str]:
-    lines = _validation_intro(doc)
-    table, extra = _error_table(doc)
-    lines += [*table, "", _verdict(doc, bool(extra.get("error, probed"))), ""]
-    return [*lines, *_rounds_table(doc), *_noise_section(doc), *_replay_table(doc)]
+def _validation_section(res: ValidationResults) -> list[str]:
+    lines = _validation_intro(res)
+    table, has_probed = _error_table(res)
+    lines += [*table, "", _verdict(res, has_probed), ""]
+    return [*lines, *_rounds_table(res), *_noise_section(res), *_replay_table(res)]
 
 
-def _validation_intro(doc: dict[str, Any]) -> list[str]:
+def _validation_intro(res: ValidationResults) -> list[str]:
     lines = ["## Simulated against measured", ""]
-    fit = doc.get("fit")
-    fit_text = "" if fit is None else f" (R² {fit['r2']:.3f} over {fit['num_steps']} steps)"
+    fit = res.fit
+    fit_text = "" if fit is None else f" (R² {fit.r2:.3f} over {fit.num_steps} steps)"
     lines += [
-        f"Engine `{doc['engine']}`, workload `{doc['workload']}`. The simulator replays the "
-        f"workload's oracle trace with the cost model `{short_cost_model(doc['cost_model'])}`"
+        f"Engine `{res.engine}`, workload `{res.workload}`. The simulator replays the "
+        f"workload's oracle trace with the cost model `{short_cost_model(res.cost_model)}`"
         f"{fit_text}; calibration runs use another request stream than the runs measured here. "
         "Error is simulated / measured − 1.",
         "",
     ]
-    if doc.get("reference_probe_s") is not None:
+    if res.reference_probe_s is not None:
         lines += [
             "A short fixed speed probe ran three times right before and three times right "
             "after every run; a run's speed is the median of its probes (a momentary spike in "
             "one does not move it). "
-            f"Median over the calibration runs: {1e3 * doc['reference_probe_s']:.1f} ms. The fit "
+            f"Median over the calibration runs: {1e3 * res.reference_probe_s:.1f} ms. The fit "
             "is normalised to that median and the simulator predicts at that speed; *error, "
             "probed* predicts each measured run at the speed its own probes saw instead (median "
             "over the runs). *Error, hindsight* predicts each run at the speed its own steps "
@@ -72,28 +70,25 @@ def _validation_intro(doc: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _error_table(doc: dict[str, Any]) -> tuple[list[str], dict[str, dict]]:
+def _error_table(res: ValidationResults) -> tuple[list[str], bool]:
     """The goal metrics' errors per configuration, at the reference speed and (where made) at
-    each run's probed speed and in hindsight; returns the table and those extra columns."""
+    each run's probed speed and in hindsight; returns the table and whether it has the probed
+    column."""
     goal = {"throughput_tokens_per_s", "tpot_mean_s", "ttft_mean_s", "e2e_mean_s"}
-    extra = {
-        title: {(r["policy"], r["metric"]): r["error"] for r in doc.get(key) or []}
-        for title, key in (("error, probed", "errors_probed"),
-                           ("error, hindsight", "errors_hindsight"))
-    }  # fmt: skip
-    extra = {title: errors for title, errors in extra.items() if errors}
+    extra = {title: cmp for title, cmp in (("error, probed", res.probed),
+                                           ("error, hindsight", res.hindsight)) if cmp.errors}  # fmt: skip
     rows = [
-        [r["policy"], r["metric_label"], _fmt(r["predicted"], ".4g"), _fmt(r["measured"], ".4g"),
-         _fmt(r["error"], "+.1%"),
-         *(_fmt(errors.get((r["policy"], r["metric"])), "+.1%") for errors in extra.values())]
-        for r in doc["errors"] if r["metric"] in goal
+        [r.policy, r.metric_label, _fmt(r.predicted, ".4g"), _fmt(r.measured, ".4g"),
+         _fmt(r.error, "+.1%"), *(_fmt(cmp.error_of(r.policy, r.metric), "+.1%")
+                                  for cmp in extra.values())]
+        for r in res.forecast.errors if r.metric in goal
     ]  # fmt: skip
     header = ["configuration", "metric", "simulated", "measured", "error"]
-    return _table(header + list(extra), rows), extra
+    return _table(header + list(extra), rows), "error, probed" in extra
 
 
-def _verdict(doc: dict[str, Any], has_probed: bool) -> str:
-    tau, worst = doc.get("kendall_tau_throughput"), doc.get("max_goal_error")
+def _verdict(res: ValidationResults, has_probed: bool) -> str:
+    tau, worst = res.forecast.kendall_tau_throughput, res.forecast.max_goal_error
     verdict = []
     if worst is not None:
         ok = "meets" if worst <= GOAL_ERROR else "misses"
@@ -102,34 +97,31 @@ def _verdict(doc: dict[str, Any], has_probed: bool) -> str:
     if tau is not None:
         ok = "meets" if tau >= GOAL_TAU else "misses"
         verdict.append(f"Kendall tau of the throughput order: {tau:.3f} ({ok} the {GOAL_TAU} goal)")
-    if doc.get("num_pairs_resolved"):
-        verdict.append(f"over the {doc['num_pairs_resolved']} of {doc['num_pairs']} pairs whose "
+    if res.num_pairs_resolved:
+        verdict.append(f"over the {res.num_pairs_resolved} of {res.num_pairs} pairs whose "
                        "order at least 80% of the rounds agree on (the others the measurement "
-                       f"cannot order): tau {_fmt(doc.get('kendall_tau_resolved'), '.3f')}")  # fmt: skip
-    worst_probed = doc.get("max_goal_error_probed")
-    if has_probed and worst_probed is not None:
-        tau_probed = doc.get("kendall_tau_throughput_probed")
-        verdict.append(f"each run at its probed speed: {worst_probed:.1%} and tau "
-                       f"{_fmt(tau_probed, '.3f')}")  # fmt: skip
-    worst_hindsight = doc.get("max_goal_error_hindsight")
-    if worst_hindsight is not None:
-        tau_hindsight = doc.get("kendall_tau_throughput_hindsight")
-        verdict.append(f"in hindsight, each run at the speed its steps ran: {worst_hindsight:.1%} "
-                       f"and tau {_fmt(tau_hindsight, '.3f')}")  # fmt: skip
+                       f"cannot order): tau {_fmt(res.kendall_tau_resolved, '.3f')}")  # fmt: skip
+    if has_probed and res.probed.max_goal_error is not None:
+        verdict.append(f"each run at its probed speed: {res.probed.max_goal_error:.1%} and tau "
+                       f"{_fmt(res.probed.kendall_tau_throughput, '.3f')}")  # fmt: skip
+    if res.hindsight.max_goal_error is not None:
+        verdict.append("in hindsight, each run at the speed its steps ran: "
+                       f"{res.hindsight.max_goal_error:.1%} and tau "
+                       f"{_fmt(res.hindsight.kendall_tau_throughput, '.3f')}")  # fmt: skip
     return "; ".join(verdict) + "." if verdict else ""
 
 
-def _rounds_table(doc: dict[str, Any]) -> list[str]:
+def _rounds_table(res: ValidationResults) -> list[str]:
     """Each round's measured values beside the medians, with the machine's speed then."""
     lines: list[str] = []
-    spread = [c for c in doc["configurations"] if len(c.get("throughput_runs", [])) > 1]
+    spread = [c for c in res.configurations if len(c.throughput_runs) > 1]
     if spread:
-        lines += [f"Measured values are medians over {doc.get('repeats', '?')} rounds of runs "
+        lines += [f"Measured values are medians over {res.repeats} rounds of runs "
                   "(round-robin over the configurations). Each round's values:", ""]  # fmt: skip
-        rows = [[c["label"], " / ".join(f"{v:.1f}" for v in c["throughput_runs"]),
-                 " / ".join(_fmt(v and 1e3 * v, ".2f") for v in c["tpot_mean_runs_s"]),
-                 " / ".join(f"{v:.2f}" for v in c.get("dilation_runs", [])),
-                 " / ".join(_fmt(v, ".2f") for v in c.get("step_dilation_runs") or [])]
+        rows = [[c.label, " / ".join(f"{v:.1f}" for v in c.throughput_runs),
+                 " / ".join(_fmt(v and 1e3 * v, ".2f") for v in c.tpot_mean_runs_s),
+                 " / ".join(_fmt(v, ".2f") for v in c.dilation_runs),
+                 " / ".join(_fmt(v, ".2f") for v in c.step_dilation_runs)]
                 for c in spread]  # fmt: skip
         header = ["configuration", "throughput tok/s", "mean TPOT ms", "probe time / reference",
                   "step time / fit price"]  # fmt: skip
@@ -137,7 +129,7 @@ def _rounds_table(doc: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _replay_table(doc: dict[str, Any]) -> list[str]:
+def _replay_table(res: ValidationResults) -> list[str]:
     lines: list[str] = []
     lines += ["### Speedup and replay error", "",
               "The oracle trace holds the full-depth token stream; a live early-exit run "
@@ -150,12 +142,12 @@ def _replay_table(doc: dict[str, Any]) -> list[str]:
               "`eos=ignore`, a trace replay's default), so throughput can differ where the "
               "run's duration does not.", ""]  # fmt: skip
     rows = [
-        [c["label"], _fmt(c["speedup_predicted"], ".3f"), _fmt(c["speedup_measured"], ".3f"),
-         f"{c['mean_exit_layer_predicted']:.2f}", f"{c['mean_exit_layer_measured']:.2f}",
-         f"{c['exit_hist_tv']:.3f}", _fmt(c["agreement_predicted"], ".1%"),
-         _fmt(c["agreement_measured"], ".1%"), _tokens(c["predicted"]),
-         _tokens(c["measured"]), _fmt(c["rouge_l"], ".4f")]
-        for c in doc["configurations"]
+        [c.label, _fmt(c.speedup_predicted, ".3f"), _fmt(c.speedup_measured, ".3f"),
+         _fmt(c.mean_exit_layer_predicted, ".2f"), _fmt(c.mean_exit_layer_measured, ".2f"),
+         f"{c.exit_hist_tv:.3f}", _fmt(c.agreement_predicted, ".1%"),
+         _fmt(c.agreement_measured, ".1%"), _tokens(c.predicted),
+         _tokens(c.measured), _fmt(c.rouge_l, ".4f")]
+        for c in res.configurations
     ]  # fmt: skip
     header = ["configuration", "speedup sim", "speedup real", "layers sim", "layers real",
               "exit TV", "agree sim", "agree real", "tokens sim", "tokens real",
@@ -163,9 +155,9 @@ def _replay_table(doc: dict[str, Any]) -> list[str]:
     return [*lines, *_table(header, rows), ""]
 
 
-def _noise_section(doc: dict[str, Any]) -> list[str]:
+def _noise_section(res: ValidationResults) -> list[str]:
     """The measurement's repeatability beside the forecast: no error is read below it."""
-    noise = [r for r in doc.get("noise") or [] if r.get("mad_rel") is not None]
+    noise = [r for r in res.noise if r.mad_rel is not None]
     if not noise:
         return []
     lines = [
@@ -183,24 +175,23 @@ def _noise_section(doc: dict[str, Any]) -> list[str]:
     }
     rows = []
     for r in noise:
-        k, name = scale.get(r["metric"], (1.0, r["metric"]))
-        rows.append([r["policy"], name, _fmt(r["median"] * k, ".4g"), _fmt(r["mad_rel"], ".1%"),
-                     f"{r['low'] * k:.4g}–{r['high'] * k:.4g}",
-                     _fmt(None if r["predicted"] is None else r["predicted"] * k, ".4g"),
-                     _yes(r["forecast_inside"]), _yes(r["hindsight_inside"]),
-                     _fmt(r["error_over_noise"], ".1f")])  # fmt: skip
+        k, name = scale.get(r.metric, (1.0, r.metric))
+        rows.append([r.policy, name, _fmt(r.median * k, ".4g"), _fmt(r.mad_rel, ".1%"),
+                     f"{r.low * k:.4g}–{r.high * k:.4g}",
+                     _fmt(None if r.predicted is None else r.predicted * k, ".4g"),
+                     _yes(r.forecast_inside), _yes(r.hindsight_inside),
+                     _fmt(r.error_over_noise, ".1f")])  # fmt: skip
     header = ["configuration", "metric", "median", "MAD / median", "range", "simulated",
               "forecast inside", "hindsight inside", "error / noise"]  # fmt: skip
     lines += _table(header, rows)
-    inside = doc.get("forecast_inside_range")
-    judged = [r for r in noise if r.get("forecast_inside") is not None]
-    if inside is not None:
-        lines += ["", f"Forecast inside the measured range on {sum(r['forecast_inside'] for r in judged)} "
-                  f"of {len(judged)} configuration × metric pairs ({inside:.0%}; goal 90%)."]  # fmt: skip
-    unordered = doc.get("unordered_pairs") or []
-    if unordered:
-        shown = "; ".join(f"{a} vs {b}" for a, b in unordered[:12])
-        more = f" and {len(unordered) - 12} more" if len(unordered) > 12 else ""
+    judged = [r for r in noise if r.forecast_inside is not None]
+    if res.forecast_inside_range is not None:
+        lines += ["", f"Forecast inside the measured range on {sum(r.forecast_inside for r in judged)} "
+                  f"of {len(judged)} configuration × metric pairs ({res.forecast_inside_range:.0%}; "
+                  "goal 90%)."]  # fmt: skip
+    if res.unordered_pairs:
+        shown = "; ".join(f"{a} vs {b}" for a, b in res.unordered_pairs[:12])
+        more = f" and {len(res.unordered_pairs) - 12} more" if len(res.unordered_pairs) > 12 else ""
         lines += ["", f"Pairs this measurement cannot order (fewer than 80% of at least 3 rounds "
                   f"agree; no ranking claim is made between them): {shown}{more}."]  # fmt: skip
     return [*lines, ""]
@@ -251,7 +242,7 @@ def _figure_section(run: RunData, fig_dir: Path, report_dir: Path) -> tuple[list
     if run.validation is not None:
         plans += [
             ("Simulated against measured (y = x)", figures.simulated_vs_measured, run.validation, "sim_vs_measured"),
-            ("Exit-layer histograms, measured and simulated", figures.exit_histograms, run.validation["configurations"], "exit_histograms"),
+            ("Exit-layer histograms, measured and simulated", figures.exit_histograms, run.validation.configurations, "exit_histograms"),
             ("TTFT and TPOT CDFs", figures.latency_cdfs, run.latencies, "latency_cdfs"),
         ]  # fmt: skip
     lines, notes = ["## Figures", ""], []

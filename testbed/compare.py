@@ -9,6 +9,8 @@ import statistics
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from testbed.validation_records import ErrorRow, NoiseRow
+
 # (metrics key, label, scale to the label's unit); throughput and mean TPOT carry the goals
 COMPARED_METRICS = (
     ("throughput_tokens_per_s", "throughput tok/s", 1.0),
@@ -31,17 +33,17 @@ def relative_error(predicted: float | None, measured: float | None) -> float | N
 
 def error_rows(
     label: str, predicted: Mapping[str, Any], measured: Mapping[str, Any]
-) -> list[dict[str, Any]]:
+) -> list[ErrorRow]:
     """One row per compared metric of one configuration, in the metric's display unit."""
     rows = []
     for key, name, scale in COMPARED_METRICS:
         pred, real = predicted.get(key), measured.get(key)
-        rows.append({
-            "policy": label, "metric": key, "metric_label": name,
-            "predicted": None if pred is None else pred * scale,
-            "measured": None if real is None else real * scale,
-            "error": relative_error(pred, real),
-        })  # fmt: skip
+        rows.append(ErrorRow(
+            policy=label, metric=key, metric_label=name,
+            predicted=None if pred is None else pred * scale,
+            measured=None if real is None else real * scale,
+            error=relative_error(pred, real),
+        ))  # fmt: skip
     return rows
 
 
@@ -111,7 +113,7 @@ def noise_floor(values: Sequence[float | None]) -> dict[str, float | None]:
 def noise_rows(
     label: str, runs: Sequence[Mapping[str, Any]], predicted: Mapping[str, Any],
     hindsight: Mapping[str, Any] | None,
-) -> list[dict[str, Any]]:  # fmt: skip
+) -> list[NoiseRow]:  # fmt: skip
     """Per goal metric of one configuration: its rounds' noise floor, whether the forecast
     (and the hindsight prediction) lies inside the measured range, and the forecast's error in
     units of the noise floor (below 1: inside what the machine's own repeatability allows)."""
@@ -127,11 +129,11 @@ def noise_rows(
         post_inside = (None if post is None or floor["low"] is None
                        else floor["low"] <= post <= floor["high"])  # fmt: skip
         mad = floor["mad_rel"]
-        rows.append({
-            "policy": label, "metric": key, **floor, "predicted": pred,
-            "forecast_inside": inside, "hindsight_inside": post_inside,
-            "error_over_noise": None if error is None or not mad else abs(error) / mad,
-        })  # fmt: skip
+        rows.append(NoiseRow(
+            policy=label, metric=key, **floor, predicted=pred,
+            forecast_inside=inside, hindsight_inside=post_inside,
+            error_over_noise=None if error is None or not mad else abs(error) / mad,
+        ))  # fmt: skip
     return rows
 
 

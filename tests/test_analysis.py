@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -19,6 +20,15 @@ from testbed.compare import error_rows
 from testbed.core.policy_set import PolicyConfig
 from testbed.sim.simulator import SimulationConfig
 from testbed.sweep import config_columns
+from testbed.validation_records import (
+    VALIDATION_SCHEMA_VERSION,
+    Comparison,
+    ConfigResult,
+    FitSummary,
+    Missing,
+    NoiseRow,
+    ValidationResults,
+)
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -46,32 +56,41 @@ def _sweep(path, loads=(2, 4)):
     return rows
 
 
-def _validation(path, *, version=1, missing=()):
+def _validation(path, *, version=VALIDATION_SCHEMA_VERSION, missing=()):
     configs, errors, latencies = [], [], []
     for i, label in enumerate(["full", "shrink/hidden@0.9/copy"]):
         pred = {"throughput_tokens_per_s": 100.0 + 10 * i, "tpot_mean_s": 0.010, "ttft_mean_s": 0.05,
                 "e2e_mean_s": 0.5, "tpot_p90_s": 0.02, "ttft_p90_s": 0.1, "e2e_p99_s": 1.0}  # fmt: skip
         real = {k: v * 1.05 for k, v in pred.items()}
         errors += error_rows(label, pred, real)
-        hist = [0.0] * 7 + [1.0] if i == 0 else [0.0, 0.0, 0.5, 0.5, 0.0, 0.0, 0.0, 0.0]
-        configs.append({
-            "index": i, "label": label, "speedup_measured": 1 + 0.1 * i, "speedup_predicted": 1 + 0.1 * i,
-            "speedup_error": 0.0, "rouge_l": 0.1, "exit_hist_measured": hist, "exit_hist_predicted": hist,
-            "exit_hist_tv": 0.0, "mean_exit_layer_measured": 8 - 4.5 * i, "mean_exit_layer_predicted": 8 - 4.5 * i,
-            "agreement_measured": 1 - 0.3 * i, "agreement_predicted": 1 - 0.2 * i,
+        hist = (0.0,) * 7 + (1.0,) if i == 0 else (0.0, 0.0, 0.5, 0.5, 0.0, 0.0, 0.0, 0.0)
+        configs.append(ConfigResult(
+            index=i, label=label, policy={}, speedup_measured=1 + 0.1 * i,
+            speedup_predicted=1 + 0.1 * i, speedup_error=0.0, rouge_l=0.1,
+            exit_hist_measured=hist, exit_hist_predicted=hist, exit_hist_tv=0.0,
+            mean_exit_layer_measured=8 - 4.5 * i, mean_exit_layer_predicted=8 - 4.5 * i,
+            agreement_measured=1 - 0.3 * i, agreement_predicted=1 - 0.2 * i,
             # the live early-exit run stopped at its own EOS: fewer tokens than the trace's
-            "predicted": {**pred, "num_output_tokens": 480}, "measured": {**real, "num_output_tokens": 480 - 20 * i},
-        })  # fmt: skip
+            predicted={**pred, "num_output_tokens": 480},
+            measured={**real, "num_output_tokens": 480 - 20 * i},
+        ))  # fmt: skip
         for source in ("measured", "simulated"):
             latencies += [{"policy": label, "source": source, "request_id": r, "ttft_s": 0.01 * r,
                            "tpot_s": 0.01, "e2e_s": 0.5} for r in range(5)]  # fmt: skip
-    doc = {"schema_version": version, "engine": "native", "workload": "poisson:rate=2,n=10",
-           "cost_model": "fitted:x", "fit": {"r2": 0.9, "num_steps": 10, "coefficients": {}},
-           "configurations": configs, "errors": errors, "kendall_tau_throughput": 1.0,
-           "max_goal_error": 0.0476, "missing": list(missing)}  # fmt: skip
+    res = ValidationResults(
+        engine="native", workload="poisson:rate=2,n=10", cost_model="fitted:x",
+        fit=FitSummary(0.9, 10), configurations=tuple(configs),
+        forecast=Comparison(tuple(errors), 1.0, 0.0476), missing=tuple(missing),
+        schema_version=version,
+    )  # fmt: skip
     path.mkdir(parents=True)
-    (path / "validation.json").write_text(json.dumps(doc))
+    _write(path, res)
     pq.write_table(pa.Table.from_pylist(latencies), path / "latencies.parquet")
+    return res
+
+
+def _write(path, res):
+    (path / "validation.json").write_text(json.dumps(res.to_json()))
 
 
 def test_report_of_a_demo_folder_has_every_table_and_figure(tmp_path):
@@ -101,7 +120,7 @@ def test_report_says_what_is_missing(tmp_path):
     text = write_report(tmp_path).read_text()
     assert "no validation results" in text
     assert "'Throughput against offered load' left out" in text
-    _validation(tmp_path / "v", missing=[{"label": "rebatch/x", "message": "ConfigError: no"}])
+    _validation(tmp_path / "v", missing=[Missing("rebatch/x", "ConfigError: no")])
     text = write_report(tmp_path).read_text()
     assert "validation of rebatch/x is missing: ConfigError: no" in text
 
@@ -167,41 +186,35 @@ def test_offered_load_from_workload_strings():
 
 
 def _probed_validation(path):
-    """A validation whose runs were probed (two rounds); returns its file and document."""
-    _validation(path)
-    file = path / "validation.json"
-    doc = json.loads(file.read_text())
-    doc["reference_probe_s"] = 0.125
-    doc["errors_probed"] = [{**r, "error": 0.25} for r in doc["errors"]]
-    doc["max_goal_error_probed"], doc["kendall_tau_throughput_probed"] = 0.25, -1.0
-    for c in doc["configurations"]:
-        c["throughput_runs"], c["tpot_mean_runs_s"] = [1, 2], [0.1, 0.2]
-        c["dilation_runs"] = [1.1, 0.9]
-    file.write_text(json.dumps(doc))
-    return file, doc
+    """A validation whose runs were probed (two rounds)."""
+    res = _validation(path)
+    probed = Comparison(tuple(replace(r, error=0.25) for r in res.forecast.errors), -1.0, 0.25)
+    configs = tuple(replace(c, throughput_runs=(1, 2), tpot_mean_runs_s=(0.1, 0.2),
+                            dilation_runs=(1.1, 0.9)) for c in res.configurations)  # fmt: skip
+    res = replace(res, reference_probe_s=0.125, probed=probed, configurations=configs)
+    _write(path, res)
+    return res
 
 
 def test_report_of_a_probed_validation_shows_the_probed_errors_beside(tmp_path):
-    file, doc = _probed_validation(tmp_path / "validate")
+    res = _probed_validation(tmp_path / "validate")
     text = write_report(tmp_path).read_text()
     assert "Median over the calibration runs: 125.0 ms." in text
     assert "| full | throughput tok/s | 100 | 105 | -4.8% | +25.0% |" in text
     assert "each run at its probed speed: 25.0% and tau -1.000" in text
     assert "pairs whose order" not in text  # none resolved in the summary: no such line
-    doc["num_pairs_resolved"], doc["num_pairs"], doc["kendall_tau_resolved"] = 1, 3, 1.0
-    file.write_text(json.dumps(doc))
+    _write(tmp_path / "validate",
+           replace(res, num_pairs_resolved=1, num_pairs=3, kendall_tau_resolved=1.0))  # fmt: skip
     text = write_report(tmp_path).read_text()
     assert "over the 1 of 3 pairs whose order at least 80% of the rounds agree on" in text
     assert "| full | 1.0 / 2.0 | 100.00 / 200.00 | 1.10 / 0.90 |" in text
 
 
 def test_report_of_a_validation_with_hindsight_shows_it_beside_the_forecast(tmp_path):
-    file, doc = _probed_validation(tmp_path / "validate")
-    doc["errors_hindsight"] = [{**r, "error": -0.02} for r in doc["errors"]]
-    doc["max_goal_error_hindsight"], doc["kendall_tau_throughput_hindsight"] = 0.02, 1.0
-    for c in doc["configurations"]:
-        c["step_dilation_runs"] = [1.25, 0.8]
-    file.write_text(json.dumps(doc))
+    res = _probed_validation(tmp_path / "validate")
+    hindsight = Comparison(tuple(replace(r, error=-0.02) for r in res.forecast.errors), 1.0, 0.02)
+    configs = tuple(replace(c, step_dilation_runs=(1.25, 0.8)) for c in res.configurations)
+    _write(tmp_path / "validate", replace(res, hindsight=hindsight, configurations=configs))
     text = write_report(tmp_path).read_text()
     assert "| full | throughput tok/s | 100 | 105 | -4.8% | +25.0% | -2.0% |" in text
     assert "in hindsight, each run at the speed its steps ran: 2.0% and tau 1.000" in text
@@ -210,17 +223,17 @@ def test_report_of_a_validation_with_hindsight_shows_it_beside_the_forecast(tmp_
 
 
 def test_report_shows_the_noise_floor_and_the_pairs_it_cannot_order(tmp_path):
-    file, doc = _probed_validation(tmp_path / "validate")
-    doc["noise"] = [
-        {"policy": "full", "metric": "throughput_tokens_per_s", "median": 100.0, "mad_rel": 0.02,
-         "low": 97.0, "high": 104.0, "predicted": 103.0, "forecast_inside": True,
-         "hindsight_inside": True, "error_over_noise": 1.5},
-        {"policy": "full", "metric": "tpot_mean_s", "median": 0.1, "mad_rel": 0.05,
-         "low": 0.09, "high": 0.11, "predicted": 0.2, "forecast_inside": False,
-         "hindsight_inside": None, "error_over_noise": 20.0},
-    ]  # fmt: skip
-    doc["forecast_inside_range"], doc["unordered_pairs"] = 0.5, [["full", "shrink/x"]]
-    file.write_text(json.dumps(doc))
+    res = _probed_validation(tmp_path / "validate")
+    noise = (
+        NoiseRow("full", "throughput_tokens_per_s", median=100.0, mad_rel=0.02, low=97.0,
+                 high=104.0, predicted=103.0, forecast_inside=True, hindsight_inside=True,
+                 error_over_noise=1.5),
+        NoiseRow("full", "tpot_mean_s", median=0.1, mad_rel=0.05, low=0.09, high=0.11,
+                 predicted=0.2, forecast_inside=False, hindsight_inside=None,
+                 error_over_noise=20.0),
+    )  # fmt: skip
+    _write(tmp_path / "validate", replace(res, noise=noise, forecast_inside_range=0.5,
+                                          unordered_pairs=(("full", "shrink/x"),)))  # fmt: skip
     text = write_report(tmp_path).read_text()
     assert "| full | throughput tok/s | 100 | 2.0% | 97–104 | 103 | yes | yes | 1.5 |" in text
     assert "| full | mean TPOT ms | 100 | 5.0% | 90–110 | 200 | no | – | 20.0 |" in text

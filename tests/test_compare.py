@@ -87,11 +87,11 @@ def test_relative_error():
 def test_error_rows_scale_to_display_units():
     pred = {"throughput_tokens_per_s": 110.0, "tpot_mean_s": 0.012}
     real = {"throughput_tokens_per_s": 100.0, "tpot_mean_s": 0.010}
-    rows = {r["metric"]: r for r in error_rows("p", pred, real)}
+    rows = {r.metric: r for r in error_rows("p", pred, real)}
     assert set(rows) == {key for key, _, _ in COMPARED_METRICS}
-    assert rows["tpot_mean_s"]["predicted"] == pytest.approx(12.0)  # milliseconds
-    assert rows["tpot_mean_s"]["error"] == pytest.approx(0.2)
-    assert rows["ttft_mean_s"]["error"] is None  # missing on both sides
+    assert rows["tpot_mean_s"].predicted == pytest.approx(12.0)  # milliseconds
+    assert rows["tpot_mean_s"].error == pytest.approx(0.2)
+    assert rows["ttft_mean_s"].error is None  # missing on both sides
 
 
 def test_exit_histogram_and_total_variation():
@@ -120,7 +120,7 @@ def test_noise_rows_say_whether_the_forecast_lies_inside_the_rounds():
     rows = noise_rows("p", runs, {"throughput_tokens_per_s": 110.0, "tpot_mean_s": 0.1},
                       {"throughput_tokens_per_s": 101.0, "tpot_mean_s": 0.2})  # fmt: skip
     tp, tpot = rows
-    assert (tp["forecast_inside"], tp["hindsight_inside"]) == (False, True)
-    assert tp["error_over_noise"] == pytest.approx(0.10 / 0.04)  # 10% off, MAD 4%
-    assert (tpot["forecast_inside"], tpot["hindsight_inside"]) == (True, False)
-    assert noise_rows("p", runs, {}, None)[0]["forecast_inside"] is None
+    assert (tp.forecast_inside, tp.hindsight_inside) == (False, True)
+    assert tp.error_over_noise == pytest.approx(0.10 / 0.04)  # 10% off, MAD 4%
+    assert (tpot.forecast_inside, tpot.hindsight_inside) == (True, False)
+    assert noise_rows("p", runs, {}, None)[0].forecast_inside is None

@@ -12,6 +12,7 @@ import pytest
 from policies.errors import PolicyConfigError
 from testbed.cli import main as cli
 from testbed.core.policy_set import PolicyConfig
+from testbed.cost_spec import CostModelSpec
 from testbed.errors import ConfigError
 from testbed.sim.cost_model import build_cost_model, price_capture_s
 from testbed.sim.simulator import SimulationConfig
@@ -28,6 +29,7 @@ from testbed.validate import (
 )
 from testbed.validate.measured import agreement_with, live_records
 from testbed.validate.speed import fitted_at_reference, probe_time_s, speed_file, step_dilation
+from testbed.validation_records import Missing, ValidationResults
 
 WORKLOAD = "poisson:rate=20,n=6,prompt=16-64,output=10"
 CALIBRATE = "poisson:rate=20,n=6,prompt=16-64,output=10"
@@ -48,40 +50,40 @@ def validated(tmp_path_factory):
 
 def test_validation_writes_measured_and_predicted_for_full_and_each_policy(validated):
     result, out = validated
-    doc = json.loads((out / "validation.json").read_text())
-    assert doc == json.loads(json.dumps(result.summary))
-    labels = [c["label"] for c in doc["configurations"]]
+    # the file reads back as the very records the run returned
+    assert ValidationResults.read(out / "validation.json") == result.results
+    labels = [c.label for c in result.results.configurations]
     assert labels == ["full", EARLY.label()]
-    full, early = doc["configurations"]
+    full, early = result.results.configurations
     # full computes every layer in both worlds and agrees with itself
-    assert full["mean_exit_layer_measured"] == full["mean_exit_layer_predicted"] == 8
-    assert full["agreement_measured"] == 1.0 and full["exit_hist_tv"] == 0
-    assert full["speedup_measured"] == 1.0
+    assert full.mean_exit_layer_measured == full.mean_exit_layer_predicted == 8
+    assert full.agreement_measured == 1.0 and full.exit_hist_tv == 0
+    assert full.speedup_measured == 1.0
     # the early-exit run really exited early, as the replay of the oracle trace predicts
-    assert early["mean_exit_layer_measured"] < 8 and early["mean_exit_layer_predicted"] < 8
-    assert sum(early["exit_hist_measured"]) == pytest.approx(1.0)
-    assert 0 <= early["exit_hist_tv"] <= 1
-    assert 0 <= early["agreement_measured"] <= 1
+    assert early.mean_exit_layer_measured < 8 and early.mean_exit_layer_predicted < 8
+    assert sum(early.exit_hist_measured) == pytest.approx(1.0)
+    assert 0 <= early.exit_hist_tv <= 1
+    assert 0 <= early.agreement_measured <= 1
     # every measured number comes from the live capture of that configuration
     live = read_capture(out / "live" / "01" / "r0")
     assert live.meta["mode"] == "live" and live.meta["policy"]["batching"] == "consensus"
     records = live_records(live)
     layers = [x for r in records for x in r.exit_layers]
-    assert early["measured"]["mean_exit_layer"] == pytest.approx(sum(layers) / len(layers))
-    assert early["measured"]["num_output_tokens"] == live.tokens.num_rows
+    assert early.measured["mean_exit_layer"] == pytest.approx(sum(layers) / len(layers))
+    assert early.measured["num_output_tokens"] == live.tokens.num_rows
 
 
 def test_validation_error_table_and_tau(validated):
     result, out = validated
-    s = result.summary
+    s = result.results
     rows = pq.read_table(out / "validation.parquet").to_pylist()
     assert {r["policy"] for r in rows} == {"full", EARLY.label()}
     for r in rows:
         if r["error"] is not None:
             assert r["error"] == pytest.approx(r["predicted"] / r["measured"] - 1, rel=1e-9)
-    assert s["kendall_tau_throughput"] in (-1.0, 1.0)  # two items: concordant or not
-    assert s["cost_model"].startswith("fitted:") and "calibration" in s["cost_model"]
-    assert s["fit"]["num_steps"] > 0 and s["missing"] == []
+    assert s.forecast.kendall_tau_throughput in (-1.0, 1.0)  # two items: concordant or not
+    assert s.cost_model.startswith("fitted:") and "calibration" in s.cost_model
+    assert s.fit.num_steps > 0 and s.missing == ()
     lat = pq.read_table(out / "latencies.parquet").to_pylist()
     assert len(lat) == 2 * 2 * 6  # configurations × (measured, simulated) × requests
 
@@ -103,7 +105,7 @@ def test_rerun_reuses_finished_configurations(validated, monkeypatch):
 
     monkeypatch.setattr(EngineRuns, "capture", refuse)
     again = run_validation(_cfg(), out)
-    assert [c["label"] for c in again.summary["configurations"]] == ["full", EARLY.label()]
+    assert [c.label for c in again.results.configurations] == ["full", EARLY.label()]
 
 
 def test_a_folder_of_another_configuration_list_is_refused_before_any_run(validated, monkeypatch):
@@ -132,11 +134,9 @@ def test_a_configuration_the_engine_cannot_run_is_recorded_and_the_rest_kept(tmp
 
     monkeypatch.setattr(EngineRuns, "capture", capture)
     result = run_validation(_cfg(policies=(bad, EARLY)), tmp_path)
-    s = result.summary
-    assert [c["label"] for c in s["configurations"]] == ["full", EARLY.label()]
-    assert s["missing"] == [
-        {"label": bad.label(), "message": "ConfigError: this engine cannot run shrink"}
-    ]
+    s = result.results
+    assert [c.label for c in s.configurations] == ["full", EARLY.label()]
+    assert s.missing == (Missing(bad.label(), "ConfigError: this engine cannot run shrink"),)
     assert (tmp_path / "configs" / "01.error.json").is_file()
     assert (tmp_path / "configs" / "02.json").is_file()
 
@@ -266,25 +266,25 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
 def test_repeated_rounds_report_the_median_and_the_spread(tmp_path):
     cfg = _cfg(repeats=2, workload="poisson:rate=40,n=3,prompt=16-32,output=6",
                calibration_workload="poisson:rate=40,n=3,prompt=16-32,output=6")  # fmt: skip
-    s = run_validation(cfg, tmp_path).summary
-    assert s["repeats"] == 2
-    for c in s["configurations"]:
-        runs = c["throughput_runs"]
-        assert len(runs) == 2 and len(c["tpot_mean_runs_s"]) == 2
-        assert c["measured"]["throughput_tokens_per_s"] == pytest.approx(sum(runs) / 2)
+    s = run_validation(cfg, tmp_path).results
+    assert s.repeats == 2
+    for c in s.configurations:
+        runs = c.throughput_runs
+        assert len(runs) == 2 and len(c.tpot_mean_runs_s) == 2
+        assert c.measured["throughput_tokens_per_s"] == pytest.approx(sum(runs) / 2)
     # both rounds ran: a live and a calibration capture per configuration and round
     for k in (0, 1):
         assert (tmp_path / "live" / "00" / f"r{k}" / "meta.json").is_file()
         assert (tmp_path / "calibration" / "full" / f"r{k}" / "meta.json").is_file()
-    assert s["cost_model"].count("+") == 2 * 2 - 1  # four calibration captures in the fit
+    assert s.cost_model.count("+") == 2 * 2 - 1  # four calibration captures in the fit
     # the noise floor of each configuration's two rounds, beside its forecast
-    assert len(s["noise"]) == 2 * len(s["configurations"])
-    for row, c in zip(s["noise"][::2], s["configurations"], strict=True):
-        runs = c["throughput_runs"]
-        assert (row["low"], row["high"]) == (min(runs), max(runs))
-        assert row["forecast_inside"] == (min(runs) <= row["predicted"] <= max(runs))
+    assert len(s.noise) == 2 * len(s.configurations)
+    for row, c in zip(s.noise[::2], s.configurations, strict=True):
+        runs = c.throughput_runs
+        assert (row.low, row.high) == (min(runs), max(runs))
+        assert row.forecast_inside == (min(runs) <= row.predicted <= max(runs))
     # two rounds order no pair (three at least are needed): every pair is listed as unordered
-    assert len(s["unordered_pairs"]) == s["num_pairs"]
+    assert len(s.unordered_pairs) == s.num_pairs
 
 
 def test_each_run_is_predicted_at_the_speed_its_probes_measured(tmp_path, monkeypatch):
@@ -301,32 +301,33 @@ def test_each_run_is_predicted_at_the_speed_its_probes_measured(tmp_path, monkey
 
     monkeypatch.setattr(EngineRuns, "timed_capture", timed_capture)
     monkeypatch.setattr(EngineRuns, "probe_s", lambda self: 2.0 if slow["measured"] else 1.0)
-    s = run_validation(cfg, tmp_path).summary
-    assert s["reference_probe_s"] == 1.0
-    assert all(part.startswith("1.00000*") for part in s["cost_model"][len("fitted:") :].split("+"))
-    for c in s["configurations"]:
-        assert c["dilation_runs"] == [2.0]
-        assert (tmp_path / "live" / f"{c['index']:02d}" / "r0.speed.json").is_file()
-        slow_tpot = c["predicted_probed"]["tpot_mean_s"]
+    s = run_validation(cfg, tmp_path).results
+    assert s.reference_probe_s == 1.0
+    # every calibration run at the reference speed: each capture's time factor is 1
+    assert {x.time_factor for x in CostModelSpec.parse(s.cost_model).sources} == {1.0}
+    for c in s.configurations:
+        assert c.dilation_runs == (2.0,)
+        assert (tmp_path / "live" / f"{c.index:02d}" / "r0.speed.json").is_file()
+        slow_tpot = c.predicted_probed["tpot_mean_s"]
         # twice the step times; arrivals batch a little differently at that speed
-        assert 1.7 < slow_tpot / c["predicted"]["tpot_mean_s"] < 2.3
-    assert s["max_goal_error_probed"] is not None and s["errors_probed"]
+        assert 1.7 < slow_tpot / c.predicted["tpot_mean_s"] < 2.3
+    assert s.probed.max_goal_error is not None and s.probed.errors
 
 
 def test_each_run_is_also_predicted_in_hindsight_at_the_speed_its_steps_ran(validated):
     """The step dilation is the run's own steps' seconds over the fit's price of them; the
     hindsight prediction simulates the run with step times scaled by it."""
     result, out = validated
-    s = result.summary
-    fit = build_cost_model(s["cost_model"])
-    for c in s["configurations"]:
-        priced_s, measured_s = price_capture_s(fit, out / "live" / f"{c['index']:02d}" / "r0")
-        (factor,) = c["step_dilation_runs"]
+    s = result.results
+    fit = build_cost_model(s.cost_model)
+    for c in s.configurations:
+        priced_s, measured_s = price_capture_s(fit, out / "live" / f"{c.index:02d}" / "r0")
+        (factor,) = c.step_dilation_runs
         assert factor == pytest.approx(measured_s / priced_s)
         # step times x factor; arrivals batch a little differently at that speed
-        ratio = c["predicted_hindsight"]["tpot_mean_s"] / c["predicted"]["tpot_mean_s"]
+        ratio = c.predicted_hindsight["tpot_mean_s"] / c.predicted["tpot_mean_s"]
         assert ratio == pytest.approx(factor, rel=0.3)
-    assert s["errors_hindsight"] and s["max_goal_error_hindsight"] is not None
+    assert s.hindsight.errors and s.hindsight.max_goal_error is not None
     assert (
         step_dilation(out / "live" / "00" / "r0", build_cost_model("roofline:H100:llama-2-7b"))
         is None
@@ -349,8 +350,8 @@ def test_a_spike_in_one_probe_does_not_rescale_its_run(tmp_path):
     assert probe_time_s(tmp_path / "b") == 1.0
     calibration = fitted_at_reference(dirs)
     assert calibration.reference_probe_s == 1.0
-    factors = [part.split("*")[0] for part in calibration.cost_model[len("fitted:") :].split("+")]
-    assert factors == ["1.00000", "1.00000", "1.00000"]
+    factors = [x.time_factor for x in CostModelSpec.parse(calibration.cost_model).sources]
+    assert factors == pytest.approx([1.0, 1.0, 1.0], abs=5e-6)
 
 
 def test_a_run_probed_once_a_side_reads_as_before(tmp_path):

@@ -26,14 +26,14 @@ def test_validation_on_vllm_measures_vllm_runs(tmp_path, monkeypatch):
     bad = PolicyConfig(batching="shrink", exit_rule="hidden", threshold=0.9, min_exit_layer=4)
     cfg = ValidationConfig(policies=(EARLY, bad), workload=WORKLOAD, calibration_workload=WORKLOAD,
                            engine="vllm", dataset="synthetic", seed=5, repeats=1)  # fmt: skip
-    s = run_validation(cfg, tmp_path).summary
-    assert [c["label"] for c in s["configurations"]] == ["full", EARLY.label()]
+    s = run_validation(cfg, tmp_path).results
+    assert [c.label for c in s.configurations] == ["full", EARLY.label()]
     # shrink cannot run inside vLLM's one forward per step: recorded, the others kept
-    assert [m["label"] for m in s["missing"]] == [bad.label()]
-    assert "shrink" in s["missing"][0]["message"]
+    assert [m.label for m in s.missing] == [bad.label()]
+    assert "shrink" in s.missing[0].message
     live = read_capture(tmp_path / "live" / "01" / "r0")
     assert live.meta["engine"]["name"] == "vllm" and live.meta["mode"] == "live"
-    early = s["configurations"][1]
-    assert early["mean_exit_layer_measured"] < 8
-    assert early["mean_exit_layer_predicted"] < 8
-    assert s["errors"] and s["fit"]["num_steps"] > 0
+    early = s.configurations[1]
+    assert early.mean_exit_layer_measured < 8
+    assert early.mean_exit_layer_predicted < 8
+    assert s.forecast.errors and s.fit.num_steps > 0

@@ -10,6 +10,7 @@ from testbed.bench.options import Progress, Say
 from testbed.demo import DemoConfig, run_demo
 from testbed.errors import ConfigError
 from testbed.runinfo import write_run_info
+from testbed.validation_records import ValidationResults
 
 AZURE = "azure_llm_trace_2023/AzureLLMInferenceTrace_conv.csv"
 OUTPUT_TOKENS = 48
@@ -81,17 +82,14 @@ def run(out: Path, data_dir: str | None, names: list[str] | None = None, *, say:
         higher = DemoConfig.higher_load if name == "demo" else ""
         cfg = DemoConfig(workload=workload, higher_load=higher, calibration_workload=calibration)
         run_demo(cfg, out / name, data_dir=data_dir, progress=progress)
-        summary = json.loads((out / name / "validate" / "validation.json").read_text())
-        errors, probed, hindsight = (_by_key(summary.get(key) or []) for key in
-                                     ("errors", "errors_probed", "errors_hindsight"))  # fmt: skip
-        for c in summary["configurations"]:
-            keys = [(c["label"], m) for m in ("throughput_tokens_per_s", "tpot_mean_s")]
-            rows.append((name, c["label"], *(errors.get(k) for k in keys),
-                         *(probed.get(k) for k in keys), *(hindsight.get(k) for k in keys),
-                         c["speedup_predicted"],
-                         c["speedup_measured"], summary["kendall_tau_throughput"],
-                         summary["kendall_tau_throughput_probed"],
-                         summary.get("kendall_tau_resolved")))  # fmt: skip
+        res = ValidationResults.read(out / name / "validate" / "validation.json")
+        comparisons = (res.forecast, res.probed, res.hindsight)
+        for c in res.configurations:
+            errs = [cmp.error_of(c.label, m) for cmp in comparisons
+                    for m in ("throughput_tokens_per_s", "tpot_mean_s")]  # fmt: skip
+            rows.append((name, c.label, *errs, c.speedup_predicted, c.speedup_measured,
+                         res.forecast.kendall_tau_throughput, res.probed.kendall_tau_throughput,
+                         res.kendall_tau_resolved))  # fmt: skip
     # errors at the calibration's median speed; "probed": each run predicted at the machine
     # speed its speed probes measured beside it
     say(f"{'workload':18s} {'configuration':40s} {'tput err':>8s} {'TPOT err':>8s} "
@@ -118,11 +116,6 @@ def run(out: Path, data_dir: str | None, names: list[str] | None = None, *, say:
                   f"validated runs: {max(goal):.1%}; within 10%: "
                   f"{sum(e <= 0.10 for e in goal)}/{len(goal)}")  # fmt: skip
     return rows
-
-
-def _by_key(error_rows: list[dict]) -> dict[tuple[str, str], float | None]:
-    """Error rows by (policy, metric)."""
-    return {(r["policy"], r["metric"]): r["error"] for r in error_rows}
 
 
 def _pct(value: float | None) -> str:

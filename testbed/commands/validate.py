@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
 
 from testbed.commands.common import (
     ProgressLine,
@@ -19,6 +18,7 @@ from testbed.commands.common import (
 )
 from testbed.errors import ConfigError
 from testbed.validate import ENGINES, ValidationConfig, run_validation, select_from_sweep
+from testbed.validation_records import ValidationResults
 
 
 def _args(argv: list[str]):
@@ -74,9 +74,9 @@ def main(argv: list[str]) -> int:
         device=args.device, dtype=args.dtype,
     )  # fmt: skip
     result = run_validation(cfg, args.out, progress=ProgressLine(min_interval_s=0))
-    print(error_table(result.summary))
+    print(error_table(result.results))
     print(f"wrote {result.out}")
-    return 1 if result.summary["missing"] else 0
+    return 1 if result.results.missing else 0
 
 
 def _pct(value: float | None) -> str:
@@ -87,59 +87,59 @@ def _num(value: float | None, fmt: str = ".4g") -> str:
     return "-" if value is None else format(value, fmt)
 
 
-def error_table(summary: dict[str, Any]) -> str:
+def error_table(res: ValidationResults) -> str:
     """Predicted vs measured per configuration (goal metrics and speedup), then replay error."""
     lines = [
         f"{'configuration':44s} {'metric':18s} {'predicted':>10s} {'measured':>10s} {'error':>8s}"
     ]
     goal = ("throughput tok/s", "mean TPOT ms", "mean TTFT ms")
     lines += [
-        f"{r['policy']:44s} {r['metric_label']:18s} {_num(r['predicted']):>10s} "
-        f"{_num(r['measured']):>10s} {_pct(r['error']):>8s}"
-        for r in summary["errors"] if r["metric_label"] in goal
+        f"{r.policy:44s} {r.metric_label:18s} {_num(r.predicted):>10s} "
+        f"{_num(r.measured):>10s} {_pct(r.error):>8s}"
+        for r in res.forecast.errors if r.metric_label in goal
     ]  # fmt: skip
     lines += ["", f"{'configuration':44s} {'speedup sim':>11s} {'speedup real':>12s} "
               f"{'layers sim':>10s} {'layers real':>11s} {'exit TV':>7s} {'agree sim':>9s} "
               f"{'agree real':>10s} {'ROUGE-L':>7s}"]  # fmt: skip
-    for c in summary["configurations"]:
+    for c in res.configurations:
         lines.append(
-            f"{c['label']:44s} {_num(c['speedup_predicted'], '.3f'):>11s} "
-            f"{_num(c['speedup_measured'], '.3f'):>12s} {c['mean_exit_layer_predicted']:10.2f} "
-            f"{c['mean_exit_layer_measured']:11.2f} {c['exit_hist_tv']:7.3f} "
-            f"{_num(c['agreement_predicted'], '.1%'):>9s} {_num(c['agreement_measured'], '.1%'):>10s} "
-            f"{_num(c['rouge_l'], '.4f'):>7s}"
+            f"{c.label:44s} {_num(c.speedup_predicted, '.3f'):>11s} "
+            f"{_num(c.speedup_measured, '.3f'):>12s} {_num(c.mean_exit_layer_predicted, '.2f'):>10s} "
+            f"{_num(c.mean_exit_layer_measured, '.2f'):>11s} {c.exit_hist_tv:7.3f} "
+            f"{_num(c.agreement_predicted, '.1%'):>9s} {_num(c.agreement_measured, '.1%'):>10s} "
+            f"{_num(c.rouge_l, '.4f'):>7s}"
         )
-    tau = summary["kendall_tau_throughput"]
-    lines.append("")
-    lines.append(f"Kendall tau (predicted vs measured throughput order): {_num(tau, '.3f')}; "
-                 f"largest |error| of throughput and mean TPOT: {_pct(summary['max_goal_error'])}")  # fmt: skip
-    if summary.get("num_pairs_resolved"):
-        lines.append(f"over the {summary['num_pairs_resolved']} of {summary['num_pairs']} pairs "
+    return "\n".join([*lines, "", *_verdict_lines(res)])
+
+
+def _verdict_lines(res: ValidationResults) -> list[str]:
+    lines = [f"Kendall tau (predicted vs measured throughput order): "
+             f"{_num(res.forecast.kendall_tau_throughput, '.3f')}; largest |error| of throughput "
+             f"and mean TPOT: {_pct(res.forecast.max_goal_error)}"]  # fmt: skip
+    if res.num_pairs_resolved:
+        lines.append(f"over the {res.num_pairs_resolved} of {res.num_pairs} pairs "
                      "whose order 80% of the rounds agree on: tau "
-                     f"{_num(summary['kendall_tau_resolved'], '.3f')}")  # fmt: skip
-    inside = summary.get("forecast_inside_range")
-    if inside is not None:
-        mads = [r["mad_rel"] for r in summary["noise"] if r["mad_rel"] is not None]
+                     f"{_num(res.kendall_tau_resolved, '.3f')}")  # fmt: skip
+    if res.forecast_inside_range is not None:
+        mads = [r.mad_rel for r in res.noise if r.mad_rel is not None]
         floor = f"; rounds' MAD / median up to {max(mads):.1%}" if mads else ""
-        lines.append(f"forecast inside the measured rounds' range on {inside:.0%} of "
-                     f"configuration × metric pairs{floor}; "
-                     f"{len(summary['unordered_pairs'])} of {summary['num_pairs']} pairs the "
+        lines.append(f"forecast inside the measured rounds' range on {res.forecast_inside_range:.0%} "
+                     f"of configuration × metric pairs{floor}; "
+                     f"{len(res.unordered_pairs)} of {res.num_pairs} pairs the "
                      "rounds cannot order")  # fmt: skip
-    if summary.get("reference_probe_s") is not None:
+    if res.reference_probe_s is not None:
         lines.append(
             "each run predicted at the speed its probes measured instead: "
-            f"tau {_num(summary['kendall_tau_throughput_probed'], '.3f')}, largest |error| "
-            f"{_pct(summary['max_goal_error_probed'])}"
+            f"tau {_num(res.probed.kendall_tau_throughput, '.3f')}, largest |error| "
+            f"{_pct(res.probed.max_goal_error)}"
         )
-    if summary.get("max_goal_error_hindsight") is not None:
+    if res.hindsight.max_goal_error is not None:
         lines.append(
             "in hindsight, each run at the speed its own steps ran (what is left is the "
-            f"simulator's error): tau {_num(summary['kendall_tau_throughput_hindsight'], '.3f')}, "
-            f"largest |error| {_pct(summary['max_goal_error_hindsight'])}"
+            f"simulator's error): tau {_num(res.hindsight.kendall_tau_throughput, '.3f')}, "
+            f"largest |error| {_pct(res.hindsight.max_goal_error)}"
         )
-    for m in summary["missing"]:
-        lines.append(f"missing: {m['label']}: {m['message']}")
-    return "\n".join(lines)
+    return lines + [f"missing: {m.label}: {m.message}" for m in res.missing]
 
 
 if __name__ == "__main__":

@@ -12,11 +12,7 @@ from typing import Protocol
 
 import numpy as np
 
-from testbed.errors import EetbError
-
-
-class CostModelError(EetbError):
-    """A cost model cannot be built or cannot price a step: bad spec, file, fit or shape."""
+from testbed.cost_spec import CostModelError  # noqa: F401  (the models' error, re-exported)
 
 
 @dataclass(frozen=True)

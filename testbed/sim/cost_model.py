@@ -8,7 +8,6 @@ capture's steps.parquet, here), ``roofline`` (a named GPU and model shape, roofl
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from testbed.cost_spec import CostModelSpec, FitSource
 from testbed.errors import EetbError
 from testbed.sim.cost_base import CostModel, CostModelError, StepFeatures, map_layers
 from testbed.sim.hardware import MODEL_PRESETS, GpuSpec, ModelShape, gpu_spec
@@ -26,7 +26,7 @@ from testbed.trace import read_capture
 __all__ = [
     "CostModel", "CostModelError", "FitReport", "FittedCostModel", "GpuSpec", "ModelShape",
     "ProfileCostModel", "RooflineCostModel", "ScaledCostModel", "StepFeatures",
-    "build_cost_model", "context_tokens_of", "map_layers", "nnls", "price_capture_s", "split_time_factor",
+    "build_cost_model", "context_tokens_of", "map_layers", "nnls", "price_capture_s",
 ]  # fmt: skip
 
 log = logging.getLogger(__name__)
@@ -212,21 +212,24 @@ class FittedCostModel:
     @classmethod
     def from_steps_parquet(cls, path: str | Path) -> tuple[FittedCostModel, FitReport]:
         """Fit on one or more captures: ``DIR`` or ``DIR1+DIR2`` (capture directories or their
-        steps.parquet); ``F*DIR`` multiplies that capture's step durations by F (a capture made
-        while the machine ran 1/F of its reference speed). Each capture's rule is its exit rule,
-        none if it ran ``full``. Combining an oracle capture (many rows, no rule) with a live one
-        separates per-row layer cost from per-row rule cost, which one live capture alone
-        confounds."""
+        steps.parquet), each optionally ``F*DIR`` (see from_sources)."""
+        return cls.from_sources(CostModelSpec.parse(f"fitted:{path}").sources)
+
+    @classmethod
+    def from_sources(cls, sources: Sequence[FitSource]) -> tuple[FittedCostModel, FitReport]:
+        """Fit on captures, each one's step durations x its time factor (a capture made while the
+        machine ran 1/F of its reference speed). Each capture's rule is its exit rule, none if it
+        ran ``full``. Combining an oracle capture (many rows, no rule) with a live one separates
+        per-row layer cost from per-row rule cost, which one live capture alone confounds."""
         rows, durations = [], []
-        parts = str(path).split("+")
-        for part in parts:
-            factor, part = split_time_factor(part)
-            part_rows, part_durations = _steps_of(Path(part))
+        for source in sources:
+            part_rows, part_durations = _steps_of(Path(source.path))
             rows += part_rows
-            durations += [d * factor for d in part_durations]
+            durations += [d * source.time_factor for d in part_durations]
         model, report = cls.fit(rows, durations)
         # a validation fits on dozens of captures: name them when few, count them when many
-        source = path if len(parts) <= 3 else f"{len(parts)} captures ({parts[0]} ...)"
+        names = [s.path for s in sources]
+        source = "+".join(names) if len(names) <= 3 else f"{len(names)} captures ({names[0]} ...)"
         # debug: every sweep point refits in its worker; the report and the CLIs state the fit
         log.debug(
             "fitted cost model on %s: R² %.3f over %d steps", source, report.r2, report.num_steps
@@ -262,25 +265,6 @@ def _steps_of(path: Path) -> tuple[list[dict[str, Any]], list[float]]:
     return rows, [step["duration_s"] for step in steps]
 
 
-SPEC_FORMS = (
-    "fitted:[F*]PATH[+[F*]PATH...], roofline:GPU[:MODEL], profile:CSV[:MODEL], "
-    "each optionally F*SPEC (step times x F)"
-)
-_FACTOR = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*\*(.*)$", re.DOTALL)
-
-
-def split_time_factor(spec: str) -> tuple[float, str]:
-    """``"1.25*rest"`` → (1.25, "rest"); no leading factor → (1.0, spec). A factor scales
-    time: a machine at 1/F of the speed the rest describes."""
-    match = _FACTOR.match(spec)
-    if match is None:
-        return 1.0, spec
-    factor = float(match.group(1))
-    if not (np.isfinite(factor) and factor > 0):
-        raise CostModelError(f"time factor in {spec!r} must be finite and > 0")
-    return factor, match.group(2)
-
-
 @dataclass(frozen=True)
 class ScaledCostModel:
     """Another cost model's step times times a constant: the same work on a machine running
@@ -313,10 +297,7 @@ def _shape(model: str, trace_meta: Mapping[str, Any] | None, spec: str) -> Model
     return ModelShape.from_capture_meta(trace_meta)
 
 
-def _build_profile(arg: str) -> ProfileCostModel:
-    path, _, model = arg.rpartition(":")
-    if not path or model.strip().lower() not in MODEL_PRESETS:  # a ':' inside the path itself
-        path, model = arg, ""
+def _build_profile(path: str, model: str) -> ProfileCostModel:
     if not model:
         return ProfileCostModel.from_csv(path)
     shape = ModelShape.preset(model)
@@ -331,23 +312,18 @@ def context_tokens_of(cost: CostModel) -> int | None:
     return getattr(cost, "max_context_tokens", None)
 
 
-def build_cost_model(spec: str, *, trace_meta: Mapping[str, Any] | None = None) -> CostModel:
-    """A cost model from a CLI string: ``fitted:PATH`` (capture directory or its steps.parquet),
-    ``roofline:GPU`` / ``roofline:GPU:MODEL``, ``profile:CSV`` / ``profile:CSV:MODEL``.
-    trace_meta (a capture's meta.json) gives the model shape when MODEL is omitted.
-    ``F*SPEC`` scales that model's step times by F."""
-    factor, spec = split_time_factor(spec)
-    if factor != 1.0:
-        return ScaledCostModel(build_cost_model(spec, trace_meta=trace_meta), factor)
-    kind, _, arg = spec.strip().partition(":")
-    kind = kind.lower()
-    if kind not in ("fitted", "roofline", "profile"):
-        raise CostModelError(f"unknown cost model {spec!r}; known: {SPEC_FORMS}")
-    if not arg:
-        raise CostModelError(f"cost model {spec!r} lacks its argument; forms: {SPEC_FORMS}")
-    if kind == "fitted":
-        return FittedCostModel.from_steps_parquet(arg)[0]
-    if kind == "profile":
-        return _build_profile(arg)
-    gpu, _, model = arg.partition(":")
-    return RooflineCostModel(gpu_spec(gpu), _shape(model, trace_meta, spec))
+def build_cost_model(
+    spec: str | CostModelSpec, *, trace_meta: Mapping[str, Any] | None = None
+) -> CostModel:
+    """The cost model a spec names (CostModelSpec, or its text: ``fitted:PATH[+PATH]``,
+    ``roofline:GPU[:MODEL]``, ``profile:CSV[:MODEL]``, each optionally ``F*SPEC``: step times
+    x F). trace_meta (a capture's meta.json) gives the model shape when MODEL is omitted."""
+    spec = CostModelSpec.parse(spec) if isinstance(spec, str) else spec
+    if spec.time_factor != 1.0:
+        return ScaledCostModel(build_cost_model(spec.unscaled(), trace_meta=trace_meta),
+                               spec.time_factor)  # fmt: skip
+    if spec.kind == "fitted":
+        return FittedCostModel.from_sources(spec.sources)[0]
+    if spec.kind == "profile":
+        return _build_profile(spec.target, spec.model)
+    return RooflineCostModel(gpu_spec(spec.target), _shape(spec.model, trace_meta, str(spec)))

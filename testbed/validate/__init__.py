@@ -35,7 +35,6 @@ OUT/
 from testbed.validate.config import (
     BASELINE,
     ENGINES,
-    VALIDATION_SCHEMA_VERSION,
     ProgressFn,
     ValidationConfig,
     ValidationError,
@@ -44,6 +43,7 @@ from testbed.validate.config import (
 from testbed.validate.orchestrate import calibrate, oracle_trace, run_validation
 from testbed.validate.runs import EngineRuns
 from testbed.validate.selection import Selection, select_from_sweep
+from testbed.validation_records import VALIDATION_SCHEMA_VERSION, ValidationResults
 
 __all__ = [
     "BASELINE",
@@ -55,6 +55,7 @@ __all__ = [
     "ValidationConfig",
     "ValidationError",
     "ValidationResult",
+    "ValidationResults",
     "calibrate",
     "oracle_trace",
     "run_validation",

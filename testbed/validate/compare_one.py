@@ -13,6 +13,7 @@ from testbed.compare import (
     total_variation,
 )
 from testbed.core.policy_set import PolicyConfig
+from testbed.cost_spec import CostModelSpec
 from testbed.runinfo import to_jsonable
 from testbed.sim.metrics import compute_metrics
 from testbed.sim.simulator import SimulationConfig, simulate
@@ -39,7 +40,7 @@ def _median_metrics(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
 def _simulate_at(engine: EngineRuns, policy: PolicyConfig, oracle: str, cost_model: str,
                  factor: float):  # fmt: skip
     cfg = engine.cfg
-    spec = cost_model if factor == 1.0 else f"{factor:.5f}*{cost_model}"
+    spec = str(CostModelSpec.parse(cost_model).scaled(factor))
     return simulate(SimulationConfig(
         trace=oracle, workload=cfg.workload, policy=policy, cost_model=spec,
         scheduler=engine.scheduler, seed=cfg.seed, data_dir=cfg.data_dir,

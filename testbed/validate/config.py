@@ -5,12 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from testbed.core.policy_set import PolicyConfig
 from testbed.errors import EetbError
+from testbed.validation_records import ValidationResults
 
-VALIDATION_SCHEMA_VERSION = 1
 ENGINES = ("native", "vllm")
 BASELINE = PolicyConfig()
 PROBES_PER_SIDE = 3  # speed probes right before and right after each run (probe_time_s)
@@ -61,4 +60,4 @@ class ValidationConfig:
 @dataclass(frozen=True)
 class ValidationResult:
     out: Path
-    summary: dict[str, Any]  # validation.json
+    results: ValidationResults  # validation.json

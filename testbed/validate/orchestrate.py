@@ -162,6 +162,6 @@ def run_validation(
         done.append(doc)
     if progress is not None:
         progress("validate", len(configs), len(configs), "compared with the simulator")
-    summary = summarise(cfg, done, list(failed.values()), calibration, getattr(fit, "report", None))
-    write_outputs(out, summary, done)
-    return ValidationResult(out, summary)
+    results = summarise(cfg, done, list(failed.values()), calibration, getattr(fit, "report", None))
+    write_outputs(out, results, done)
+    return ValidationResult(out, results)

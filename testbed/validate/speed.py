@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from testbed.cost_spec import CostModelSpec, FitSource
 from testbed.sim.cost_model import FittedCostModel, price_capture_s
 
 
@@ -37,7 +38,7 @@ def probe_time_s(run: Path) -> float | None:
 
 @dataclass(frozen=True)
 class Calibration:
-    cost_model: str  # fitted on the calibration runs, at the reference speed where probed
+    cost_model: str  # a CostModelSpec: fitted on the calibration runs, at the reference speed
     reference_probe_s: float | None  # their median probe time; None: runs made unprobed
 
 
@@ -47,10 +48,10 @@ def fitted_at_reference(dirs: Sequence[str]) -> Calibration:
     --calibration from elsewhere) are fitted as they are."""
     probes = [probe_time_s(Path(d)) for d in dirs]
     if any(p is None for p in probes):
-        return Calibration("fitted:" + "+".join(dirs), None)
+        return Calibration(str(CostModelSpec("fitted", sources=tuple(map(FitSource, dirs)))), None)
     reference = float(np.median(probes))
-    parts = [f"{reference / p:.5f}*{d}" for d, p in zip(dirs, probes, strict=True)]
-    return Calibration("fitted:" + "+".join(parts), reference)
+    sources = tuple(FitSource(d, reference / p) for d, p in zip(dirs, probes, strict=True))
+    return Calibration(str(CostModelSpec("fitted", sources=sources)), reference)
 
 
 def dilation(run: Path, calibration: Calibration) -> float:
