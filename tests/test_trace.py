@@ -278,8 +278,11 @@ def test_bad_capture_rejected_with_its_own_message(oracle, tmp_path, case):
 
 
 _CAPTURE_SCRIPT = """
-import sys
+import signal, sys
 from pathlib import Path
+# Ctrl-C as in a shell, whatever the test process passed on
+signal.signal(signal.SIGINT, signal.default_int_handler)
+signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 from tests.engine_helpers import tiny_checkpoint, prompts
 from testbed.capture_records import CaptureConfig, CaptureRequest
 from testbed.engine.capture import run_capture
