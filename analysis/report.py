@@ -121,10 +121,11 @@ def _rounds_table(res: ValidationResults) -> list[str]:
         rows = [[c.label, " / ".join(f"{v:.1f}" for v in c.throughput_runs),
                  " / ".join(_fmt(v and 1e3 * v, ".2f") for v in c.tpot_mean_runs_s),
                  " / ".join(_fmt(v, ".2f") for v in c.dilation_runs),
-                 " / ".join(_fmt(v, ".2f") for v in c.step_dilation_runs)]
+                 " / ".join(_fmt(v, ".2f") for v in c.step_dilation_runs),
+                 " / ".join(_fmt(v, ".2f") for v in c.cpu_share_runs)]
                 for c in spread]  # fmt: skip
         header = ["configuration", "throughput tok/s", "mean TPOT ms", "probe time / reference",
-                  "step time / fit price"]  # fmt: skip
+                  "step time / fit price", "CPU s / wall s"]  # fmt: skip
         lines += [*_table(header, rows), ""]
     return lines
 

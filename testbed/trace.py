@@ -30,7 +30,12 @@ from testbed.locks import exclusive
 
 # 2: steps.parquet gained num_attention_pairs (prefill attention grows with chunk × context)
 # 3: steps.parquet gained num_sampling_layers (one sampling call per exit layer a token took)
-SCHEMA_VERSION = 3
+# 4: steps.parquet gained cpu_s (the process's CPU seconds over the step)
+SCHEMA_VERSION = 4
+# Older schemas still read: the columns they lack are read as nulls. A column is added here when
+# its absence only removes a diagnostic, never a number the simulator or a cost model needs.
+ADDED_COLUMNS: dict[tuple[str, str], int] = {("steps", "cpu_s"): 4}
+READABLE_VERSIONS = (3, SCHEMA_VERSION)
 PARTIAL_SUFFIX = ".partial"
 _f32_list = pa.list_(pa.float32())
 
@@ -84,6 +89,10 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("num_attention_pairs", pa.int64()),
             # distinct layers the step's tokens were taken at: one sampling call each (schema 3)
             ("num_sampling_layers", pa.int16()),
+            # CPU seconds of all the process's threads over the step; null where not measured
+            # (the simulator, a served vLLM). Beside duration_s it tells the engine's work from
+            # the time it waited for a core on a shared machine (schema 4)
+            ("cpu_s", pa.float64()),
         ]
     ),
 }
@@ -214,9 +223,10 @@ def read_meta(path: Path) -> dict[str, Any]:
         raise TraceError(f"{path} is not a capture: meta.json is missing")
     meta = read_object(file, TraceError)
     version = meta.get("schema_version")
-    if version != SCHEMA_VERSION:
+    if version not in READABLE_VERSIONS or isinstance(version, bool):
         shown = f"{version!r} (a string)" if isinstance(version, str) else repr(version)
-        raise TraceError(f"{file}: schema version {shown}, this eetb reads {SCHEMA_VERSION}")
+        readable = ", ".join(map(str, READABLE_VERSIONS))
+        raise TraceError(f"{file}: schema version {shown}, this eetb reads {readable}")
     model = meta.get("model")
     if not isinstance(model, dict) or not isinstance(model.get("config", {}), dict):
         raise TraceError(f"{file}: no 'model' object (not a capture's meta.json)")
@@ -226,7 +236,7 @@ def read_meta(path: Path) -> dict[str, Any]:
     return meta
 
 
-def _read_table(path: Path, name: str) -> pa.Table:
+def _read_table(path: Path, name: str, version: int) -> pa.Table:
     file = path / f"{name}.parquet"
     if not file.is_file():
         raise TraceError(f"{file} is missing")
@@ -236,6 +246,11 @@ def _read_table(path: Path, name: str) -> pa.Table:
         raise TraceError(f"{file} is corrupt or truncated: {exc}") from exc
     expected = SCHEMAS[name]
     for field in expected:
+        if (
+            field.name not in table.column_names
+            and ADDED_COLUMNS.get((name, field.name), 0) > version
+        ):
+            table = table.append_column(field, pa.nulls(len(table), field.type))
         if field.name not in table.column_names:
             raise TraceError(f"{file}: missing column {field.name!r}")
         actual = table.schema.field(field.name).type
@@ -255,7 +270,7 @@ def read_capture(path: str | Path, *, allow_partial: bool = False) -> Capture:
             f"{path} is a partial capture (interrupted); read its finished requests with "
             "--allow-partial (allow_partial=True)"
         )
-    tables = {name: _read_table(path, name) for name in TABLES}
+    tables = {name: _read_table(path, name, meta["schema_version"]) for name in TABLES}
     tokens = _tokens_of_requests(path, tables["requests"], tables["tokens"], meta)
     capture = Capture(path, meta, tables["requests"], tokens, tables["steps"])
     validate(capture)

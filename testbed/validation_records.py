@@ -116,6 +116,9 @@ class ConfigResult:
     tpot_mean_runs_s: tuple[float | None, ...] = ()
     dilation_runs: tuple[float | None, ...] = ()
     step_dilation_runs: tuple[float | None, ...] = ()
+    # each round's CPU seconds over wall seconds of its steps: a round that waited for a core
+    # on a shared machine shows a lower share (None: the capture did not measure CPU time)
+    cpu_share_runs: tuple[float | None, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -190,7 +190,8 @@ def _probed_validation(path):
     res = _validation(path)
     probed = Comparison(tuple(replace(r, error=0.25) for r in res.forecast.errors), -1.0, 0.25)
     configs = tuple(replace(c, throughput_runs=(1, 2), tpot_mean_runs_s=(0.1, 0.2),
-                            dilation_runs=(1.1, 0.9)) for c in res.configurations)  # fmt: skip
+                            dilation_runs=(1.1, 0.9), step_dilation_runs=(1.0, None),
+                            cpu_share_runs=(0.97, 0.48)) for c in res.configurations)  # fmt: skip
     res = replace(res, reference_probe_s=0.125, probed=probed, configurations=configs)
     _write(path, res)
     return res
@@ -207,7 +208,7 @@ def test_report_of_a_probed_validation_shows_the_probed_errors_beside(tmp_path):
            replace(res, num_pairs_resolved=1, num_pairs=3, kendall_tau_resolved=1.0))  # fmt: skip
     text = write_report(tmp_path).read_text()
     assert "over the 1 of 3 pairs whose order at least 80% of the rounds agree on" in text
-    assert "| full | 1.0 / 2.0 | 100.00 / 200.00 | 1.10 / 0.90 |" in text
+    assert "| full | 1.0 / 2.0 | 100.00 / 200.00 | 1.10 / 0.90 | 1.00 / - | 0.97 / 0.48 |" in text
 
 
 def test_report_of_a_validation_with_hindsight_shows_it_beside_the_forecast(tmp_path):

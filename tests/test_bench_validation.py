@@ -34,3 +34,16 @@ def test_a_rerun_reuses_the_capacity_of_a_finished_burst(tmp_path):
     (tmp_path / "capacity").mkdir()
     (tmp_path / "capacity" / "meta.json").write_text("{}")
     assert recorded_capacity(tmp_path) == 901.5
+
+
+def test_a_rerun_into_another_models_folder_is_refused(tmp_path, capsys):
+    """Its runs would be reused as this model's: one clear line, exit 2, nothing removed."""
+    write_run_info(tmp_path, {"capacity_tokens_per_s": 901.5, "model": "smollm2-135m"}, seed=0)
+    (tmp_path / "capacity").mkdir()
+    (tmp_path / "capacity" / "meta.json").write_text("{}")
+    assert recorded_capacity(tmp_path, "smollm2-135m") == 901.5
+    code = cli(["bench", "--suite", "validation", "--out", str(tmp_path)])  # the built-in model
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds the validation bench of model 'smollm2-135m'" in err[0]
+    assert (tmp_path / "capacity" / "meta.json").is_file()

@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from torch import get_num_threads as torch_threads
 
 from policies import ExitPoints, HiddenCosineRule
 from testbed.capture_records import CaptureConfig, CaptureRequest, EngineConfig
@@ -81,14 +82,14 @@ def test_round_trip_of_every_table(tmp_path):
                        num_row_layers_executed=12, num_kv_only_row_layers=0, num_rule_evals=0,
                        num_forced_exits=0, num_preempted=0, num_layers_run=3, num_exit_points=0,
                        layer_times_s=[0.001] * 3, num_attention_pairs=30,
-                       num_sampling_layers=1)],
+                       num_sampling_layers=1, cpu_s=0.008)],
     }  # fmt: skip
     with CaptureWriter(tmp_path / "cap", meta, rows_per_group=1) as w:
         for table, items in rows.items():
             for r in items:
                 w.append(table, r)
     cap = read_capture(tmp_path / "cap")
-    assert cap.meta["schema_version"] == SCHEMA_VERSION == 3 and not cap.is_partial
+    assert cap.meta["schema_version"] == SCHEMA_VERSION == 4 and not cap.is_partial
     for table, items in rows.items():
         got = getattr(cap, table).to_pylist()
         assert len(got) == len(items)
@@ -171,6 +172,31 @@ def test_steps_count_one_sampling_layer_per_exit_layer_of_their_tokens(ckpt, tmp
     assert all(1 <= s <= max(d, 1) + 6 for s, d in zip(sampling, decode_rows, strict=True))
     layers = {int(x) for x in cap.tokens["exit_layer"].to_pylist()}
     assert max(sampling) <= len(layers)
+
+
+def test_steps_record_the_process_cpu_time_of_each_step(oracle):
+    """Each step's CPU seconds are measured beside its wall time: positive (the forward ran
+    on this process's threads) and, over the run, no more than its wall time allows."""
+    steps = read_capture(oracle).steps
+    cpu, wall = np.array(steps["cpu_s"].to_pylist()), np.array(steps["duration_s"].to_pylist())
+    assert (cpu > 0).all()
+    # process time sums every thread, so a step may use up to threads x wall (+ clock grain)
+    assert cpu.sum() <= wall.sum() * max(1, torch_threads()) + 0.01 * len(cpu)
+
+
+def test_schema_3_capture_reads_with_cpu_time_unknown(oracle, tmp_path):
+    """A capture from before steps carried cpu_s still reads (its CPU time is null); a capture
+    that claims schema 4 without the column is refused."""
+    old = _copy_capture(oracle, tmp_path / "v3")
+    _rewrite(old, "steps", lambda t: t.drop_columns(["cpu_s"]))
+    meta = json.loads((old / "meta.json").read_text())
+    (old / "meta.json").write_text(json.dumps(meta | {"schema_version": 3}))
+    steps = read_capture(old).steps
+    assert steps.num_rows == read_capture(oracle).steps.num_rows
+    assert steps["cpu_s"].null_count == steps.num_rows
+    (old / "meta.json").write_text(json.dumps(meta))  # schema 4, column absent
+    with pytest.raises(TraceError, match="missing column 'cpu_s'"):
+        read_capture(old)
 
 
 def test_oracle_final_layer_agrees_with_the_emitted_token(oracle):

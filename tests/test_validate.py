@@ -8,6 +8,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from policies.errors import PolicyConfigError
 from testbed.cli import main as cli
@@ -272,6 +273,10 @@ def test_repeated_rounds_report_the_median_and_the_spread(tmp_path):
         runs = c.throughput_runs
         assert len(runs) == 2 and len(c.tpot_mean_runs_s) == 2
         assert c.measured["throughput_tokens_per_s"] == pytest.approx(sum(runs) / 2)
+        # each round's CPU share of its steps' wall time: measured, and no more than the
+        # engine's threads could use
+        assert len(c.cpu_share_runs) == 2
+        assert all(0 < x <= torch.get_num_threads() + 0.1 for x in c.cpu_share_runs)
     # both rounds ran: a live and a calibration capture per configuration and round
     for k in (0, 1):
         assert (tmp_path / "live" / "00" / f"r{k}" / "meta.json").is_file()

@@ -32,6 +32,7 @@ def _config(index: int, label: str, value: float | None) -> ConfigResult:
         mean_exit_layer_measured=1.75, mean_exit_layer_predicted=None,
         predicted_hindsight={"throughput_tokens_per_s": 101.0, "tpot_mean_s": None},
         throughput_runs=(99.0, 100.0, 101.0), tpot_mean_runs_s=(0.01, None, 0.02),
+        cpu_share_runs=(0.93, None, 1.0),
     )  # fmt: skip
 
 

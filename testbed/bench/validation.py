@@ -36,7 +36,7 @@ def workloads(capacity_tokens_per_s: float) -> tuple[tuple[str, str, str], ...]:
     )  # fmt: skip
 
 
-def capacity_tokens_per_s(out: Path, data_dir: str | None) -> float:
+def capacity_tokens_per_s(out: Path, data_dir: str | None, model: str = "builtin") -> float:
     """`full`'s output tokens per second on BURST, measured now on the native engine."""
     from testbed.sim.metrics import compute_metrics
     from testbed.trace import read_capture
@@ -44,23 +44,30 @@ def capacity_tokens_per_s(out: Path, data_dir: str | None) -> float:
     from testbed.validate.measured import live_records
 
     cfg = ValidationConfig(policies=(BASELINE,), workload=BURST, calibration_workload=BURST,
-                           data_dir=data_dir)  # fmt: skip
+                           data_dir=data_dir, model=model)  # fmt: skip
     path = EngineRuns(cfg).capture(BASELINE, "live", out / "capacity")
     records = live_records(read_capture(path))
     return compute_metrics(records, []).throughput_tokens_per_s
 
 
-def recorded_capacity(out: Path) -> float | None:
+def recorded_capacity(out: Path, model: str = "builtin") -> float | None:
     """The capacity an earlier run into ``out`` measured, when its burst run finished: a rerun
-    then validates the same workloads and reuses every finished run."""
+    then validates the same workloads and reuses every finished run. A folder of another
+    model's bench is refused (its runs would be reused for this one)."""
     info, burst = out / "run.json", out / "capacity" / "meta.json"
     if not (info.is_file() and burst.is_file()):
         return None
-    return json.loads(info.read_text())["config"].get("capacity_tokens_per_s")
+    config = json.loads(info.read_text())["config"]
+    if config.get("model", "builtin") != model:
+        raise ConfigError(
+            f"{out} holds the validation bench of model {config.get('model', 'builtin')!r}, not "
+            f"{model!r}; give another --out"
+        )
+    return config.get("capacity_tokens_per_s")
 
 
 def run(out: Path, data_dir: str | None, names: list[str] | None = None, *, say: Say = print,
-        progress: Progress | None = None) -> list[tuple]:  # fmt: skip
+        progress: Progress | None = None, model: str = "builtin") -> list[tuple]:  # fmt: skip
     unknown = sorted(set(names or ()) - set(WORKLOAD_NAMES))
     if unknown or names == []:
         raise ConfigError(
@@ -68,19 +75,21 @@ def run(out: Path, data_dir: str | None, names: list[str] | None = None, *, say:
             f"(known: {', '.join(WORKLOAD_NAMES)})"
         )
     rows = []
-    capacity = recorded_capacity(out)
+    capacity = recorded_capacity(out, model)
     if capacity is None:
-        capacity = capacity_tokens_per_s(out, data_dir)
+        capacity = capacity_tokens_per_s(out, data_dir, model)
         say(f"capacity: {capacity:.0f} tokens/s at full depth on {BURST}")
     else:
         say(f"capacity: {capacity:.0f} tokens/s, as measured by the earlier run into {out}")
     chosen = [w for w in workloads(capacity) if names is None or w[0] in names]
-    write_run_info(out, {"capacity_tokens_per_s": capacity, "workloads": chosen}, seed=0,
-                   suite="validation")  # fmt: skip
+    write_run_info(out, {"capacity_tokens_per_s": capacity, "workloads": chosen,
+                         "model": model}, seed=0, suite="validation")  # fmt: skip
     for name, workload, calibration in chosen:
         # the demo's own run is exactly `eetb demo`'s; the others validate their one workload
         higher = DemoConfig.higher_load if name == "demo" else ""
-        cfg = DemoConfig(workload=workload, higher_load=higher, calibration_workload=calibration)
+        cfg = DemoConfig(
+            workload=workload, higher_load=higher, calibration_workload=calibration, model=model
+        )
         run_demo(cfg, out / name, data_dir=data_dir, progress=progress)
         res = ValidationResults.read(out / name / "validate" / "validation.json")
         comparisons = (res.forecast, res.probed, res.hindsight)

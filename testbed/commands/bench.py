@@ -19,7 +19,8 @@ from testbed.commands.common import (
 )
 from testbed.model.checkpoint import load_checkpoint
 
-SUITES = ("throughput", "early-exit", "capture", "sim-speed", "fidelity", "validation", "vllm")
+SUITES = ("throughput", "early-exit", "capture", "sim-speed", "fidelity", "validation", "vllm",
+          "noise")  # fmt: skip
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -48,6 +49,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--fills", default=",".join(GRID_FILLS))
     p.add_argument("--workloads", default=None,
                    help="validation: comma list of demo, poisson-saturated, azure-scaled (default: all)")  # fmt: skip
+    p.add_argument("--workload", default=None, help="noise: the workload (default: the demo's)")
+    p.add_argument("--rounds", type=int, default=BenchOptions.rounds,
+                   help="noise: interleaved rounds of every variant")  # fmt: skip
     return p
 
 
@@ -66,11 +70,16 @@ def main(argv: list[str]) -> int:
 
         sim_speed.run(opts, say)
         return 0
+    if args.suite == "noise":
+        from testbed.bench import noise
+
+        noise.run(opts, say, progress)
+        return 0
     if args.suite == "validation":
         from testbed.bench import validation
 
         names = None if opts.workloads is None else opts.workloads.split(",")
-        validation.run(opts.out, opts.data_dir, names, say=say, progress=progress)
+        validation.run(opts.out, opts.data_dir, names, say=say, progress=progress, model=opts.model)
         return 0
     ckpt = load_checkpoint(resolve_model_dir(opts.model))
     if args.suite == "early-exit":

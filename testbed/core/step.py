@@ -119,6 +119,9 @@ class StepResult:
     # (query, key) pairs attention scored. Prefill chunks grow it quadratically, which no
     # per-step token or context count captures.
     num_attention_pairs: int = 0
+    cpu_s: float | None = (
+        None  # the process's CPU seconds over the step (engine); None: not measured
+    )
 
     @property
     def num_sampling_layers(self) -> int:

@@ -102,7 +102,7 @@ class LLMEngine:
 
     def step(self, now_s: Callable[[], float] | None = None) -> list[RequestOutput]:
         """One iteration; returns requests that finished in it."""
-        start_s = time.perf_counter()
+        start_s, start_cpu_s = time.perf_counter(), time.process_time()
         plan = self.scheduler.schedule()
         if plan.is_empty:
             return []
@@ -110,7 +110,10 @@ class LLMEngine:
         finished = self.scheduler.update(plan, result)
         # a step's duration is the whole iteration (scheduling included), what a simulated step
         # stands for; the runner's own share was result.duration_s
-        result = dataclasses.replace(result, duration_s=time.perf_counter() - start_s)
+        result = dataclasses.replace(
+            result, duration_s=time.perf_counter() - start_s,
+            cpu_s=time.process_time() - start_cpu_s,
+        )  # fmt: skip
         t = now_s() if now_s is not None else None
         for row in result.rows:
             if row.token_id is not None:

@@ -145,7 +145,7 @@ class TraceRecorder:
             "num_exit_points": result.num_exit_points,
             "layer_times_s": self.probe.layer_times_s,
             "num_attention_pairs": result.num_attention_pairs,
-            "num_sampling_layers": result.num_sampling_layers,
+            "num_sampling_layers": result.num_sampling_layers, "cpu_s": result.cpu_s,
         })  # fmt: skip
         for row in result.rows:
             if row.token_id is not None:

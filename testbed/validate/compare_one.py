@@ -25,7 +25,7 @@ from testbed.validate.measured import (
     live_records,
 )
 from testbed.validate.runs import EngineRuns
-from testbed.validate.speed import RunSpeed
+from testbed.validate.speed import RunSpeed, cpu_share
 
 
 def _median_metrics(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -108,6 +108,7 @@ def _validate_one(
         "measured": measured, "measured_runs": per_run, "predicted": predicted,
         "predicted_probed": predicted_probed, "predicted_hindsight": predicted_hindsight,
         "dilations": [x.probed for x in speeds], "step_dilations": [x.steps for x in speeds],
+        "cpu_shares": [cpu_share(live) for live in lives],
         "rouge_l": rouge_l, "replay": replay,
         "latencies": _latency_rows(policy.label(), "measured", records)
         + _latency_rows(policy.label(), "simulated", sim.requests),

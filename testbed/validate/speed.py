@@ -9,9 +9,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow.compute as pc
 
 from testbed.cost_spec import CostModelSpec, FitSource
 from testbed.sim.cost_model import FittedCostModel, price_capture_s
+from testbed.trace import Capture
 
 
 def speed_file(run: Path) -> Path:
@@ -69,6 +71,17 @@ def step_dilation(run: Path, fit: object) -> float | None:
         return None
     priced_s, measured_s = price_capture_s(fit, run)
     return measured_s / priced_s if priced_s > 0 else None
+
+
+def cpu_share(capture: Capture) -> float | None:
+    """The process's CPU seconds over its wall seconds across a run's steps (schema 4 steps
+    carry both): about the engine's threads where it had the cores to itself, lower where it
+    waited for a core on a shared machine. None for a capture that did not measure it."""
+    steps = capture.steps
+    if steps.num_rows == 0 or steps["cpu_s"].null_count:
+        return None
+    wall_s = float(pc.sum(steps["duration_s"]).as_py())
+    return float(pc.sum(steps["cpu_s"]).as_py()) / wall_s if wall_s > 0 else None
 
 
 @dataclass(frozen=True)

@@ -85,6 +85,7 @@ def _config_result(d: Doc, full: Doc | None) -> ConfigResult:
         throughput_runs=tuple(r[THROUGHPUT] for r in d["measured_runs"]),
         tpot_mean_runs_s=tuple(r["tpot_mean_s"] for r in d["measured_runs"]),
         dilation_runs=tuple(d["dilations"]), step_dilation_runs=tuple(d["step_dilations"]),
+        cpu_share_runs=tuple(d["cpu_shares"]),
     )  # fmt: skip
 
 

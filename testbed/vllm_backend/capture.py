@@ -123,11 +123,13 @@ def run_vllm_capture(
             if not engine.has_unfinished_requests():
                 time.sleep(max(0.0, min(0.01, order[nxt].arrival_s - run.clock())))
                 continue
-            start_s = run.clock()
+            # the engine core runs in this process (multiprocessing off), so process time
+            # covers its work
+            start_s, start_cpu_s = run.clock(), time.process_time()
             outputs = engine.step()
-            duration_s = run.clock() - start_s
+            times_s = (start_s, run.clock() - start_s, time.process_time() - start_cpu_s)
             req_ids, records = model_runner_call(llm, _batch_order_and_records)
-            _write_step(run, start_s, duration_s, req_ids, records, outputs, on_finish)
+            _write_step(run, times_s, req_ids, records, outputs, on_finish)
     return out
 
 
@@ -151,7 +153,8 @@ def _add(engine, run: _Run, request: CaptureRequest, *, seq_id: int) -> None:
     run.live[key] = _Request(request, output)
 
 
-def _write_step(run: _Run, start_s, duration_s, req_ids, records, outputs, on_finish) -> None:
+def _write_step(run: _Run, times_s, req_ids, records, outputs, on_finish) -> None:
+    """Write one engine step; ``times_s`` is its (start, duration, CPU) seconds."""
     if not records:  # a step that ran no forward (e.g. only finished requests)
         return
     if len(records) != 1:
@@ -162,7 +165,8 @@ def _write_step(run: _Run, start_s, duration_s, req_ids, records, outputs, on_fi
     rows = {
         req_id.rpartition("-")[0]: row for req_id, row in zip(req_ids, record.rows, strict=True)
     }
-    run.writer.append("steps", steps_row(run.num_steps, start_s, duration_s, record))
+    start_s, duration_s, cpu_s = times_s
+    run.writer.append("steps", steps_row(run.num_steps, start_s, duration_s, record, cpu_s))
     run.num_steps += 1
     now = run.clock()
     for out in outputs:

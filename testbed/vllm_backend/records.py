@@ -45,8 +45,11 @@ class StepRecord:
         return StepRecord(**{**raw, "rows": rows})
 
 
-def steps_row(step_id: int, start_s: float, duration_s: float, step: StepRecord) -> dict[str, Any]:
-    """One row of a capture's steps table (testbed.trace schema) from a forward's record."""
+def steps_row(
+    step_id: int, start_s: float, duration_s: float, step: StepRecord, cpu_s: float | None = None
+) -> dict[str, Any]:
+    """One row of a capture's steps table (testbed.trace schema) from a forward's record;
+    ``cpu_s`` is the process's CPU seconds over the step where the caller measured it."""
     return {
         "step_id": step_id, "start_s": start_s, "duration_s": duration_s,
         "num_rows": len(step.rows),
@@ -62,6 +65,7 @@ def steps_row(step_id: int, start_s: float, duration_s: float, step: StepRecord)
         "num_attention_pairs": sum(_attention_pairs(r) for r in step.rows),
         # every row's exit layer: a prompt chunk's row counts its (full-depth) layer too
         "num_sampling_layers": len({r.exit_layer for r in step.rows}),
+        "cpu_s": cpu_s,
     }  # fmt: skip
 
 
