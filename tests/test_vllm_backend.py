@@ -141,6 +141,9 @@ def test_oracle_capture_records_every_signal(tmp_path, prompts):
     assert all(t["exit_layer"] == 8 and t["matches_final"][-1] for t in tokens)
     for name in ("softmax_margin", "hidden_cosine", "classifier_prob"):
         assert all(len(t[name]) == 8 and None not in t[name] for t in tokens)
+    # the engine core runs in this process: each step's CPU time is measured beside its wall
+    cpu = capture.steps["cpu_s"].to_pylist()
+    assert cpu and all(c is not None and c > 0 for c in cpu)
 
 
 def test_refused_policy_raises_before_vllm_starts(tmp_path):
