@@ -85,6 +85,19 @@ def demo_grid(cfg: DemoConfig, trace: str, cost_model: str) -> Grid:
                 policies=policies, seed=cfg.seed, min_agreement=cfg.min_agreement)  # fmt: skip
 
 
+def demo_config(model: str = DemoConfig.model, **fields) -> DemoConfig:
+    """The demo's configuration on ``model``: a known model's own grid (thresholds, first exit
+    layer) unless ``fields`` give them."""
+    from testbed.zoo.spec import KNOWN_MODELS
+
+    given = {k: v for k, v in fields.items() if v is not None}
+    spec = KNOWN_MODELS.get(model)
+    if spec is not None and spec.demo_thresholds:
+        given.setdefault("thresholds", spec.demo_thresholds)
+        given.setdefault("min_exit_layer", spec.demo_min_exit_layer)
+    return DemoConfig(model=model, **given)
+
+
 def run_demo(
     cfg: DemoConfig, out: Path, *, data_dir: str | None, progress: ProgressFn | None = None
 ) -> Path:

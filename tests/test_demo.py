@@ -71,3 +71,13 @@ def test_cli_refuses_a_used_folder_without_resume(tmp_path, capsys):
     assert cli(["demo", "--out", str(tmp_path)]) == 2
     assert "--resume" in capsys.readouterr().err
     assert (tmp_path / "old.txt").read_text() == "keep me"
+
+
+def test_a_known_model_brings_its_own_grid_unless_flags_give_one():
+    from testbed.demo import demo_config
+
+    assert demo_config().thresholds == DemoConfig.thresholds
+    real = demo_config("smollm2-135m")
+    assert (real.thresholds, real.min_exit_layer) == ((0.8, 0.9, 0.95), 15)
+    asked = demo_config("smollm2-135m", thresholds=(0.7,), min_exit_layer=None, repeats=2)
+    assert (asked.thresholds, asked.min_exit_layer, asked.repeats) == ((0.7,), 15, 2)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +23,6 @@ from testbed.bench.options import BenchOptions, Progress, Say
 from testbed.demo import DemoConfig
 from testbed.errors import ConfigError
 from testbed.runinfo import to_jsonable, write_run_info
-
-WARM_UP_REQUESTS = 8  # the burst run before each timed run of the `warm-up` variant
 
 
 @dataclass(frozen=True)
@@ -74,8 +72,8 @@ class Variant:
     warm_up: bool = False
 
 
-VARIANTS = (Variant("as validated"), Variant("1 thread", threads=1),
-            Variant("warm-up", warm_up=True))  # fmt: skip
+VARIANTS = (Variant("cold"), Variant("warm-up", warm_up=True), Variant("1 thread", threads=1),
+            Variant("1 thread, warm", threads=1, warm_up=True))  # fmt: skip
 
 
 def _measure(runs, variant: Variant, out: Path) -> tuple[float, float | None, float | None]:
@@ -87,9 +85,8 @@ def _measure(runs, variant: Variant, out: Path) -> tuple[float, float | None, fl
     from testbed.validate.speed import cpu_share
 
     with _threads(variant.threads):
-        if variant.warm_up:
-            burst = [replace(r, arrival_s=0.0) for r in runs.requests[:WARM_UP_REQUESTS]]
-            runs.capture(BASELINE, "live", out.with_name(out.name + ".warm"), burst)
+        if variant.warm_up:  # what validation's timed runs do (EngineRuns.timed_capture)
+            runs.warm_up(BASELINE, out.with_name(f"{out.name}.warm"))
         cap = read_capture(runs.capture(BASELINE, "live", out))
     metrics = compute_metrics(live_records(cap), [])
     cpu = cap.steps["cpu_s"]

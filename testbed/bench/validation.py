@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from testbed.bench.options import Progress, Say
-from testbed.demo import DemoConfig, run_demo
+from testbed.demo import DemoConfig, demo_config, run_demo
 from testbed.errors import ConfigError
 from testbed.runinfo import write_run_info
 from testbed.validation_records import ValidationResults
@@ -67,7 +67,8 @@ def recorded_capacity(out: Path, model: str = "builtin") -> float | None:
 
 
 def run(out: Path, data_dir: str | None, names: list[str] | None = None, *, say: Say = print,
-        progress: Progress | None = None, model: str = "builtin") -> list[tuple]:  # fmt: skip
+        progress: Progress | None = None, model: str = "builtin",
+        repeats: int = DemoConfig.repeats) -> list[tuple]:  # fmt: skip
     unknown = sorted(set(names or ()) - set(WORKLOAD_NAMES))
     if unknown or names == []:
         raise ConfigError(
@@ -83,12 +84,17 @@ def run(out: Path, data_dir: str | None, names: list[str] | None = None, *, say:
         say(f"capacity: {capacity:.0f} tokens/s, as measured by the earlier run into {out}")
     chosen = [w for w in workloads(capacity) if names is None or w[0] in names]
     write_run_info(out, {"capacity_tokens_per_s": capacity, "workloads": chosen,
-                         "model": model}, seed=0, suite="validation")  # fmt: skip
+                         "model": model, "repeats": repeats}, seed=0,
+                   suite="validation")  # fmt: skip
     for name, workload, calibration in chosen:
         # the demo's own run is exactly `eetb demo`'s; the others validate their one workload
         higher = DemoConfig.higher_load if name == "demo" else ""
-        cfg = DemoConfig(
-            workload=workload, higher_load=higher, calibration_workload=calibration, model=model
+        cfg = demo_config(
+            model,
+            workload=workload,
+            higher_load=higher,
+            calibration_workload=calibration,
+            repeats=repeats,
         )
         run_demo(cfg, out / name, data_dir=data_dir, progress=progress)
         res = ValidationResults.read(out / name / "validate" / "validation.json")

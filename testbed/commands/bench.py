@@ -51,7 +51,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="validation: comma list of demo, poisson-saturated, azure-scaled (default: all)")  # fmt: skip
     p.add_argument("--workload", default=None, help="noise: the workload (default: the demo's)")
     p.add_argument("--rounds", type=int, default=BenchOptions.rounds,
-                   help="noise: interleaved rounds of every variant")  # fmt: skip
+                   help="noise: interleaved rounds of every variant; validation: rounds of runs"
+                        " per configuration")  # fmt: skip
     return p
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from testbed.builtin_model import resolve_model_dir
 from testbed.commands.common import ProgressLine, add_data_dir, guarded, parser
-from testbed.demo import DemoConfig, run_demo
+from testbed.demo import DemoConfig, demo_config, run_demo
 from testbed.errors import ConfigError
 from testbed.model.checkpoint import read_config
 
@@ -28,9 +28,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--model", default=DemoConfig.model,
                    help="'builtin', a prepared known model (smollm2-135m) or a checkpoint")  # fmt: skip
     p.add_argument("--thresholds", default=None,
-                   help=f"comma list of the grid's λ (default: {','.join(map(str, DemoConfig.thresholds))})")  # fmt: skip
-    p.add_argument("--min-exit-layer", type=int, default=DemoConfig.min_exit_layer,
-                   help="the grid's first exit layer (default: %(default)s)")  # fmt: skip
+                   help=f"comma list of the grid's λ (default: {','.join(map(str, DemoConfig.thresholds))}; a known model's own)")  # fmt: skip
+    p.add_argument("--min-exit-layer", type=int, default=None,
+                   help=f"the grid's first exit layer (default: {DemoConfig.min_exit_layer}; a known model's own)")  # fmt: skip
     p.add_argument("--repeats", type=int, default=DemoConfig.repeats,
                    help="validation rounds per policy (default: %(default)s)")  # fmt: skip
     add_data_dir(p)
@@ -41,20 +41,18 @@ def main(argv: list[str]) -> int:
         )
     start = time.perf_counter()
     try:
-        thresholds = (DemoConfig.thresholds if args.thresholds is None
+        thresholds = (None if args.thresholds is None
                       else tuple(float(x) for x in args.thresholds.split(",")))  # fmt: skip
     except ValueError as exc:
         raise ConfigError(f"--thresholds {args.thresholds!r}: not a comma list of numbers") from exc
     if args.repeats < 1:
         raise ConfigError("--repeats must be at least 1")
     num_layers = read_config(resolve_model_dir(args.model)).num_hidden_layers
-    min_layer = args.min_exit_layer
-    if not 1 <= min_layer < num_layers:
-        raise ConfigError(f"--min-exit-layer {min_layer} is outside 1..{num_layers - 1}")
-    cfg = DemoConfig(workload=args.workload, higher_load=args.higher_load,
-                     calibration_workload=args.calibration_workload, model=args.model,
-                     thresholds=thresholds, min_exit_layer=min_layer,
-                     repeats=args.repeats)  # fmt: skip
+    cfg = demo_config(args.model, workload=args.workload, higher_load=args.higher_load,
+                      calibration_workload=args.calibration_workload, thresholds=thresholds,
+                      min_exit_layer=args.min_exit_layer, repeats=args.repeats)  # fmt: skip
+    if not 1 <= cfg.min_exit_layer < num_layers:
+        raise ConfigError(f"--min-exit-layer {cfg.min_exit_layer} is outside 1..{num_layers - 1}")
     path = run_demo(cfg, args.out, data_dir=args.data_dir,
                     progress=ProgressLine(min_interval_s=0))  # fmt: skip
     print(path.read_text())

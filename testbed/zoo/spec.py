@@ -30,6 +30,10 @@ class ModelSpec:
     gguf_sha256: str  # hex digest of that file (the wheel's RECORD states it)
     prompt: PromptFormat  # how text becomes prompt ids for this model
     max_model_len: int  # context the testbed runs it at (CNN/DM prompts need more than 1024)
+    # the demo's and the validation bench's policy grid for this model (`eetb demo` flags
+    # override it): where its trained exits settle tokens at all
+    demo_thresholds: tuple[float, ...] = ()
+    demo_min_exit_layer: int = 1
 
     @property
     def adapters_dir(self) -> Path:
@@ -46,6 +50,10 @@ KNOWN_MODELS = {
         gguf_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         prompt=PromptFormat(kind="chatml", system=SMOLLM2_SYSTEM),
         max_model_len=2048,
+        # below layer 15 the trained exits agree with the final token on under 20% of tokens
+        # (testbed/adapters/smollm2-135m/EXITS_CARD.md); λ 0.98-0.99 rarely exits at all
+        demo_thresholds=(0.8, 0.9, 0.95),
+        demo_min_exit_layer=15,
     ),
 }
 
