@@ -387,30 +387,5 @@ def test_a_run_without_its_probe_record_is_run_again(validated, monkeypatch):
 
     monkeypatch.setattr(EngineRuns, "capture", capture)
     run_validation(_cfg(), out)
-    assert ran == [out / "live" / "00" / "r0.warm", out / "live" / "00" / "r0"]  # its warm-up
+    assert ran == [out / "live" / "00" / "r0"]
     assert (out / "live" / "00" / "r0.speed.json").is_file()
-
-
-def test_each_timed_run_follows_a_warm_up_burst_that_leaves_nothing_behind(tmp_path, monkeypatch):
-    """Before its probes, a timed run serves the first requests all at once on the same policy
-    (it cut `full`'s round-to-round spread from 6.1% to 2.4% here); its scratch is removed."""
-    from testbed.validate.config import WARM_UP_REQUESTS
-
-    engine = EngineRuns(_cfg(workload="poisson:rate=5,n=10,prompt=16-32,output=4"))
-    calls = []
-    original = EngineRuns.capture
-
-    def capture(self, policy, mode, out, requests=None):
-        calls.append((out.name, policy, None if requests is None else requests))
-        return original(self, policy, mode, out, requests)
-
-    monkeypatch.setattr(EngineRuns, "capture", capture)
-    engine.timed_capture(EARLY, "live", tmp_path / "r0")
-    (warm_name, warm_policy, burst), (name, _, timed) = calls
-    assert (warm_name, name, warm_policy) == ("r0.warm", "r0", EARLY)
-    assert len(burst) == WARM_UP_REQUESTS and {r.arrival_s for r in burst} == {0.0}
-    assert [r.prompt_token_ids for r in burst] == [
-        r.prompt_token_ids for r in engine.requests[:WARM_UP_REQUESTS]
-    ]
-    assert timed is None  # the timed run is the workload itself, arrivals and all
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["r0", "r0.speed.json"]

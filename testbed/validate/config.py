@@ -13,10 +13,6 @@ from testbed.validation_records import ValidationResults
 ENGINES = ("native", "vllm")
 BASELINE = PolicyConfig()
 PROBES_PER_SIDE = 3  # speed probes right before and right after each run (probe_time_s)
-# a burst of this many of the run's requests on the native engine before each timed run: over 10
-# interleaved rounds of `full` on the demo's load it cut the rounds' spread of throughput from
-# 6.1% to 2.4% (MAD/median; range 22.7% to 16.9%) at no cost in speed (`eetb bench --suite noise`)
-WARM_UP_REQUESTS = 8
 ProgressFn = Callable[[str, int, int, str], None]  # (phase, done, total, note)
 
 

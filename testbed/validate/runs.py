@@ -6,7 +6,6 @@ import copy
 import json
 import shutil
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +14,7 @@ from testbed.core import SchedulerConfig
 from testbed.core.policy_set import PolicyConfig
 from testbed.errors import ConfigError
 from testbed.runinfo import to_jsonable
-from testbed.validate.config import (
-    PROBES_PER_SIDE,
-    WARM_UP_REQUESTS,
-    ValidationConfig,
-    ValidationError,
-)
+from testbed.validate.config import PROBES_PER_SIDE, ValidationConfig, ValidationError
 from testbed.validate.speed import speed_file
 
 
@@ -71,25 +65,11 @@ class EngineRuns:
         """``capture`` between PROBES_PER_SIDE speed probes on each side, recorded in
         ``speed_file(out)`` last: a run without that file is unfinished."""
         speed_file(out).unlink(missing_ok=True)
-        self.warm_up(policy, out.with_name(f"{out.name}.warm"))
         before_s = [self.probe_s() for _ in range(PROBES_PER_SIDE)]
         path = self.capture(policy, mode, out, requests)
         after_s = [self.probe_s() for _ in range(PROBES_PER_SIDE)]
         write_doc(speed_file(out), {"before_s": before_s, "after_s": after_s})
         return path
-
-    def warm_up(self, policy: PolicyConfig, scratch: Path) -> None:
-        """The first WARM_UP_REQUESTS requests, all at once, on a native engine of ``policy``,
-        into ``scratch`` (removed after): the timed run that follows then reads as repeatably
-        as a run in a warm process can (WARM_UP_REQUESTS says how much). vLLM starts a new
-        engine for each run, which this cannot warm."""
-        if self.cfg.engine != "native":
-            return
-        burst = [replace(r, arrival_s=0.0) for r in self.requests[:WARM_UP_REQUESTS]]
-        try:
-            self.capture(policy, "live", scratch, burst)
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
 
     def capture(self, policy: PolicyConfig, mode: str, out: Path, requests=None) -> Path:
         from testbed.capture_records import CaptureConfig, EngineConfig
