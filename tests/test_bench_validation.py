@@ -47,3 +47,16 @@ def test_a_rerun_into_another_models_folder_is_refused(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "holds the validation bench of model 'smollm2-135m'" in err[0]
     assert (tmp_path / "capacity" / "meta.json").is_file()
+
+
+def test_num_requests_sets_every_streams_length_at_the_same_rates():
+    """A slower model validates shorter streams: each workload and its calibration have N
+    requests, at the default's arrival rates."""
+    default = {name: (w, c) for name, w, c in workloads(1200.0)}
+    short = {name: (w, c) for name, w, c in workloads(1200.0, num_requests=16)}
+    for name in WORKLOAD_NAMES:
+        for ours, theirs in zip(short[name], default[name], strict=True):
+            ours_spec, theirs_spec = parse_workload(ours), parse_workload(theirs)
+            assert ours_spec.num_requests == 16
+            assert ours_spec.rate_per_s == theirs_spec.rate_per_s
+    assert "rate=24," in short["demo"][0]

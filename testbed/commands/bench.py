@@ -80,7 +80,16 @@ def main(argv: list[str]) -> int:
         from testbed.bench import validation
 
         names = None if opts.workloads is None else opts.workloads.split(",")
-        validation.run(opts.out, opts.data_dir, names, say=say, progress=progress, model=opts.model)
+        validation.run(
+            opts.out,
+            opts.data_dir,
+            names,
+            say=say,
+            progress=progress,
+            model=opts.model,
+            repeats=opts.rounds,
+            num_requests=opts.num_requests,
+        )
         return 0
     ckpt = load_checkpoint(resolve_model_dir(opts.model))
     if args.suite == "early-exit":

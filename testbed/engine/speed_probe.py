@@ -34,8 +34,14 @@ class SpeedProbe:
         vocab = ckpt.config.vocab_size
         self.prompts = [rng.integers(3, vocab, prompt_tokens).tolist() for _ in range(num_prompts)]
         self.params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
-        # a small cache of its own, reused: every probe finishes all of its sequences
-        self.engine = LLMEngine(ckpt, EngineConfig(kv_cache_mb=8.0, device=device, dtype=dtype))
+        # a cache of its own, reused, that holds every sequence at once: one too small (8 MB held
+        # 177 of SmolLM2's tokens) runs the probe a few sequences at a time, 5 s a probe
+        cfg = ckpt.config
+        per_token_bytes = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_size * 4
+        need_mb = 1.25 * num_prompts * (prompt_tokens + new_tokens) * per_token_bytes / 2**20
+        self.engine = LLMEngine(
+            ckpt, EngineConfig(kv_cache_mb=max(8.0, need_mb), device=device, dtype=dtype)
+        )
 
     def measure_s(self) -> float:
         """Seconds the probe took now."""
