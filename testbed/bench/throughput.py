@@ -18,6 +18,7 @@ from testbed.capture_records import EngineConfig
 from testbed.core import SchedulerConfig
 from testbed.engine.device import resolve_device, resolve_dtype, synchronize
 from testbed.engine.engine import LLMEngine
+from testbed.engine.kv_cache import kv_mb_for_tokens
 from testbed.engine.sampler import SamplingParams
 from testbed.model.checkpoint import Checkpoint
 from testbed.model.config import LlamaConfig
@@ -53,8 +54,7 @@ class ThroughputRow:
 
 def kv_cache_mb_for(cfg: LlamaConfig, num_tokens: int) -> float:
     """K/V memory (float32) for num_tokens positions in every layer, at least 256 MB."""
-    per_token = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_size * 4
-    return max(256.0, num_tokens * per_token / 2**20)
+    return max(256.0, kv_mb_for_tokens(cfg, num_tokens))
 
 
 def random_prompts(cfg: ThroughputConfig, vocab_size: int) -> list[list[int]]:

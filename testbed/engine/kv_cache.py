@@ -14,6 +14,13 @@ import torch
 import torch.nn.functional as F
 
 
+def kv_mb_for_tokens(cfg, num_tokens: int) -> float:
+    """K/V memory (float32: an upper bound for narrower dtypes) for ``num_tokens`` positions in
+    every layer of a model of LlamaConfig ``cfg``."""
+    per_token = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_size * 4
+    return num_tokens * per_token / 2**20
+
+
 @dataclass(frozen=True)
 class KVCacheShape:
     num_layers: int

@@ -15,6 +15,7 @@ import numpy as np
 
 from testbed.capture_records import EngineConfig
 from testbed.engine.engine import LLMEngine
+from testbed.engine.kv_cache import kv_mb_for_tokens
 from testbed.engine.sampler import SamplingParams
 from testbed.model.checkpoint import Checkpoint
 
@@ -36,9 +37,7 @@ class SpeedProbe:
         self.params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
         # a cache of its own, reused, that holds every sequence at once: one too small (8 MB held
         # 177 of SmolLM2's tokens) runs the probe a few sequences at a time, 5 s a probe
-        cfg = ckpt.config
-        per_token_bytes = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_size * 4
-        need_mb = 1.25 * num_prompts * (prompt_tokens + new_tokens) * per_token_bytes / 2**20
+        need_mb = 1.25 * kv_mb_for_tokens(ckpt.config, num_prompts * (prompt_tokens + new_tokens))
         self.engine = LLMEngine(
             ckpt, EngineConfig(kv_cache_mb=max(8.0, need_mb), device=device, dtype=dtype)
         )
