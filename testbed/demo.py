@@ -74,7 +74,10 @@ def choose_dataset(data_dir: str | None) -> str:
     return "cnndm"
 
 
-def demo_grid(cfg: DemoConfig, trace: str, cost_model: str) -> Grid:
+def demo_grid(cfg: DemoConfig, trace: str, cost_model: str,
+              kv_blocks: dict[str, int] | None = None) -> Grid:  # fmt: skip
+    """The sweep of ``cfg``'s policies; ``kv_blocks`` (EngineRuns.kv_blocks): the validated
+    engine's K/V capacity, so the sweep ranks what the engine will run."""
     policies = tuple(
         PolicyGrid(batching=name, rules=cfg.rules, thresholds=cfg.thresholds,
                    batching_params=params, min_exit_layer=cfg.min_exit_layer)
@@ -82,7 +85,8 @@ def demo_grid(cfg: DemoConfig, trace: str, cost_model: str) -> Grid:
     )  # fmt: skip
     workloads = tuple(w for w in (cfg.workload, cfg.higher_load) if w)  # "": one load only
     return Grid(trace=trace, workloads=workloads, cost_models=(cost_model,),
-                policies=policies, seed=cfg.seed, min_agreement=cfg.min_agreement)  # fmt: skip
+                policies=policies, seed=cfg.seed, min_agreement=cfg.min_agreement,
+                **(kv_blocks or {}))  # fmt: skip
 
 
 def demo_config(model: str = DemoConfig.model, **fields) -> DemoConfig:
@@ -121,7 +125,7 @@ def run_demo(
     # the sweep's cost model: these runs alone, so a resumed demo finds the same sweep keys
     cost_model = calibrate(engine, out / "validate", progress, pooled=False).cost_model
     trace = oracle_trace(engine, out / "validate", progress)
-    grid = demo_grid(cfg, trace, cost_model)
+    grid = demo_grid(cfg, trace, cost_model, engine.kv_blocks)
     configs = [dataclasses.replace(c, data_dir=data_dir) for c in grid.expand()]
     write_run_info(out / "sweep", grid, seed=cfg.seed, num_runs=len(configs),
                    min_agreement=cfg.min_agreement)  # fmt: skip

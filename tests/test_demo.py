@@ -30,12 +30,23 @@ def demo(tmp_path_factory):
     return run_demo(SMALL, out, data_dir=str(empty)), out
 
 
+def oracle_blocks(meta) -> int:
+    """The blocks the engine that wrote ``meta`` had: its K/V memory over a block's bytes."""
+    cfg = meta["model"]["config"]
+    per_block = 2 * cfg["num_hidden_layers"] * meta["block_size"] * cfg["num_key_value_heads"]
+    per_block *= cfg["hidden_size"] // cfg["num_attention_heads"] * 4  # float32
+    return int(meta["kv_cache_mb"] * 2**20 // per_block)
+
+
 def test_demo_runs_every_stage(demo):
     report, out = demo
     assert json.loads((out / "run.json").read_text())["dataset"] == "self"
     oracle = read_capture(out / "validate" / "oracle")
     assert oracle.meta["mode"] == "oracle" and oracle.requests.num_rows == 6
     rows = pq.read_table(out / "sweep" / "results.parquet").to_pylist()
+    # the sweep ranks the engine the validation runs: its K/V capacity, not the simulator's default
+    grid = json.loads((out / "sweep" / "run.json").read_text())["config"]
+    assert grid["num_kv_blocks"] == oracle_blocks(oracle.meta) != 4096
     # 4 batching policies × 2 rules × 2 thresholds, plus full, at each of two loads
     assert len(rows) == 2 * (4 * 2 * 2 + 1) >= 2 * 12
     summary = json.loads((out / "validate" / "validation.json").read_text())

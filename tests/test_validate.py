@@ -389,3 +389,20 @@ def test_a_run_without_its_probe_record_is_run_again(validated, monkeypatch):
     run_validation(_cfg(), out)
     assert ran == [out / "live" / "00" / "r0"]
     assert (out / "live" / "00" / "r0.speed.json").is_file()
+
+
+def test_the_validation_simulates_the_engine_s_own_kv_capacity(monkeypatch):
+    # with the simulator's default 4096 blocks, SmolLM2's 16 long Azure prompts all ran at once
+    # where the engine's 256 MB hold 364 blocks: the simulated mean TPOT was twice the engine's
+    from testbed.engine.engine import LLMEngine
+    from testbed.validate import compare_one
+
+    engine = EngineRuns(_cfg())
+    blocks = LLMEngine(engine.ckpt).block_manager
+    assert engine.kv_blocks == {"num_kv_blocks": blocks.num_blocks, "block_size": blocks.block_size}
+    assert blocks.num_blocks != SimulationConfig.num_kv_blocks  # else the test proves nothing
+    seen = []
+    monkeypatch.setattr(compare_one, "simulate", lambda c: seen.append(c))
+    compare_one._simulate_at(engine, BASELINE, "traces/samples/oracle_cnndm", "roofline:H100", 1.0)
+    assert (seen[0].num_kv_blocks, seen[0].block_size) == (blocks.num_blocks, blocks.block_size)
+    assert EngineRuns(_cfg(engine="vllm")).kv_blocks == {}  # vLLM's cache is vLLM's own

@@ -15,7 +15,7 @@ from testbed.core import Sequence as SeqState
 from testbed.core.policy_set import build_policies
 from testbed.core.step import StepPlan, StepResult
 from testbed.engine.device import place, resolve_device, resolve_dtype
-from testbed.engine.kv_cache import KVCacheShape, PagedKVCache
+from testbed.engine.kv_cache import KVCacheShape, PagedKVCache, num_kv_blocks
 from testbed.engine.runner import ModelRunner, SeqMeta
 from testbed.engine.sampler import Sampler, SamplingParams
 from testbed.errors import ConfigError
@@ -34,10 +34,7 @@ class LLMEngine:
             raise ConfigError(f"{checkpoint.path} has no exit_heads.safetensors for 'classifier'")
         self.device, dtype = resolve_device(config.device), resolve_dtype(config.dtype)
         model = place(checkpoint.model, self.device, dtype)
-        per_block = KVCacheShape(
-            cfg.num_layers, 1, config.block_size, cfg.num_key_value_heads, cfg.head_size
-        )
-        num_blocks = int(config.kv_cache_mb * 2**20 // per_block.bytes_per_block(dtype))
+        num_blocks = num_kv_blocks(cfg, config.block_size, config.kv_cache_mb, dtype)
         if num_blocks < 1:
             raise ConfigError(f"kv_cache_mb={config.kv_cache_mb} holds no block")
         shape = KVCacheShape(

@@ -44,7 +44,7 @@ def _simulate_at(engine: EngineRuns, policy: PolicyConfig, oracle: str, cost_mod
     return simulate(SimulationConfig(
         trace=oracle, workload=cfg.workload, policy=policy, cost_model=spec,
         scheduler=engine.scheduler, seed=cfg.seed, data_dir=cfg.data_dir,
-        max_model_len=engine.max_model_len,
+        max_model_len=engine.max_model_len, **engine.kv_blocks,
     ))  # fmt: skip
 
 

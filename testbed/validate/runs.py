@@ -52,6 +52,25 @@ class EngineRuns:
     def scheduler(self) -> SchedulerConfig:
         return SchedulerConfig(max_model_len=self.max_model_len)
 
+    @property
+    def kv_blocks(self) -> dict[str, int]:
+        """SimulationConfig's K/V fields for this engine: the native engine's own block count,
+        which sets how many sequences run at once (SmolLM2's 256 MB hold 364 blocks, the
+        simulator's default is 4096: simulated with those, 16 long Azure prompts ran all at
+        once and the mean TPOT came out twice the engine's). Empty for vLLM, whose scheduler
+        and cache are its own."""
+        if self.cfg.engine != "native":
+            return {}
+        from testbed.capture_records import EngineConfig
+        from testbed.engine.device import resolve_dtype
+        from testbed.engine.kv_cache import num_kv_blocks
+
+        engine = EngineConfig()
+        dtype = resolve_dtype(self.cfg.dtype)
+        num_blocks = num_kv_blocks(self.ckpt.model.config, engine.block_size,
+                                   engine.kv_cache_mb, dtype)  # fmt: skip
+        return {"num_kv_blocks": num_blocks, "block_size": engine.block_size}
+
     def probe_s(self) -> float:
         """The speed probe's seconds now (built on first use; one warm-up run)."""
         from testbed.engine.speed_probe import SpeedProbe
