@@ -18,7 +18,7 @@ from __future__ import annotations
 from bisect import bisect_right
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 
@@ -130,15 +130,9 @@ class BatchingPolicy:
         decision.check(has_token)
         return decision
 
-    def _decide(
-        self,
-        *,
-        layer: int,
-        num_layers: int,
-        confident: np.ndarray,
-        has_token: np.ndarray,
-        positions: np.ndarray,
-    ) -> BatchDecision:
+    def _decide(self, **inputs: Any) -> BatchDecision:
+        """The policy's own rule, given decide()'s keywords with the inputs checked and
+        ``confident`` masked to the rows without a token."""
         raise NotImplementedError
 
     def should_resume(self, *, num_parked: int, oldest_wait_steps: int) -> bool:

@@ -10,10 +10,7 @@ from testbed.builtin_model import resolve_model_dir
 from testbed.capture_records import CAPTURE_MODES, CaptureConfig, EngineConfig
 from testbed.commands.common import (
     ProgressLine,
-    add_data_dir,
-    add_device_args,
-    add_model,
-    add_policy_args,
+    add_engine_args,
     guarded,
     parser,
     policy_from_args,
@@ -31,10 +28,7 @@ ENGINES = ("native", "vllm")
 @guarded
 def main(argv: list[str]) -> int:
     p = parser("capture", "Capture a trace (DESIGN §6) from a run of the native engine or vLLM.")
-    add_model(p)
-    add_data_dir(p)
-    add_policy_args(p)
-    add_device_args(p)
+    add_engine_args(p)
     p.add_argument("--workload", required=True, metavar="KIND:ARGS",
                    help="e.g. poisson:rate=4,n=32,prompt=64-256,output=64 or azure:path=FILE,n=100,scale=0.1")  # fmt: skip
     p.add_argument("--dataset", default="cnndm",

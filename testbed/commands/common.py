@@ -88,6 +88,15 @@ def add_policy_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--fill", default="copy", help="KV fill: copy|lazy|recompute|skip")
 
 
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    """The options of a verb that runs an engine: model, data directory, early-exit policy
+    and device."""
+    add_model(p)
+    add_data_dir(p)
+    add_policy_args(p)
+    add_device_args(p)
+
+
 def add_device_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("device (native engine)")
     # names only: this module stays torch-free (simulate and sweep import it); the engine checks

@@ -8,10 +8,7 @@ import sys
 from testbed.builtin_model import resolve_model_dir
 from testbed.capture_records import EngineConfig
 from testbed.commands.common import (
-    add_data_dir,
-    add_device_args,
-    add_model,
-    add_policy_args,
+    add_engine_args,
     guarded,
     parser,
     policy_from_args,
@@ -28,10 +25,7 @@ MAX_ARTICLE_CHARS = 1500  # data-set prompts are cut so they fit the built-in mo
 @guarded
 def main(argv: list[str]) -> int:
     p = parser("generate", "Generate with the native early-exit engine.")
-    add_model(p)
-    add_data_dir(p)
-    add_policy_args(p)
-    add_device_args(p)
+    add_engine_args(p)
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--prompts-from-data", type=int, default=0, metavar="N",
                    help="also summarise the first N evaluation articles of --dataset")  # fmt: skip

@@ -8,10 +8,7 @@ from pathlib import Path
 
 from testbed.commands.common import (
     ProgressLine,
-    add_data_dir,
-    add_device_args,
-    add_model,
-    add_policy_args,
+    add_engine_args,
     guarded,
     parser,
     policy_from_args,
@@ -47,10 +44,7 @@ def _args(argv: list[str]):
     p.add_argument("--dataset", default="cnndm", help="prompt source (cnndm, xsum, scitldr, self)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("runs/validate"), help="result folder")
-    add_model(p)
-    add_data_dir(p)
-    add_policy_args(p)
-    add_device_args(p)
+    add_engine_args(p)
     return p.parse_args(argv)
 
 
