@@ -61,15 +61,21 @@ class EngineRuns:
         and cache are its own."""
         if self.cfg.engine != "native":
             return {}
-        from testbed.capture_records import EngineConfig
         from testbed.engine.device import resolve_dtype
         from testbed.engine.kv_cache import num_kv_blocks
 
-        engine = EngineConfig()
-        dtype = resolve_dtype(self.cfg.dtype)
+        engine = self.engine_config(PolicyConfig())
         num_blocks = num_kv_blocks(self.ckpt.model.config, engine.block_size,
-                                   engine.kv_cache_mb, dtype)  # fmt: skip
+                                   engine.kv_cache_mb, resolve_dtype(engine.dtype))  # fmt: skip
         return {"num_kv_blocks": num_blocks, "block_size": engine.block_size}
+
+    def engine_config(self, policy: PolicyConfig):
+        """The native engine's configuration for a run of ``policy`` (its K/V memory: the
+        default), which the captures and the simulations' K/V capacity share."""
+        from testbed.capture_records import EngineConfig
+
+        return EngineConfig(policy=policy, scheduler=self.scheduler,
+                            device=self.cfg.device, dtype=self.cfg.dtype)  # fmt: skip
 
     def probe_s(self) -> float:
         """The speed probe's seconds now (built on first use; one warm-up run)."""
@@ -91,12 +97,11 @@ class EngineRuns:
         return path
 
     def capture(self, policy: PolicyConfig, mode: str, out: Path, requests=None) -> Path:
-        from testbed.capture_records import CaptureConfig, EngineConfig
+        from testbed.capture_records import CaptureConfig
         from testbed.engine.capture import run_capture
 
         reqs = self.requests if requests is None else requests
-        engine_cfg = EngineConfig(policy=policy, scheduler=self.scheduler,
-                                  device=self.cfg.device, dtype=self.cfg.dtype)  # fmt: skip
+        engine_cfg = self.engine_config(policy)
         cap = CaptureConfig(mode=mode, engine=engine_cfg, workload=self.cfg.workload,
                             seed=self.cfg.seed)  # fmt: skip
         shutil.rmtree(out, ignore_errors=True)  # an unfinished earlier attempt
