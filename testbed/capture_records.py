@@ -14,8 +14,19 @@ from testbed.core.policy_set import PolicyConfig
 from testbed.errors import ConfigError
 
 CAPTURE_MODES = ("oracle", "live")  # oracle: full depth, every signal; live: what the policy did
-DTYPE_NAMES = ("float32", "bfloat16", "float16")  # testbed.engine.device.DTYPES's keys
+# bytes per element of each dtype name (testbed.engine.device.DTYPES's keys)
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+DTYPE_NAMES = tuple(DTYPE_BYTES)
 AUTO_DEVICE = "auto"  # CUDA when the engine's torch sees a GPU, else the CPU
+
+
+def num_kv_blocks(kv_cache_mb: float, *, block_size: int, dtype: str, num_layers: int,
+                  num_kv_heads: int, head_dim: int) -> int:  # fmt: skip
+    """The K/V blocks ``kv_cache_mb`` holds for a model of that shape: the native engine's own
+    count, which a simulation of the engine must use too (it sets how many sequences run at
+    once). Torch-free, so the simulator reads it off a capture's meta."""
+    bytes_per_block = 2 * num_layers * block_size * num_kv_heads * head_dim * DTYPE_BYTES[dtype]
+    return int(kv_cache_mb * 2**20 // bytes_per_block)
 
 
 @dataclass(frozen=True)
@@ -33,6 +44,12 @@ class EngineConfig:
             raise ConfigError("block_size and kv_cache_mb must be positive")
         if self.dtype not in DTYPE_NAMES:
             raise ConfigError(f"dtype {self.dtype!r}: expected one of {', '.join(DTYPE_NAMES)}")
+
+    def num_kv_blocks(self, *, num_layers: int, num_kv_heads: int, head_dim: int) -> int:
+        """The K/V blocks this engine holds for a model of that shape (see num_kv_blocks)."""
+        return num_kv_blocks(self.kv_cache_mb, block_size=self.block_size, dtype=self.dtype,
+                             num_layers=num_layers, num_kv_heads=num_kv_heads,
+                             head_dim=head_dim)  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -74,6 +74,12 @@ class CostModelSpec:
             body = ":".join(p for p in (self.kind, self.target, self.model) if p)
         return _scaled(self.time_factor, body)
 
+    @property
+    def prices_this_engine(self) -> bool:
+        """A fit prices the engine its captures ran on (this machine's); the others price a
+        model on hardware we may not have."""
+        return self.kind == "fitted"
+
     def scaled(self, factor: float) -> CostModelSpec:
         """The same model on a machine at 1/factor of its speed."""
         return replace(self, time_factor=self.time_factor * factor)

@@ -68,6 +68,7 @@ def test_simulate_cli_says_when_it_clips_and_records_the_counts(tmp_path):
     assert "4 of 4 requests clipped to max_model_len 1024" in result.stderr
     doc = json.loads((tmp_path / "result.json").read_text())
     assert doc["clip"]["num_requests_clipped"] == 4 and doc["config"]["max_model_len"] == 1024
+    assert "4096 K/V blocks of 16 tokens, max_model_len 1024" in result.stdout  # what it ran
 
 
 def test_model_shapes_carry_their_context():

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from testbed.capture_records import CaptureConfig, CaptureRequest, EngineConfig
+from testbed.capture_records import DTYPE_BYTES, CaptureConfig, CaptureRequest, EngineConfig
 from testbed.commands.common import DTYPE_NAMES
 from testbed.core import SchedulerConfig
 from testbed.core.policy_set import PolicyConfig
@@ -19,6 +19,7 @@ from testbed.engine.device import DTYPES, place, resolve_device, resolve_dtype
 from testbed.engine.engine import LLMEngine
 from testbed.engine.sampler import SamplingParams
 from testbed.errors import ConfigError
+from testbed.sim.simulator import engine_kv_blocks
 from testbed.trace import read_capture
 from tests.engine_helpers import prompts, tiny_checkpoint
 
@@ -47,6 +48,20 @@ def test_device_names_resolve_and_bad_ones_are_refused():
     with pytest.raises(ConfigError, match="dtype 'int8'"):
         resolve_dtype("int8")
     assert set(DTYPE_NAMES) == set(DTYPES)  # the CLI's torch-free list matches the engine's
+    for name, dtype in DTYPES.items():  # the simulator sizes the engine's K/V memory with these
+        assert DTYPE_BYTES[name] == torch.empty((), dtype=dtype).element_size()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_simulator_reads_the_engine_s_kv_capacity_off_its_capture(ckpt, tmp_path, dtype):
+    cfg = CaptureConfig(engine=EngineConfig(kv_cache_mb=0.5, block_size=4, device="cpu",
+                                            dtype=dtype))  # fmt: skip
+    requests = [CaptureRequest(0, 0.0, tuple(prompts(1, seed=1)[0]), 3)]
+    run_capture(ckpt, requests, cfg, tmp_path / "c")
+    engine = LLMEngine(ckpt, cfg.engine)
+    # a float32 block costs twice a bfloat16 one: the count must follow the dtype
+    assert engine_kv_blocks(read_capture(tmp_path / "c"), 4) == engine.block_manager.num_blocks
+    assert engine_kv_blocks(read_capture(tmp_path / "c"), 8) == engine.block_manager.num_blocks // 2
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="checks the refusal on a machine without CUDA")

@@ -102,3 +102,29 @@ def test_bad_simulation_input(tmp_path):
         simulate(cfg)
     with pytest.raises(PolicyConfigError):  # refused where the config is made
         PolicyConfig(batching="nope")
+
+
+SMOLLM2 = "traces/samples/oracle_smollm2"  # written by the native engine: 256 MB of float32 K/V
+
+
+@pytest.mark.parametrize(
+    ("cost_model", "num_kv_blocks", "expected"),
+    [
+        # a fit prices the engine that wrote the trace: its 256 MB hold 364 of SmolLM2's blocks
+        # (2 x 30 layers x 16 tokens x 3 heads x 64 x 4 bytes = 720 KiB each)
+        (f"fitted:{SMOLLM2}", None, 364),
+        ("roofline:H100", None, 4096),  # another model on another machine: the default
+        (f"fitted:{SMOLLM2}", 1000, 1000),  # given: as given
+    ],
+)
+def test_the_simulated_kv_capacity_is_the_priced_engine_s(cost_model, num_kv_blocks, expected):
+    cfg = SimulationConfig(trace=SMOLLM2, workload="poisson:rate=1,n=2,prompt=8,output=2",
+                           cost_model=cost_model, num_kv_blocks=num_kv_blocks)  # fmt: skip
+    assert simulate(cfg).config.num_kv_blocks == expected
+
+
+def test_a_trace_that_does_not_size_its_cache_simulates_the_default(tmp_path):
+    _trace(tmp_path / "t")  # like vLLM's: no kv_cache_mb in its meta
+    cfg = SimulationConfig(trace=str(tmp_path / "t"), workload="poisson:rate=1,n=2,prompt=4,output=2",
+                           cost_model="fitted:" + SMOLLM2)  # fmt: skip
+    assert simulate(cfg).config.num_kv_blocks == 4096

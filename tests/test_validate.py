@@ -16,7 +16,7 @@ from testbed.core.policy_set import PolicyConfig
 from testbed.cost_spec import CostModelSpec
 from testbed.errors import ConfigError
 from testbed.sim.cost_model import build_cost_model, price_capture_s
-from testbed.sim.simulator import SimulationConfig
+from testbed.sim.simulator import DEFAULT_NUM_KV_BLOCKS, SimulationConfig
 from testbed.sweep import config_columns
 from testbed.sweep.results import policy_of
 from testbed.trace import read_capture
@@ -400,7 +400,7 @@ def test_the_validation_simulates_the_engine_s_own_kv_capacity(monkeypatch):
     engine = EngineRuns(_cfg())
     blocks = LLMEngine(engine.ckpt).block_manager
     assert engine.kv_blocks == {"num_kv_blocks": blocks.num_blocks, "block_size": blocks.block_size}
-    assert blocks.num_blocks != SimulationConfig.num_kv_blocks  # else the test proves nothing
+    assert blocks.num_blocks != DEFAULT_NUM_KV_BLOCKS  # else the test proves nothing
     seen = []
     monkeypatch.setattr(compare_one, "simulate", lambda c: seen.append(c))
     compare_one._simulate_at(engine, BASELINE, "traces/samples/oracle_cnndm", "roofline:H100", 1.0)

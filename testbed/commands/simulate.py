@@ -28,7 +28,9 @@ def main(argv: list[str]) -> int:
     )
     p.add_argument("--max-model-len", type=int, default=None,
                    help="longest prompt + output (default: the cost model's context)")  # fmt: skip
-    p.add_argument("--num-kv-blocks", type=int, default=SimulationConfig.num_kv_blocks)
+    p.add_argument("--num-kv-blocks", type=int, default=None,
+                   help="K/V blocks (default: with a fitted cost model the engine's own for "
+                   "the trace, else 4096)")  # fmt: skip
     p.add_argument("--block-size", type=int, default=SimulationConfig.block_size)
     p.add_argument("--allow-partial", action="store_true",
                    help="replay an interrupted capture (its finished requests)")  # fmt: skip
@@ -54,7 +56,9 @@ def main(argv: list[str]) -> int:
               f"{clip.num_outputs_clipped} outputs shortened)", file=sys.stderr)  # fmt: skip
     print(result.metrics.table())
     print(f"simulated {result.metrics.num_requests} requests in {wall_s:.2f} s wall "
-          f"({result.metrics.num_requests / wall_s:,.0f} requests/s); rejected {result.num_rejected}")  # fmt: skip
+          f"({result.metrics.num_requests / wall_s:,.0f} requests/s); rejected {result.num_rejected}; "
+          f"{result.config.num_kv_blocks} K/V blocks of {result.config.block_size} tokens, "
+          f"max_model_len {result.config.max_model_len}")  # fmt: skip
     if args.out is not None:
         write_run_info(args.out, cfg, seed=cfg.seed, wall_s=wall_s)
         record = {"config": to_jsonable(result.config), "metrics": result.metrics.to_dict(),

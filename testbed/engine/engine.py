@@ -15,7 +15,7 @@ from testbed.core import Sequence as SeqState
 from testbed.core.policy_set import build_policies
 from testbed.core.step import StepPlan, StepResult
 from testbed.engine.device import place, resolve_device, resolve_dtype
-from testbed.engine.kv_cache import KVCacheShape, PagedKVCache, num_kv_blocks
+from testbed.engine.kv_cache import KVCacheShape, PagedKVCache
 from testbed.engine.runner import ModelRunner, SeqMeta
 from testbed.engine.sampler import Sampler, SamplingParams
 from testbed.errors import ConfigError
@@ -34,7 +34,9 @@ class LLMEngine:
             raise ConfigError(f"{checkpoint.path} has no exit_heads.safetensors for 'classifier'")
         self.device, dtype = resolve_device(config.device), resolve_dtype(config.dtype)
         model = place(checkpoint.model, self.device, dtype)
-        num_blocks = num_kv_blocks(cfg, config.block_size, config.kv_cache_mb, dtype)
+        num_blocks = config.num_kv_blocks(num_layers=cfg.num_layers,
+                                          num_kv_heads=cfg.num_key_value_heads,
+                                          head_dim=cfg.head_size)  # fmt: skip
         if num_blocks < 1:
             raise ConfigError(f"kv_cache_mb={config.kv_cache_mb} holds no block")
         shape = KVCacheShape(

@@ -21,14 +21,6 @@ def kv_mb_for_tokens(cfg, num_tokens: int) -> float:
     return num_tokens * per_token / 2**20
 
 
-def num_kv_blocks(cfg, block_size: int, kv_cache_mb: float, dtype: torch.dtype) -> int:
-    """The K/V blocks ``kv_cache_mb`` holds for a model of ModelConfig ``cfg``: the engine's
-    own count, which a simulation of this engine must use too (it sets how many sequences
-    run at once)."""
-    per_block = KVCacheShape(cfg.num_layers, 1, block_size, cfg.num_key_value_heads, cfg.head_size)
-    return int(kv_cache_mb * 2**20 // per_block.bytes_per_block(dtype))
-
-
 @dataclass(frozen=True)
 class KVCacheShape:
     num_layers: int

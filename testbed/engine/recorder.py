@@ -94,6 +94,7 @@ class TraceProbe:
                 torch.sigmoid(
                     torch.einsum("lrh,lh->lr", normed, self.heads.weight) + self.heads.bias[:, None]
                 )
+                .float()  # numpy has no bfloat16
                 .cpu()
                 .numpy()
             )

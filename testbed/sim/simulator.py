@@ -13,11 +13,13 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import simpy
 
+from testbed.capture_records import DTYPE_BYTES, num_kv_blocks
 from testbed.core import BlockManager, Scheduler, SchedulerConfig
 from testbed.core import Sequence as SeqState
 from testbed.core.errors import CoreError
 from testbed.core.policy_set import PolicyConfig, build_policies
 from testbed.core.step import StepPlan
+from testbed.cost_spec import CostModelSpec
 from testbed.sim.cost_model import CostModel, StepFeatures, build_cost_model, context_tokens_of
 from testbed.sim.errors import SimulationError
 from testbed.sim.metrics import Metrics, RequestRecord, StepRecord, compute_metrics
@@ -32,6 +34,7 @@ from testbed.workload.transforms import ClipReport
 # steps, 5% of the run when done every 64th step. A simulation checks every 1024th step (the engine
 # and the property tests check every step).
 INVARIANT_CHECK_INTERVAL = 1024
+DEFAULT_NUM_KV_BLOCKS = 4096
 
 
 @dataclass(frozen=True)
@@ -42,7 +45,9 @@ class SimulationConfig:
     cost_model: str = "roofline:H100"
     scheduler: SchedulerConfig = SchedulerConfig()
     block_size: int = 16
-    num_kv_blocks: int = 4096
+    # None: the engine's own count for the trace's model when the cost model prices that engine
+    # (a fit), else DEFAULT_NUM_KV_BLOCKS (a 7B model on a GPU holds about that many)
+    num_kv_blocks: int | None = None
     seed: int = 0
     data_dir: str | None = None
     # longest prompt + output; it replaces scheduler.max_model_len. None: the context of the model
@@ -54,7 +59,7 @@ class SimulationConfig:
 
 @dataclass(frozen=True)
 class SimulationResult:
-    config: SimulationConfig  # as run: max_model_len and scheduler.max_model_len resolved
+    config: SimulationConfig  # as run: max_model_len, scheduler's and num_kv_blocks resolved
     metrics: Metrics
     clip: ClipReport  # requests whose lengths did not fit max_model_len (clipped, say so)
     requests: tuple[RequestRecord, ...] = ()
@@ -89,6 +94,8 @@ class Simulation:
             self.tokens.check_signal(self.policies.exit_rule.signal)
         self.num_layers = capture.num_layers
         self.eos = capture.meta["model"].get("config", {}).get("eos_token_id")
+        if cfg.num_kv_blocks is None:
+            raise SimulationError("Simulation needs num_kv_blocks; simulate() resolves it")
         self.blocks = BlockManager(cfg.num_kv_blocks, cfg.block_size)
         self.scheduler = Scheduler(
             cfg.scheduler, self.blocks, resume_policy=self.policies.batching,
@@ -243,11 +250,15 @@ class Simulation:
 def simulate(cfg: SimulationConfig, *, keep_plans: bool = False) -> SimulationResult:
     """One simulation run; a top-level function so executors can ship it to workers."""
     capture = read_capture(cfg.trace, allow_partial=cfg.allow_partial)
-    if cfg.num_kv_blocks <= 0 or cfg.block_size <= 0:
+    if (cfg.num_kv_blocks is not None and cfg.num_kv_blocks <= 0) or cfg.block_size <= 0:
         raise SimulationError("num_kv_blocks and block_size must be positive")
     cost = build_cost_model(cfg.cost_model, trace_meta=capture.meta)
     max_len = cfg.max_model_len or context_tokens_of(cost) or engine_context(capture)
-    cfg = replace(cfg, max_model_len=max_len,
+    blocks = cfg.num_kv_blocks
+    if blocks is None and CostModelSpec.parse(str(cfg.cost_model)).prices_this_engine:
+        blocks = engine_kv_blocks(capture, cfg.block_size)  # a fit: simulate the engine it priced
+    blocks = blocks or DEFAULT_NUM_KV_BLOCKS
+    cfg = replace(cfg, max_model_len=max_len, num_kv_blocks=blocks,
                   scheduler=replace(cfg.scheduler, max_model_len=max_len))  # fmt: skip
     lengths, clip = workload_lengths(
         cfg.workload, seed=cfg.seed, max_model_len=max_len, data_dir=cfg.data_dir
@@ -261,3 +272,19 @@ def engine_context(capture: Capture) -> int:
     config = capture.meta["model"].get("config", {})
     model_len = int(config.get("max_position_embeddings") or SchedulerConfig.max_model_len)
     return min(SchedulerConfig.max_model_len, model_len)
+
+
+def engine_kv_blocks(capture: Capture, block_size: int) -> int | None:
+    """The blocks of ``block_size`` tokens the native engine that wrote the trace had in its
+    K/V memory; None for a trace that does not say (vLLM sizes its own cache)."""
+    meta = capture.meta
+    config = meta["model"].get("config", {})
+    if not meta.get("kv_cache_mb") or meta.get("dtype") not in DTYPE_BYTES or not config:
+        return None
+    num_heads = config["num_attention_heads"]
+    return num_kv_blocks(
+        meta["kv_cache_mb"], block_size=block_size, dtype=meta["dtype"],
+        num_layers=config["num_hidden_layers"],
+        num_kv_heads=config.get("num_key_value_heads") or num_heads,
+        head_dim=config.get("head_dim") or config["hidden_size"] // num_heads,
+    )  # fmt: skip

@@ -7,7 +7,7 @@ GRID.toml (paths are relative to the working directory of the sweep and of its w
     cost_models = ["roofline:H100", "fitted:traces/samples/oracle_cnndm"]
     seed = 0                                    # optional (0)
     block_size = 16                             # optional, as SimulationConfig
-    num_kv_blocks = 4096                        # optional, as SimulationConfig
+    num_kv_blocks = 4096                        # optional (default: a fit, the engine's own)
 
     [[policies]]                 # one or more; each expands over rules × thresholds
     batching = "consensus"       # registry name

@@ -61,12 +61,10 @@ class EngineRuns:
         and cache are its own."""
         if self.cfg.engine != "native":
             return {}
-        from testbed.engine.device import resolve_dtype
-        from testbed.engine.kv_cache import num_kv_blocks
-
-        engine = self.engine_config(PolicyConfig())
-        num_blocks = num_kv_blocks(self.ckpt.model.config, engine.block_size,
-                                   engine.kv_cache_mb, resolve_dtype(engine.dtype))  # fmt: skip
+        engine, model = self.engine_config(PolicyConfig()), self.ckpt.model.config
+        num_blocks = engine.num_kv_blocks(num_layers=model.num_layers,
+                                          num_kv_heads=model.num_key_value_heads,
+                                          head_dim=model.head_size)  # fmt: skip
         return {"num_kv_blocks": num_blocks, "block_size": engine.block_size}
 
     def engine_config(self, policy: PolicyConfig):
