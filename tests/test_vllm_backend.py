@@ -27,7 +27,7 @@ from testbed.engine.sampler import SamplingParams  # noqa: E402
 from testbed.errors import ConfigError  # noqa: E402
 from testbed.model.checkpoint import load_checkpoint  # noqa: E402
 from testbed.sim.first_exit import replay_exit_layers  # noqa: E402
-from testbed.sim.simulator import SimulationConfig, simulate  # noqa: E402
+from testbed.sim.simulator import DEFAULT_NUM_KV_BLOCKS, SimulationConfig, simulate  # noqa: E402
 from testbed.trace import read_capture  # noqa: E402
 from testbed.vllm_backend.capture import run_vllm_capture  # noqa: E402
 from testbed.vllm_backend.engine import (  # noqa: E402
@@ -131,6 +131,12 @@ def test_capture_validates_replays_and_simulates(tmp_path, prompts):
                          scheduler=SchedulerConfig(max_model_len=1024))
     )  # fmt: skip
     assert result.metrics is not None and len(result.requests) == 8
+    # vLLM's own K/V blocks, recorded: a fit of this engine simulates its token capacity
+    blocks, block_size = capture.meta["num_kv_blocks"], capture.meta["block_size"]
+    assert blocks > 0 and block_size > 0
+    fitted = simulate(SimulationConfig(trace=str(out), workload="poisson:rate=4,n=2,prompt=16,output=4",
+                                       policy=policy, cost_model=f"fitted:{out}"))  # fmt: skip
+    assert fitted.config.num_kv_blocks == blocks * block_size // 16 != DEFAULT_NUM_KV_BLOCKS
 
 
 def test_oracle_capture_records_every_signal(tmp_path, prompts):

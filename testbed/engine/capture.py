@@ -22,7 +22,8 @@ from testbed.workload.lengths import workload_lengths
 from testbed.workload.prompts import attach_prompts, synthetic_prompts
 
 
-def capture_meta(ckpt: Checkpoint, cfg: CaptureConfig, device: str = "cpu") -> dict[str, Any]:
+def capture_meta(ckpt: Checkpoint, cfg: CaptureConfig, device: str = "cpu",
+                 num_kv_blocks: int | None = None) -> dict[str, Any]:  # fmt: skip
     model_cfg = ckpt.config
     return {
         "mode": cfg.mode,
@@ -38,6 +39,7 @@ def capture_meta(ckpt: Checkpoint, cfg: CaptureConfig, device: str = "cpu") -> d
         "policy": to_jsonable(cfg.engine.policy),
         "scheduler": to_jsonable(cfg.engine.scheduler),
         "block_size": cfg.engine.block_size,
+        "num_kv_blocks": num_kv_blocks,  # what kv_cache_mb held (a simulation of it needs them)
         "kv_cache_mb": cfg.engine.kv_cache_mb,
         "workload": cfg.workload,
         "seed": cfg.seed,
@@ -65,7 +67,13 @@ def run_capture(
     order = sorted(requests, key=lambda r: (r.arrival_s, r.request_id))
     request_ids = {seq_id: r.request_id for seq_id, r in enumerate(order)}
     with CaptureWriter(
-        out, capture_meta(ckpt, dataclasses.replace(cfg, engine=engine_cfg), str(engine.device))
+        out,
+        capture_meta(
+            ckpt,
+            dataclasses.replace(cfg, engine=engine_cfg),
+            str(engine.device),
+            engine.block_manager.num_blocks,
+        ),
     ) as writer:
         limits = {seq_id: r.max_tokens for seq_id, r in enumerate(order)}
         recorder = TraceRecorder(writer, probe, engine.num_layers, request_ids, limits)

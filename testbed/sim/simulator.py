@@ -275,9 +275,13 @@ def engine_context(capture: Capture) -> int:
 
 
 def engine_kv_blocks(capture: Capture, block_size: int) -> int | None:
-    """The blocks of ``block_size`` tokens the native engine that wrote the trace had in its
-    K/V memory; None for a trace that does not say (vLLM sizes its own cache)."""
+    """The blocks of ``block_size`` tokens that hold as many tokens as the K/V memory of the
+    engine that wrote the trace: its recorded block count (vLLM's blocks are its own size), or
+    for a trace of the native engine that predates it, what its kv_cache_mb held. None for a
+    trace that says neither."""
     meta = capture.meta
+    if meta.get("num_kv_blocks") and meta.get("block_size"):
+        return meta["num_kv_blocks"] * meta["block_size"] // block_size
     config = meta["model"].get("config", {})
     if not meta.get("kv_cache_mb") or meta.get("dtype") not in DTYPE_BYTES or not config:
         return None

@@ -71,8 +71,10 @@ def engine_config_for(cfg: CaptureConfig) -> VllmEngineConfig:
 
 
 def vllm_capture_meta(
-    ckpt_dir: Path, cfg: CaptureConfig, settings: VllmEarlyExitConfig
+    ckpt_dir: Path, cfg: CaptureConfig, settings: VllmEarlyExitConfig, cache_config=None
 ) -> dict[str, Any]:
+    """``cache_config``: the running engine's vLLM CacheConfig, whose K/V blocks a simulation of
+    this engine needs; None (a server in another process) records none."""
     model_cfg = read_config(ckpt_dir)
     engine_cfg = engine_config_for(cfg)
     return {
@@ -92,7 +94,9 @@ def vllm_capture_meta(
         "dtype": engine_cfg.dtype,
         "policy": to_jsonable(settings.policy),
         "scheduler": to_jsonable(engine_cfg),
-        "block_size": None,  # vLLM's own choice
+        # vLLM's own choices (CPU: blocks of 128 tokens in VLLM_CPU_KVCACHE_SPACE)
+        "block_size": getattr(cache_config, "block_size", None),
+        "num_kv_blocks": getattr(cache_config, "num_gpu_blocks", None),
         "kv_cache_mb": None,
         "workload": cfg.workload,
         "seed": cfg.seed,
@@ -113,7 +117,8 @@ def run_vllm_capture(
     engine = llm.llm_engine
     order = sorted(requests, key=lambda r: (r.arrival_s, r.request_id))
     num_layers = read_config(ckpt_dir).num_hidden_layers
-    with CaptureWriter(out, vllm_capture_meta(Path(ckpt_dir), cfg, settings)) as writer:
+    meta = vllm_capture_meta(Path(ckpt_dir), cfg, settings, engine.vllm_config.cache_config)
+    with CaptureWriter(out, meta) as writer:
         run = _Run(writer, num_layers, cfg.mode == "oracle")
         nxt = 0
         while nxt < len(order) or engine.has_unfinished_requests():
