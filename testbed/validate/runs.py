@@ -57,8 +57,8 @@ class EngineRuns:
         """SimulationConfig's K/V fields for this engine: the native engine's own block count,
         which sets how many sequences run at once (SmolLM2's 256 MB hold 364 blocks, the
         simulator's default is 4096: simulated with those, 16 long Azure prompts ran all at
-        once and the mean TPOT came out twice the engine's). Empty for vLLM, whose scheduler
-        and cache are its own."""
+        once and the mean TPOT came out twice the engine's). Empty for vLLM, which sizes its
+        cache when it starts: the simulation reads its blocks off the oracle trace it wrote."""
         if self.cfg.engine != "native":
             return {}
         engine, model = self.engine_config(PolicyConfig()), self.ckpt.model.config
