@@ -12,7 +12,7 @@ from analysis.load import RunData, load_run
 from analysis.rank import with_speedups
 from testbed import atomic
 from testbed.cost_spec import CostModelError, CostModelSpec
-from testbed.validation_records import ValidationResults
+from testbed.validation_records import ValidationResults, chance_inside_range
 
 GOAL_ERROR = 0.10  # the validation goal: |simulated / measured - 1| for throughput and mean TPOT
 GOAL_TAU = 0.6
@@ -189,13 +189,20 @@ def _noise_section(res: ValidationResults) -> list[str]:
     if res.forecast_inside_range is not None:
         lines += ["", f"Forecast inside the measured range on {sum(r.forecast_inside for r in judged)} "
                   f"of {len(judged)} configuration × metric pairs ({res.forecast_inside_range:.0%}; "
-                  "goal 90%)."]  # fmt: skip
+                  f"goal 90%). {_chance_inside(res.repeats)}"]  # fmt: skip
     if res.unordered_pairs:
         shown = "; ".join(f"{a} vs {b}" for a, b in res.unordered_pairs[:12])
         more = f" and {len(res.unordered_pairs) - 12} more" if len(res.unordered_pairs) > 12 else ""
         lines += ["", f"Pairs this measurement cannot order (fewer than 80% of at least 3 rounds "
                   f"agree; no ranking claim is made between them): {shown}{more}."]  # fmt: skip
     return [*lines, ""]
+
+
+def _chance_inside(num_rounds: int) -> str:
+    if num_rounds < 2:
+        return ""
+    return (f"A forecast as good as one more round would land inside the range of {num_rounds} "
+            f"rounds {chance_inside_range(num_rounds):.0%} of the time.")  # fmt: skip
 
 
 def _yes(flag: bool | None) -> str:

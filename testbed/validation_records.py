@@ -40,6 +40,13 @@ class ErrorRow:
     error: float | None  # predicted / measured - 1
 
 
+def chance_inside_range(num_rounds: int) -> float:
+    """How often a perfect forecast lands inside the range of ``num_rounds`` measured rounds: one
+    more draw of the same noise falls between the min and max of n draws with probability
+    (n - 1) / (n + 1), whatever the noise's law (50% at 3 rounds; 90% needs 19)."""
+    return (num_rounds - 1) / (num_rounds + 1) if num_rounds >= 2 else 0.0
+
+
 @dataclass(frozen=True)
 class NoiseRow:
     """How repeatable one goal metric of one configuration is over its rounds, and whether the

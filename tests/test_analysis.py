@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -14,7 +15,7 @@ from hypothesis import strategies as st
 from analysis.figures import offered_load
 from analysis.load import ReportError, load_run
 from analysis.rank import pareto_front, with_speedups
-from analysis.report import write_report
+from analysis.report import _chance_inside, write_report
 from testbed.cli import main as cli
 from testbed.compare import error_rows
 from testbed.core.policy_set import PolicyConfig
@@ -233,10 +234,22 @@ def test_report_shows_the_noise_floor_and_the_pairs_it_cannot_order(tmp_path):
                  predicted=0.2, forecast_inside=False, hindsight_inside=None,
                  error_over_noise=20.0),
     )  # fmt: skip
-    _write(tmp_path / "validate", replace(res, noise=noise, forecast_inside_range=0.5,
+    _write(tmp_path / "validate", replace(res, noise=noise, forecast_inside_range=0.5, repeats=3,
                                           unordered_pairs=(("full", "shrink/x"),)))  # fmt: skip
     text = write_report(tmp_path).read_text()
     assert "| full | throughput tok/s | 100 | 2.0% | 97–104 | 103 | yes | yes | 1.5 |" in text
+    assert "inside the range of 3 rounds 50% of the time" in text
     assert "| full | mean TPOT ms | 100 | 5.0% | 90–110 | 200 | no | – | 20.0 |" in text
     assert "Forecast inside the measured range on 1 of 2 configuration × metric pairs (50%" in text
     assert "cannot order" in text and "full vs shrink/x" in text
+
+
+def test_a_perfect_forecast_lands_inside_n_rounds_range_as_often_as_the_report_says():
+    # one more draw of the same noise against the range of n draws: (n - 1) / (n + 1)
+    rng = np.random.default_rng(0)
+    for n, said in ((3, "50%"), (5, "67%")):
+        draws = rng.lognormal(0.0, 0.2, size=(200_000, n + 1))
+        rounds, forecast = draws[:, :n], draws[:, n]
+        inside = (rounds.min(1) <= forecast) & (forecast <= rounds.max(1))
+        assert abs(inside.mean() - (n - 1) / (n + 1)) < 0.005
+        assert f"{n} rounds {said} of the time" in _chance_inside(n)

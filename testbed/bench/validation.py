@@ -10,7 +10,7 @@ from testbed.bench.options import Progress, Say
 from testbed.demo import DemoConfig, demo_config, run_demo
 from testbed.errors import ConfigError
 from testbed.runinfo import write_run_info
-from testbed.validation_records import ValidationResults
+from testbed.validation_records import ValidationResults, chance_inside_range
 
 AZURE = "azure_llm_trace_2023/AzureLLMInferenceTrace_conv.csv"
 OUTPUT_TOKENS = 48
@@ -124,7 +124,8 @@ def run(out: Path, data_dir: str | None, names: list[str] | None = None, *, say:
     _print_rows(rows, say)
     for name, (k, n) in inside.items():
         say(f"{name}: the forecast lies inside the rounds' measured range on {k} of {n} "
-            "configuration x metric pairs")  # fmt: skip
+            "configuration x metric pairs (a forecast as good as one more round: "
+            f"{chance_inside_range(repeats):.0%})")  # fmt: skip
     return rows
 
 
