@@ -373,3 +373,28 @@ thresholds = [0.9]
     assert full["is_baseline"] and full["est_agreement"] == 1.0
     assert consensus["mean_exit_layer"] <= full["mean_exit_layer"]
     assert full["num_requests"] == consensus["num_requests"] == 6
+
+
+def test_a_fitted_sweep_records_the_engine_s_capacity_and_reruns_older_points(
+    tmp_path, monkeypatch
+):
+    monkeypatch.chdir(REPO)
+    (tmp_path / "g.toml").write_text("""
+trace = "traces/samples/oracle_smollm2"
+workloads = ["poisson:rate=4,n=3,prompt=16,output=4"]
+cost_models = ["fitted:traces/samples/oracle_smollm2"]
+[[policies]]
+batching = "consensus"
+rules = ["hidden"]
+thresholds = [0.9]
+""")
+    configs = load_grid(tmp_path / "g.toml").expand()
+    row = _sweep(configs, tmp_path / "out", simulate).rows[0]
+    # the grid leaves the capacity open; the fit's engine held 364 blocks and ran 2048 tokens
+    assert (row["num_kv_blocks"], row["max_model_len"]) == (364, 2048)
+    # a point an older eetb wrote (no as_run, perhaps at 4096 blocks) is not taken as finished
+    path = tmp_path / "out" / "runs" / f"{row['key']}.json"
+    doc = json.loads(path.read_text())
+    path.write_text(json.dumps({**doc, "schema_version": 1, "as_run": {"num_kv_blocks": 4096}}))
+    report = _sweep(configs, tmp_path / "out", simulate)
+    assert report.num_finished == 1 and report.rows[0]["num_kv_blocks"] == 364

@@ -23,7 +23,9 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 
-RUN_SCHEMA_VERSION = 1
+# 2: a run's file holds as_run, the capacity and context simulate() resolved (a fitted point
+# of version 1 may have run at the 4096-block default instead of its engine's own: run again)
+RUN_SCHEMA_VERSION = 2
 
 
 BASELINE_POLICY = PolicyConfig(batching="full")

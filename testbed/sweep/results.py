@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 from testbed import atomic
 from testbed.core.policy_set import PolicyConfig
 from testbed.sim.simulator import SimulationConfig
-from testbed.sweep.grid import BASELINE_POLICY
+from testbed.sweep.grid import BASELINE_POLICY, RUN_SCHEMA_VERSION
 
 
 def config_columns(cfg: SimulationConfig) -> dict[str, Any]:
@@ -49,11 +49,18 @@ def collect_rows(runs_dir: Path, keyed: dict[str, SimulationConfig]) -> list[dic
     return rows
 
 
+def as_run(cfg: SimulationConfig) -> dict[str, Any]:
+    """What simulate() resolved that the grid may leave open: results.parquet columns."""
+    return {"num_kv_blocks": cfg.num_kv_blocks, "max_model_len": cfg.max_model_len}
+
+
 def _finished_metrics(path: Path, *, quiet: bool = False) -> dict[str, Any] | None:
-    """A finished point's metrics; None when it has not run or its file is torn (a disk full, a
-    copy cut short): that point is run again, with a line saying so."""
+    """A finished point's metrics and as_run values; None when it has not run, its file is torn
+    (a disk full, a copy cut short) or an older eetb wrote it: that point is run again, with a
+    line saying so."""
     try:
-        metrics = json.loads(path.read_text())["metrics"]
+        doc = json.loads(path.read_text())
+        metrics, version = doc["metrics"], doc.get("schema_version", 1)
     except FileNotFoundError:
         return None
     except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -61,7 +68,12 @@ def _finished_metrics(path: Path, *, quiet: bool = False) -> dict[str, Any] | No
             print(f"eetb: {path.name} is unreadable ({type(exc).__name__}); running that point "
                   "again", file=sys.stderr)  # fmt: skip
         return None
-    return metrics if isinstance(metrics, dict) else None
+    if version != RUN_SCHEMA_VERSION or not isinstance(metrics, dict):
+        if not quiet:
+            print(f"eetb: {path.name} is of run schema {version}, not {RUN_SCHEMA_VERSION}; "
+                  "running that point again", file=sys.stderr)  # fmt: skip
+        return None
+    return {**metrics, **doc.get("as_run", {})}
 
 
 def write_results(rows: Sequence[dict[str, Any]], path: Path) -> Path:

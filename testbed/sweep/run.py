@@ -21,7 +21,7 @@ from testbed.locks import LOCK_FILE, exclusive
 from testbed.runinfo import to_jsonable
 from testbed.sim.simulator import SimulationConfig, SimulationResult, simulate
 from testbed.sweep.grid import RUN_SCHEMA_VERSION, GridError, ProgressFn, RunFn
-from testbed.sweep.results import _finished_metrics, collect_rows, write_results
+from testbed.sweep.results import _finished_metrics, as_run, collect_rows, write_results
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def _write_json(path: Path, doc: dict[str, Any]) -> None:
 
 def _record_run(runs_dir: Path, key: str, cfg: SimulationConfig, result: SimulationResult) -> None:
     doc = {"schema_version": RUN_SCHEMA_VERSION, "key": key, "config": to_jsonable(cfg),
-           "metrics": result.metrics.to_dict(),
+           "metrics": result.metrics.to_dict(), "as_run": as_run(result.config),
            "num_requests_clipped": result.clip.num_requests_clipped}  # fmt: skip
     _write_json(runs_dir / f"{key}.json", doc)
     (runs_dir / f"{key}.error.json").unlink(missing_ok=True)  # an earlier try's failure
