@@ -353,20 +353,24 @@ def test_cli_bad_grid_is_one_line_and_exit_2(tmp_path, capsys, grid_text, match)
     assert not out.exists()
 
 
-def test_a_small_real_sweep_on_the_sample_trace(tmp_path, monkeypatch):
-    monkeypatch.chdir(REPO)
-    text = """
-trace = "traces/samples/oracle_cnndm"
-workloads = ["poisson:rate=4,n=6,prompt=64-128,output=16"]
-cost_models = ["roofline:H100"]
+def _consensus_grid(tmp_path, sample: str, workload: str, cost_model: str):
+    """The configs of a real grid: full and consensus/hidden@0.9 on a sample trace."""
+    (tmp_path / "grid.toml").write_text(f"""
+trace = "traces/samples/{sample}"
+workloads = ["{workload}"]
+cost_models = ["{cost_model}"]
 [[policies]]
 batching = "consensus"
 rules = ["hidden"]
 thresholds = [0.9]
-"""
-    grid_file = tmp_path / "real.toml"
-    grid_file.write_text(text)
-    configs = load_grid(grid_file).expand()
+""")
+    return load_grid(tmp_path / "grid.toml").expand()
+
+
+def test_a_small_real_sweep_on_the_sample_trace(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    configs = _consensus_grid(tmp_path, "oracle_cnndm", "poisson:rate=4,n=6,prompt=64-128,output=16",
+                              "roofline:H100")  # fmt: skip
     report = _sweep(configs, tmp_path / "out", simulate)
     assert report.failures == () and len(report.rows) == 2
     full, consensus = report.rows
@@ -379,16 +383,8 @@ def test_a_fitted_sweep_records_the_engine_s_capacity_and_reruns_older_points(
     tmp_path, monkeypatch
 ):
     monkeypatch.chdir(REPO)
-    (tmp_path / "g.toml").write_text("""
-trace = "traces/samples/oracle_smollm2"
-workloads = ["poisson:rate=4,n=3,prompt=16,output=4"]
-cost_models = ["fitted:traces/samples/oracle_smollm2"]
-[[policies]]
-batching = "consensus"
-rules = ["hidden"]
-thresholds = [0.9]
-""")
-    configs = load_grid(tmp_path / "g.toml").expand()
+    configs = _consensus_grid(tmp_path, "oracle_smollm2", "poisson:rate=4,n=3,prompt=16,output=4",
+                              "fitted:traces/samples/oracle_smollm2")  # fmt: skip
     row = _sweep(configs, tmp_path / "out", simulate).rows[0]
     # the grid leaves the capacity open; the fit's engine held 364 blocks and ran 2048 tokens
     assert (row["num_kv_blocks"], row["max_model_len"]) == (364, 2048)
