@@ -22,6 +22,7 @@ from testbed.core.step import StepPlan
 from testbed.cost_spec import CostModelSpec
 from testbed.sim.cost_model import CostModel, StepFeatures, build_cost_model, context_tokens_of
 from testbed.sim.errors import SimulationError
+from testbed.sim.hardware import ModelShape
 from testbed.sim.metrics import Metrics, RequestRecord, StepRecord, compute_metrics
 from testbed.sim.replay import ReplayRunner, StepWork
 from testbed.sim.token_source import TokenStream, TraceTokens
@@ -282,13 +283,9 @@ def engine_kv_blocks(capture: Capture, block_size: int) -> int | None:
     meta = capture.meta
     if meta.get("num_kv_blocks") and meta.get("block_size"):
         return meta["num_kv_blocks"] * meta["block_size"] // block_size
-    config = meta["model"].get("config", {})
-    if not meta.get("kv_cache_mb") or meta.get("dtype") not in DTYPE_BYTES or not config:
+    if not meta.get("kv_cache_mb") or meta.get("dtype") not in DTYPE_BYTES:
         return None
-    num_heads = config["num_attention_heads"]
-    return num_kv_blocks(
-        meta["kv_cache_mb"], block_size=block_size, dtype=meta["dtype"],
-        num_layers=config["num_hidden_layers"],
-        num_kv_heads=config.get("num_key_value_heads") or num_heads,
-        head_dim=config.get("head_dim") or config["hidden_size"] // num_heads,
-    )  # fmt: skip
+    shape = ModelShape.from_capture_meta(meta)
+    return num_kv_blocks(meta["kv_cache_mb"], block_size=block_size, dtype=meta["dtype"],
+                         num_layers=shape.num_layers, num_kv_heads=shape.num_kv_heads,
+                         head_dim=shape.head_dim)  # fmt: skip
