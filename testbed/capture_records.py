@@ -7,8 +7,11 @@ scheduler and seed (its own K/V sizing and device are vLLM's).
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
+from policies.exit_rules import ExitPoints
 from testbed.core import SchedulerConfig
 from testbed.core.policy_set import PolicyConfig
 from testbed.errors import ConfigError
@@ -27,6 +30,31 @@ def num_kv_blocks(kv_cache_mb: float, *, block_size: int, dtype: str, num_layers
     once). Torch-free, so the simulator reads it off a capture's meta."""
     bytes_per_block = 2 * num_layers * block_size * num_kv_heads * head_dim * DTYPE_BYTES[dtype]
     return int(kv_cache_mb * 2**20 // bytes_per_block)
+
+
+def oracle_policy(policy: PolicyConfig) -> PolicyConfig:
+    """What an oracle capture runs: full depth, keeping the exit points it records."""
+    return PolicyConfig(min_exit_layer=policy.min_exit_layer, exit_stride=policy.exit_stride)
+
+
+def covering_oracle(policies: Iterable[PolicyConfig]) -> PolicyConfig:
+    """The oracle of the fewest exit points (of the min_exit_layer + k·exit_stride form) that
+    hold every early-exit policy's points, so one cheap capture replays them all."""
+    early = [p for p in policies if p.is_early_exit]
+    if not early:
+        return PolicyConfig()
+    first = min(p.min_exit_layer for p in early)
+    stride = math.gcd(*(p.exit_stride for p in early), *(p.min_exit_layer - first for p in early))
+    return PolicyConfig(min_exit_layer=first, exit_stride=stride)
+
+
+def oracle_layers(policy: PolicyConfig, num_layers: int) -> tuple[int, ...]:
+    """The layers an oracle records signals at: the policy's exit points (min_exit_layer, then
+    every exit_stride layers; by default every layer) and the last layer. A replay of it can
+    exit only at those points; fewer make the capture cheaper (each costs an LM head)."""
+    points = ExitPoints(min_exit_layer=policy.min_exit_layer, stride=policy.exit_stride)
+    points.check_depth(num_layers)
+    return (*points.layers(num_layers), num_layers)
 
 
 @dataclass(frozen=True)
@@ -64,6 +92,13 @@ class CaptureConfig:
         if self.mode not in CAPTURE_MODES:
             known = ", ".join(CAPTURE_MODES)
             raise ConfigError(f"unknown capture mode {self.mode!r} (known: {known})")
+
+    def recorded_layers(self, num_layers: int) -> list[int] | None:
+        """Where an oracle records signals (meta.json's ``oracle_layers``: a replay's exit
+        points must be among them); None for a live capture."""
+        if self.mode != "oracle":
+            return None
+        return list(oracle_layers(self.engine.policy, num_layers))
 
 
 @dataclass(frozen=True)

@@ -120,6 +120,15 @@ class Capture:
     def is_partial(self) -> bool:
         return bool(self.meta.get("is_partial"))
 
+    @property
+    def oracle_layers(self) -> tuple[int, ...] | None:
+        """The layers an oracle capture recorded signals at (captures before meta.json said so
+        recorded all); None for a live capture."""
+        if self.meta.get("mode") != "oracle":
+            return None
+        layers = self.meta.get("oracle_layers")
+        return tuple(layers) if layers else tuple(range(1, self.num_layers + 1))
+
 
 class CaptureWriter:
     """Streams the three tables of one capture; use as a context manager."""
@@ -359,6 +368,14 @@ def validate(c: Capture) -> None:
             raise TraceError(f"tokens.parquet: row {int(owner[row])}: {col} holds NaN")
 
 
+def matches_final(argmax: list[int | None] | None, token_id: int) -> list[bool | None] | None:
+    """The ``matches_final`` cell of an oracle token: whether each layer's argmax is the emitted
+    token; None at the layers the oracle did not record, and for a live token."""
+    if argmax is None:
+        return None
+    return [None if a is None else a == token_id for a in argmax]
+
+
 def signal_matrix(tokens: pa.Table, column: str, num_layers: int) -> np.ndarray:
     """A list column as float [tokens, num_layers]; NaN where the list or an element is null."""
     arr = tokens[column].combine_chunks()
@@ -375,8 +392,11 @@ def signal_matrix(tokens: pa.Table, column: str, num_layers: int) -> np.ndarray:
 
 def agreement_by_layer(capture: Capture) -> np.ndarray:
     """Oracle captures: per exit layer 1..L, the fraction of tokens whose argmax there equals
-    the emitted (final-layer) token."""
+    the emitted (final-layer) token; NaN at the layers the oracle did not record."""
     matches = signal_matrix(capture.tokens, "matches_final", capture.num_layers)
     if np.isnan(matches).all():
         raise TraceError(f"{capture.path} has no matches_final column data: not an oracle capture")
-    return np.nanmean(matches, axis=0)
+    recorded = ~np.isnan(matches).all(axis=0)  # an oracle of a few exit points leaves NaN columns
+    out = np.full(capture.num_layers, np.nan)
+    out[recorded] = np.nanmean(matches[:, recorded], axis=0)
+    return out

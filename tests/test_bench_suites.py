@@ -16,14 +16,19 @@ from testbed.model.checkpoint import load_checkpoint
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_capture_suite_returns_three_timed_runs_of_each_side_and_records_the_ratio(tmp_path):
+def test_capture_suite_times_both_oracles_against_plain_and_records_the_ratios(tmp_path):
     lines: list[str] = []
     opts = BenchOptions(out=tmp_path, num_requests=2, max_new_tokens=3, device="cpu")
     times = capture.run(opts, load_checkpoint(resolve_model_dir("builtin")), lines.append)
-    assert {k: len(v) for k, v in times.items()} == {"plain": 3, "oracle capture": 3}
+    sparse = "oracle at 2 exit points"  # 8 layers: half the depth, then every third: 4 and 7
+    assert {k: len(v) for k, v in times.items()} == {"plain": 3, "oracle, every layer": 3,
+                                                     sparse: 3}  # fmt: skip
     info = json.loads((tmp_path / "run.json").read_text())
-    assert info["ratio"] == pytest.approx(min(times["oracle capture"]) / min(times["plain"]))
-    assert lines[-1].startswith("oracle capture / plain full-depth generation:")
+    assert info["sparse_layers"] == [4, 7]
+    for name in ("oracle, every layer", sparse):
+        assert info["ratios"][name] == pytest.approx(min(times[name]) / min(times["plain"]))
+    assert lines[0] == f"{sparse}: layers 4, 7 (and the last, 8)"
+    assert lines[-1].startswith(f"{sparse} / plain full-depth generation:")
 
 
 def test_sim_speed_suite_rows_count_the_requests_it_simulated(tmp_path):

@@ -85,6 +85,28 @@ def test_capture_and_trace_info(capsys, tmp_path):
     assert main(["trace", "info", str(out)]) == 0
 
 
+def test_an_oracle_of_chosen_exit_points_and_its_trace_info(capsys, tmp_path):
+    out = tmp_path / "cap"
+    code = main(["capture", "--workload", "poisson:rate=50,n=3,prompt=8-16,output=4",
+                 "--dataset", "synthetic", "--mode", "oracle", "--out", str(out),
+                 "--min-exit-layer", "4", "--exit-stride", "2"])  # fmt: skip
+    assert code == 0
+    capsys.readouterr()
+    assert main(["trace", "info", str(out)]) == 0  # the capture's own exit points by default
+    text = capsys.readouterr().out
+    assert "(exit points 4, 6)" in text
+    agreement = text.split("agreement with the final token by exit layer:\n")[1].splitlines()[0]
+    assert [cell.split(":")[0] for cell in agreement.split()[::2]] == ["4", "6", "8"]
+    assert main(["trace", "info", str(out), "--min-exit-layer", "3"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "only at layers 4, 6, not at 3, 5, 7" in err
+    assert main(["capture", "--workload", "poisson:rate=50,n=2,prompt=8,output=2",
+                 "--dataset", "synthetic", "--out", str(tmp_path / "deep"),
+                 "--min-exit-layer", "8"]) == 2  # fmt: skip
+    assert "leaves no exit point" in capsys.readouterr().err
+    assert not (tmp_path / "deep").exists()
+
+
 @pytest.mark.parametrize(
     "argv,message",
     [

@@ -15,13 +15,23 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import get_num_threads as torch_threads
 
-from policies import ExitPoints, HiddenCosineRule
-from testbed.capture_records import CaptureConfig, CaptureRequest, EngineConfig
+from policies import ExitPoints, HiddenCosineRule, PolicyConfigError
+from testbed.capture_records import (
+    CaptureConfig,
+    CaptureRequest,
+    EngineConfig,
+    covering_oracle,
+    oracle_layers,
+)
 from testbed.core.policy_set import PolicyConfig
 from testbed.engine.capture import run_capture
+from testbed.sim.errors import SimulationError
 from testbed.sim.first_exit import replay_exit_layers
+from testbed.sim.simulator import SimulationConfig, simulate
 from testbed.trace import (
     SCHEMA_VERSION,
     SCHEMAS,
@@ -209,6 +219,96 @@ def test_oracle_final_layer_agrees_with_the_emitted_token(oracle):
         assert not np.isnan(signal_matrix(cap.tokens, col, L)).any()
     times = cap.steps["layer_times_s"].to_pylist()
     assert all(len(t) == L for t in times)
+
+
+def _at_once(n=5):
+    """Requests that all arrive at 0: every capture of them runs the same batches (arrival
+    pacing on the wall clock could batch them apart, and batching moves the floats)."""
+    return [replace(r, arrival_s=0.0) for r in _requests(n)]
+
+
+@pytest.fixture(scope="module")
+def oracles(ckpt, tmp_path_factory):
+    """(every layer, exit points 2 and 4 only and the last layer 6) of the same requests."""
+    root = tmp_path_factory.mktemp("caps")
+    points = EngineConfig(policy=PolicyConfig(min_exit_layer=2, exit_stride=2))
+    run_capture(ckpt, _at_once(), CaptureConfig(mode="oracle"), root / "full")
+    run_capture(ckpt, _at_once(), CaptureConfig(mode="oracle", engine=points), root / "sparse")
+    return root / "full", root / "sparse"
+
+
+@pytest.fixture(scope="module")
+def sparse_oracle(oracles):
+    return oracles[1]
+
+
+def test_an_oracle_of_a_few_exit_points_records_the_full_oracle_s_values_there_only(oracles):
+    full, sparse = (read_capture(path) for path in oracles)
+    assert sparse.meta["oracle_layers"] == [2, 4, L] and sparse.oracle_layers == (2, 4, L)
+    assert full.oracle_layers == tuple(range(1, L + 1))
+    assert sparse.meta["policy"]["batching"] == "full"  # an oracle runs full depth regardless
+    # rows in the order of each request's stream (arrival pacing may interleave steps apart)
+    a_tokens, b_tokens = (c.tokens.sort_by([("request_id", "ascending"), ("position", "ascending")])
+                          for c in (full, sparse))  # fmt: skip
+    assert b_tokens["token_id"].to_pylist() == a_tokens["token_id"].to_pylist()
+    recorded = np.array([2, 4, L]) - 1
+    skipped = np.setdiff1d(np.arange(L), recorded)
+    for col in ("softmax_margin", "hidden_cosine", "classifier_prob", "matches_final"):
+        a, b = signal_matrix(a_tokens, col, L), signal_matrix(b_tokens, col, L)
+        np.testing.assert_allclose(b[:, recorded], a[:, recorded], rtol=1e-5, atol=1e-6)
+        assert np.isnan(b[:, skipped]).all(), col
+
+
+def test_a_replay_of_a_sparse_oracle_equals_the_full_oracle_s_at_its_points(oracles):
+    workload = "poisson:rate=50,n=5,prompt=8-16,output=10"
+    for rule in ("hidden", "softmax", "classifier"):
+        policy = PolicyConfig(batching="shrink", exit_rule=rule, threshold=0.5,
+                              min_exit_layer=2, exit_stride=2)  # fmt: skip
+        results = [
+            simulate(SimulationConfig(trace=str(t), workload=workload, policy=policy))
+            for t in oracles
+        ]
+        assert results[0].metrics == results[1].metrics, rule
+    exits = []
+    for trace in oracles:
+        cap = read_capture(trace)
+        layers = replay_exit_layers(cap, HiddenCosineRule(0.5), ExitPoints(2, 2)).tolist()
+        keys = zip(
+            cap.tokens["request_id"].to_pylist(), cap.tokens["position"].to_pylist(), strict=True
+        )
+        exits.append(dict(zip(keys, layers, strict=True)))
+    assert exits[0] == exits[1] and set(exits[1].values()) == {2, 4, L}
+
+
+@pytest.mark.parametrize("points", [(1, 2), (3, 1), (2, 1)])
+def test_a_replay_at_exit_points_the_oracle_did_not_record_is_refused(sparse_oracle, points):
+    policy = PolicyConfig(batching="shrink", min_exit_layer=points[0], exit_stride=points[1])
+    cfg = SimulationConfig(trace=str(sparse_oracle), workload="poisson:rate=9,n=2,prompt=8,output=4",
+                           policy=policy)  # fmt: skip
+    with pytest.raises(SimulationError, match=r"only at layers 2, 4, not at"):
+        simulate(cfg)
+    with pytest.raises(SimulationError, match="--min-exit-layer"):
+        replay_exit_layers(read_capture(sparse_oracle), HiddenCosineRule(0.9), ExitPoints(*points))
+
+
+def test_an_oracle_with_no_exit_point_in_the_model_is_refused_before_it_runs(ckpt, tmp_path):
+    deep = EngineConfig(policy=PolicyConfig(min_exit_layer=L))
+    with pytest.raises(PolicyConfigError, match="leaves no exit point"):
+        run_capture(ckpt, _requests(), CaptureConfig(mode="oracle", engine=deep), tmp_path / "c")
+    assert not (tmp_path / "c").exists()
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 20), st.integers(1, 6)), min_size=1, max_size=4))
+def test_the_covering_oracle_holds_every_policy_s_exit_points_and_no_shallower(points):
+    policies = [PolicyConfig(batching="shrink", min_exit_layer=m, exit_stride=s)
+                for m, s in points] + [PolicyConfig()]  # fmt: skip
+    cover = covering_oracle(policies)
+    recorded = set(oracle_layers(cover, 24))
+    for p in policies[:-1]:
+        assert set(ExitPoints(p.min_exit_layer, p.exit_stride).layers(24)) <= recorded
+    assert cover.min_exit_layer == min(m for m, _ in points)
+    assert covering_oracle([PolicyConfig()]) == PolicyConfig()  # full depth alone: every layer
 
 
 def _copy_capture(src: Path, dst: Path) -> Path:

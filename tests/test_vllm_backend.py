@@ -152,6 +152,19 @@ def test_oracle_capture_records_every_signal(tmp_path, prompts):
     assert cpu and all(c is not None and c > 0 for c in cpu)
 
 
+def test_an_oracle_of_chosen_exit_points_records_signals_there_only(tmp_path, prompts):
+    requests = [CaptureRequest(i, 0.0, tuple(p), 6) for i, p in enumerate(prompts[:2])]
+    points = EngineConfig(policy=PolicyConfig(min_exit_layer=4, exit_stride=2))
+    cfg = CaptureConfig(mode="oracle", engine=points)
+    capture = read_capture(run_vllm_capture(BUILTIN, requests, cfg, tmp_path / "sparse"))
+    assert capture.meta["oracle_layers"] == [4, 6, 8]
+    for t in capture.tokens.to_pylist():
+        for name in ("softmax_margin", "hidden_cosine", "classifier_prob", "matches_final"):
+            recorded = [layer + 1 for layer, v in enumerate(t[name]) if v is not None]
+            assert recorded == [4, 6, 8], name
+        assert t["matches_final"][-1] and t["exit_layer"] == 8
+
+
 def test_refused_policy_raises_before_vllm_starts(tmp_path):
     cfg = CaptureConfig(mode="live", engine=EngineConfig(policy=PolicyConfig(batching="shrink")))
     with pytest.raises(ConfigError, match="shrink"):

@@ -26,7 +26,8 @@ class BenchOptions:
     fills: str = "copy"  # early-exit
     rule: str | None = None  # vllm
     threshold: float | None = None  # vllm
-    min_exit_layer: int | None = None  # vllm
+    min_exit_layer: int | None = None  # vllm; capture: the sparse oracle's first exit point
+    exit_stride: int | None = None  # capture: the sparse oracle's exit stride (default 3)
     trace: str = "traces/samples/oracle_cnndm"  # sim-speed
     sizes: str = "1000,19366,100000"  # sim-speed: numbers of Azure requests
     workloads: str | None = None  # validation: None, all of them

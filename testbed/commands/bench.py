@@ -45,7 +45,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--rule", default=None, help="vllm: the early-exit rule (default hidden)")
     p.add_argument("--threshold", type=float, default=None, help="vllm: λ (default 0.9)")
     p.add_argument("--min-exit-layer", type=int, default=None,
-                   help="vllm: first exit layer (default: half the depth)")  # fmt: skip
+                   help="vllm: first exit layer; capture: the sparse oracle's first exit point (default: half the depth)")  # fmt: skip
+    p.add_argument("--exit-stride", type=int, default=None,
+                   help="capture: layers between the sparse oracle's exit points (default 3)")  # fmt: skip
     p.add_argument("--fills", default=",".join(GRID_FILLS))
     p.add_argument("--workloads", default=None,
                    help="validation: comma list of demo, poisson-saturated, azure-scaled (default: all)")  # fmt: skip

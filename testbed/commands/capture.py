@@ -33,7 +33,8 @@ def main(argv: list[str]) -> int:
                    help="e.g. poisson:rate=4,n=32,prompt=64-256,output=64 or azure:path=FILE,n=100,scale=0.1")  # fmt: skip
     p.add_argument("--dataset", default="cnndm",
                    help=f"prompt text source: {', '.join(FILES)} or 'synthetic' (random tokens) or 'self' (text the model samples)")  # fmt: skip
-    p.add_argument("--mode", choices=CAPTURE_MODES, default="oracle")
+    p.add_argument("--mode", choices=CAPTURE_MODES, default="oracle",
+                   help="oracle: full depth, every signal at the exit points --min-exit-layer and --exit-stride give (default: every layer; fewer is cheaper); live: what the policy did")  # fmt: skip
     p.add_argument("--out", required=True, type=Path, help="capture directory to create")
     p.add_argument("--profile", action="store_true", help="record per-layer timings")
     p.add_argument("--seed", type=int, default=0)

@@ -26,13 +26,19 @@ def main(argv: list[str]) -> int:
     info.add_argument("path", type=Path)
     info.add_argument("--rule", default="hidden", help="exit rule for the histogram")
     info.add_argument("--threshold", type=float, default=0.95, help="λ for the histogram")
-    info.add_argument("--min-exit-layer", type=int, default=1)
-    info.add_argument("--exit-stride", type=int, default=1)
+    info.add_argument("--min-exit-layer", type=int, default=None,
+                      help="default: the capture's own (an oracle's recorded exit points)")  # fmt: skip
+    info.add_argument("--exit-stride", type=int, default=None,
+                      help="default: the capture's own")  # fmt: skip
     info.add_argument("--allow-partial", action="store_true", help="read an interrupted capture")
     args = p.parse_args(argv)
     cap = read_capture(args.path, allow_partial=args.allow_partial)
     rule = create("exit_rule", args.rule, threshold=args.threshold)
-    points = ExitPoints(min_exit_layer=args.min_exit_layer, stride=args.exit_stride)
+    policy = cap.meta.get("policy", {})
+    points = ExitPoints(
+        min_exit_layer=args.min_exit_layer or policy.get("min_exit_layer", 1),
+        stride=args.exit_stride or policy.get("exit_stride", 1),
+    )
     print(summary(cap, rule, points))
     return 0
 
@@ -65,7 +71,8 @@ def summary(cap: Capture, rule, points: ExitPoints) -> str:
     if m["mode"] == "oracle":
         agree = agreement_by_layer(cap)
         lines.append("\nagreement with the final token by exit layer:")
-        lines.append("  " + "  ".join(f"{i + 1}: {a:.1%}" for i, a in enumerate(agree)))
+        recorded = cap.oracle_layers or ()
+        lines.append("  " + "  ".join(f"{layer}: {agree[layer - 1]:.1%}" for layer in recorded))
         est = agree_at(cap, replayed)
         lines.append(f"estimated agreement with full depth for this rule and λ: {est:.1%}")
     return "\n".join(lines)

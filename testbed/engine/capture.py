@@ -8,9 +8,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from testbed.capture_records import CaptureConfig, CaptureRequest, EngineConfig, RequestOutput
+from testbed.capture_records import (
+    CaptureConfig,
+    CaptureRequest,
+    EngineConfig,
+    RequestOutput,
+    oracle_policy,
+)
 from testbed.core import SchedulerConfig
-from testbed.core.policy_set import PolicyConfig
 from testbed.datasets import load_summaries
 from testbed.engine.engine import LLMEngine, StepHook
 from testbed.engine.recorder import TraceProbe, TraceRecorder
@@ -40,6 +45,7 @@ def capture_meta(ckpt: Checkpoint, cfg: CaptureConfig, device: str = "cpu",
         "scheduler": to_jsonable(cfg.engine.scheduler),
         "block_size": cfg.engine.block_size,
         "num_kv_blocks": num_kv_blocks,  # what kv_cache_mb held (a simulation of it needs them)
+        "oracle_layers": cfg.recorded_layers(model_cfg.num_hidden_layers),
         "kv_cache_mb": cfg.engine.kv_cache_mb,
         "workload": cfg.workload,
         "seed": cfg.seed,
@@ -57,11 +63,12 @@ def run_capture(
 ) -> Path:
     """Run the workload arrival-paced and write the capture directory ``out``."""
     engine_cfg = cfg.engine
+    layers = cfg.recorded_layers(ckpt.config.num_hidden_layers)  # checks the points first
     if cfg.mode == "oracle":  # full depth: the recorded token stream is the full-depth one
-        engine_cfg = dataclasses.replace(engine_cfg, policy=PolicyConfig())
+        engine_cfg = dataclasses.replace(engine_cfg, policy=oracle_policy(engine_cfg.policy))
     engine = LLMEngine(ckpt, dataclasses.replace(engine_cfg, seed=cfg.seed))
     probe = TraceProbe(engine.runner.model, engine.runner.exit_heads, is_oracle=cfg.mode == "oracle",
-                       profile_layers=cfg.profile_layers)  # fmt: skip
+                       profile_layers=cfg.profile_layers, oracle_layers=tuple(layers or ()))  # fmt: skip
     engine.runner.probe = probe
     # the engine numbers sequences 0, 1, ... in the order they arrive
     order = sorted(requests, key=lambda r: (r.arrival_s, r.request_id))

@@ -18,26 +18,29 @@ import torch.nn.functional as F
 from testbed.capture_records import RequestOutput
 from testbed.core.step import StepPlan, StepResult
 from testbed.engine.step_batch import StepBatch
-from testbed.model.llama import ExitClassifiers, LlamaModel, exit_norm_stack
-from testbed.model.signals import SIGNAL_NAMES
-from testbed.trace import CaptureWriter
+from testbed.model.llama import ExitClassifiers, LlamaModel
+from testbed.model.signals import SIGNAL_NAMES, oracle_signals
+from testbed.trace import CaptureWriter, matches_final
 
 
 @dataclass
 class RowTrace:
     executed_layers: int = 0
     filled_layers: int = 0
-    signals: dict[str, dict[int, float]] = field(default_factory=dict)  # signal -> layer -> value
-    argmax: list[int] | None = None  # oracle: the exit head's argmax after layer 1..L
+    # oracle: signal -> value after layer 1..L, None at the layers it does not record
+    signals: dict[str, list[float | None]] = field(default_factory=dict)
+    argmax: list[int | None] | None = None  # oracle: the exit head's argmax after layer 1..L
 
 
 class TraceProbe:
     """Implements the runner's StepProbe protocol."""
 
     def __init__(self, model: LlamaModel, heads: ExitClassifiers | None, *, is_oracle: bool,
-                 profile_layers: bool) -> None:  # fmt: skip
+                 profile_layers: bool, oracle_layers: tuple[int, ...] = ()) -> None:  # fmt: skip
         self.model, self.heads = model, heads
         self.is_oracle, self.profile_layers = is_oracle, profile_layers
+        # the layers an oracle records (1-based, ascending); default: every layer
+        self.oracle_layers = oracle_layers or tuple(range(1, model.config.num_hidden_layers + 1))
         self.rows: dict[int, RowTrace] = {}
         # signals of a sequence's pending token, kept across steps (a parked row resumes later)
         self.pending: dict[int, dict[str, dict[int, float]]] = {}
@@ -55,6 +58,7 @@ class TraceProbe:
         self.rows = {s: RowTrace() for s in self._seq_ids}
         self._states = [batch.hidden[self._mains].clone()] if self.is_oracle else []
         self._stamps = [time.perf_counter()]
+        self._final_logits: dict[int, torch.Tensor] = {}
         self.num_layers_run = 0
 
     def on_layer(self, layer: int, batch: StepBatch) -> None:
@@ -68,6 +72,11 @@ class TraceProbe:
         for s, v in zip(seq_ids, values.tolist(), strict=True):
             self.pending.setdefault(s, {}).setdefault(signal, {})[layer] = v
 
+    def on_logits(self, layer: int, seq_ids: list[int], logits: torch.Tensor) -> None:
+        # an oracle samples at the last layer: its LM head call there is the oracle's too
+        if self.is_oracle and layer == self.model.config.num_hidden_layers:
+            self._final_logits.update(zip(seq_ids, logits, strict=True))
+
     def on_step_end(self, batch: StepBatch, executed: np.ndarray, filled: np.ndarray) -> None:
         seq_to_row = {row.seq_id: r for r, row in enumerate(batch.rows)}
         for s, trace in self.rows.items():
@@ -77,41 +86,19 @@ class TraceProbe:
         if self.is_oracle and self._seq_ids:
             self._oracle_signals()
 
-    @torch.inference_mode()
     def _oracle_signals(self) -> None:
-        states = torch.stack(self._states)  # [L + 1, rows, hidden]; index 0 is the layer input
-        normed = exit_norm_stack(self.model, self.heads, states[1:])  # [L, rows, hidden]
-        # [L, rows, vocab], one batched head call
-        logits = F.linear(normed, self.model.lm_head_weight())
-        top2 = logits.float().softmax(-1).topk(2, dim=-1).values
-        margin = (top2[..., 0] - top2[..., 1]).cpu().numpy()  # [L, rows]
-        cosine = F.cosine_similarity(states[1:].float(), states[:-1].float(), dim=-1)
-        cosine = cosine.cpu().numpy()
-        argmax = logits.argmax(-1).T.tolist()  # [rows][L]
-        prob = None
-        if self.heads is not None:
-            prob = (
-                torch.sigmoid(
-                    torch.einsum("lrh,lh->lr", normed, self.heads.weight) + self.heads.bias[:, None]
-                )
-                .float()  # numpy has no bfloat16
-                .cpu()
-                .numpy()
-            )
+        final = None
+        if all(s in self._final_logits for s in self._seq_ids):
+            final = torch.stack([self._final_logits[s] for s in self._seq_ids])
+        oracle = oracle_signals(
+            torch.stack(self._states), self.oracle_layers,
+            final_norm=self.model.model.norm,
+            logits_of=lambda h: F.linear(h, self.model.lm_head_weight()),
+            heads=self.heads, eps=self.model.config.rms_norm_eps, final_logits=final,
+        )  # fmt: skip
         for i, s in enumerate(self._seq_ids):
-            trace = self.rows[s]
-            L = margin.shape[0]
-            trace.signals["softmax_margin"] = dict(
-                zip(range(1, L + 1), margin[:, i].tolist(), strict=True)
-            )
-            trace.signals["hidden_cosine"] = dict(
-                zip(range(1, L + 1), cosine[:, i].tolist(), strict=True)
-            )
-            if prob is not None:
-                trace.signals["classifier_prob"] = dict(
-                    zip(range(1, L + 1), prob[:, i].tolist(), strict=True)
-                )
-            trace.argmax = argmax[i]
+            self.rows[s].signals = oracle.signals[i]
+            self.rows[s].argmax = oracle.argmax[i]
 
 
 def _as_list(values: dict[int, float] | None, num_layers: int) -> list[float | None] | None:
@@ -154,18 +141,19 @@ class TraceRecorder:
 
     def _token(self, row) -> None:
         trace = self.probe.rows.get(row.seq_id, RowTrace())
-        signals = trace.signals if self.probe.is_oracle else self.probe.pending.pop(row.seq_id, {})
+        if self.probe.is_oracle:
+            signals = trace.signals
+        else:
+            pending = self.probe.pending.pop(row.seq_id, {})
+            signals = {name: _as_list(v, self.num_layers) for name, v in pending.items()}
         position = self._positions.get(row.seq_id, 0)
         self._positions[row.seq_id] = position + 1
-        matches = None
-        if trace.argmax is not None:
-            matches = [a == row.token_id for a in trace.argmax]
         self.writer.append("tokens", {
             "request_id": self.request_ids[row.seq_id], "position": position,
             "token_id": row.token_id, "exit_layer": row.exit_layer, "is_forced": row.is_forced,
             "executed_layers": trace.executed_layers, "filled_layers": trace.filled_layers,
-            **{name: _as_list(signals.get(name), self.num_layers) for name in SIGNAL_NAMES},
-            "matches_final": matches,
+            **{name: signals.get(name) for name in SIGNAL_NAMES},
+            "matches_final": matches_final(trace.argmax, row.token_id),
         })  # fmt: skip
         self.num_tokens += 1
 

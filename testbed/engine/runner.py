@@ -43,6 +43,9 @@ class StepProbe(Protocol):
     def on_signals(self, layer: int, seq_ids: list[int], signal: str, values: np.ndarray) -> None:
         """The exit rule's signal evaluated at exit point ``layer`` for these sequences."""
 
+    def on_logits(self, layer: int, seq_ids: list[int], logits: torch.Tensor) -> None:
+        """The exit-head logits [rows, vocab] these sequences sampled their token from."""
+
     def on_step_end(self, batch: StepBatch, executed: np.ndarray, filled: np.ndarray) -> None:
         """Per row: layers computed for its newest position and K/V-only layers filled."""
 
@@ -186,6 +189,8 @@ class ModelRunner:
             h = batch.hidden[batch.main_unit[self._on_device(rows)]]
             row_logits = exit_logits(self.model, self.exit_heads, layer, h)
         seq_ids = [batch.rows[r].seq_id for r in rows.tolist()]
+        if self.probe is not None:
+            self.probe.on_logits(layer, seq_ids, row_logits)
         tokens = self.sampler.sample(row_logits, seq_ids, [self.meta[s].params for s in seq_ids])
         state.take(rows.tolist(), layer, tokens)
 

@@ -221,12 +221,13 @@ class ExitClassifiers(nn.Module):
         x = h + (h @ self.down[i].to(h.dtype)) @ self.up[i].to(h.dtype)
         return rms_norm(x, self.norm_weight[i].to(h.dtype), eps)
 
-    def normed_stack(self, h: torch.Tensor, eps: float) -> torch.Tensor:
-        """n_l(h_l) for every layer at once: h [L, rows, hidden] (layer l at index l - 1); the
-        last layer is left to the caller's final norm."""
-        a, b = self.down.to(h.dtype), self.up.to(h.dtype)
-        x = h + torch.einsum("lrk,lkj->lrj", torch.einsum("lrh,lhk->lrk", h, a), b)
-        return rms_norm(x, self.norm_weight.to(h.dtype)[:, None, :], eps)
+    def normed_stack(self, h: torch.Tensor, eps: float, layers: tuple[int, ...]) -> torch.Tensor:
+        """n_l(h) at several adapting exit layers at once: h [K, rows, hidden], slice k at the
+        1-based layer ``layers[k]``."""
+        i = torch.tensor(layers, device=h.device) - 1
+        a, b = self.down[i].to(h.dtype), self.up[i].to(h.dtype)
+        x = h + torch.einsum("krj,kjh->krh", torch.einsum("krh,khj->krj", h, a), b)
+        return rms_norm(x, self.norm_weight[i].to(h.dtype)[:, None, :], eps)
 
     def logit(self, layer: int, normed_h: torch.Tensor) -> torch.Tensor:
         """layer is the 1-based exit point; normed_h [rows, hidden] -> [rows]."""
@@ -247,14 +248,31 @@ def exit_norm(
 
 
 def exit_norm_stack(
-    model: LlamaModel, heads: ExitClassifiers | None, states: torch.Tensor
+    model: LlamaModel,
+    heads: ExitClassifiers | None,
+    states: torch.Tensor,
+    layers: tuple[int, ...] | None = None,
 ) -> torch.Tensor:
-    """exit_norm at every layer: states [L, rows, hidden], layer l at index l - 1."""
-    final = model.model.norm(states)
-    if heads is None or heads.adapter_rank is None:
+    """exit_norm at several layers at once: states [K, rows, hidden], slice k at the 1-based
+    layer ``layers[k]`` (default: every layer 1..L, so K = L)."""
+    layers = tuple(range(1, states.shape[0] + 1)) if layers is None else layers
+    return stacked_exit_norms(model.model.norm, heads, model.config.rms_norm_eps, states, layers)
+
+
+def stacked_exit_norms(
+    final_norm: Callable[[torch.Tensor], torch.Tensor],
+    heads: ExitClassifiers | None,
+    eps: float,
+    states: torch.Tensor,
+    layers: tuple[int, ...],
+) -> torch.Tensor:
+    """exit_norm_stack with the engine's own final norm (vLLM's differs from ours)."""
+    final = final_norm(states)
+    adapting = [k for k, layer in enumerate(layers) if heads is not None and heads.adapts(layer)]
+    if not adapting:
         return final
-    adapted = heads.normed_stack(states, model.config.rms_norm_eps)
-    return torch.cat([adapted[:-1], final[-1:]])
+    adapted = heads.normed_stack(states[adapting], eps, tuple(layers[k] for k in adapting))
+    return final.index_copy(0, torch.tensor(adapting, device=states.device), adapted)
 
 
 def exit_logits(

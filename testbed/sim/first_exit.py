@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from policies.exit_rules import ExitPoints, ThresholdRule
+from testbed.sim.token_source import check_exit_points
 from testbed.trace import Capture, signal_matrix
 
 
@@ -14,6 +15,7 @@ def replay_exit_layers(capture: Capture, rule: ThresholdRule, points: ExitPoints
     """Exit layer per token if every token left at its first confident exit point (``shrink``
     or ``consensus`` semantics for the token itself). Position 0 comes from the prefill and
     always runs full depth; a token never confident exits at the last layer."""
+    check_exit_points(capture, points)
     L = capture.num_layers
     tokens = capture.tokens
     signal = signal_matrix(tokens, rule.signal, L)  # [tokens, L], NaN where not recorded

@@ -25,7 +25,7 @@ from testbed.sim.errors import SimulationError
 from testbed.sim.hardware import ModelShape
 from testbed.sim.metrics import Metrics, RequestRecord, StepRecord, compute_metrics
 from testbed.sim.replay import ReplayRunner, StepWork
-from testbed.sim.token_source import TokenStream, TraceTokens
+from testbed.sim.token_source import TokenStream, TraceTokens, check_exit_points
 from testbed.trace import Capture, read_capture
 from testbed.workload.lengths import workload_lengths
 from testbed.workload.spec import LengthSpec
@@ -93,6 +93,7 @@ class Simulation:
         self.tokens = TraceTokens(capture)
         if self.policies.batching.needs_signals:
             self.tokens.check_signal(self.policies.exit_rule.signal)
+            check_exit_points(capture, self.policies.exit_points)
         self.num_layers = capture.num_layers
         self.eos = capture.meta["model"].get("config", {}).get("eos_token_id")
         if cfg.num_kv_blocks is None:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from policies.exit_rules import ExitSignals
+from policies.exit_rules import ExitPoints, ExitSignals
 from testbed.sim.errors import SimulationError
 from testbed.trace import SIGNAL_COLUMNS, Capture, signal_matrix
 
@@ -24,6 +24,28 @@ class TokenStream:
     def exit_signals(self, positions: np.ndarray, layer: int) -> ExitSignals:
         idx = np.minimum(positions, len(self) - 1)  # cycled streams clamp, see TraceTokens.stream
         return ExitSignals(**{name: m[idx, layer - 1] for name, m in self.signals.items()})
+
+
+def check_exit_points(capture: Capture, points: ExitPoints) -> None:
+    """Refuse exit points an oracle capture recorded no signals at: a replay there would read
+    NaN and silently never exit. A live capture replays its own rule and is not checked."""
+    recorded = capture.oracle_layers
+    if recorded is None:
+        return
+    missing = sorted(set(points.layers(capture.num_layers)) - set(recorded))
+    if missing:
+        raise SimulationError(
+            f"{capture.path}: the oracle recorded exit signals only at layers "
+            f"{_layer_list(recorded[:-1])}, not at {_layer_list(missing)}; choose exit points "
+            "among those (--min-exit-layer, --exit-stride) or capture an oracle with "
+            "exit points that cover them"
+        )
+
+
+def _layer_list(layers) -> str:
+    if len(layers) <= 8:
+        return ", ".join(map(str, layers))
+    return f"{layers[0]}, {layers[1]}, ..., {layers[-1]}"
 
 
 class TraceTokens:

@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from testbed.capture_records import covering_oracle, oracle_layers
 from testbed.errors import EetbError
 from testbed.runinfo import write_run_info
 from testbed.sim.cost_model import build_cost_model
@@ -92,10 +93,15 @@ def oracle_trace(engine: EngineRuns, out: Path, progress: ProgressFn | None) -> 
             )
         return engine.cfg.trace
     path = out / "oracle"
-    if not (path / "meta.json").is_file():
+    # only the configurations' exit points: each one costs the oracle an LM head per token
+    points = covering_oracle(engine.cfg.configurations)
+    needed = set(oracle_layers(points, engine.ckpt.config.num_hidden_layers))
+    if not (path / "meta.json").is_file() or not needed <= set(
+        read_capture(path).oracle_layers or ()
+    ):
         if progress is not None:
             progress("oracle", 0, 1, "capturing the oracle trace")
-        engine.capture(BASELINE, "oracle", path)
+        engine.capture(points, "oracle", path)
     return str(path)
 
 

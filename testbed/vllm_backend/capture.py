@@ -17,13 +17,12 @@ from typing import Any
 import vllm
 from vllm.platforms import current_platform
 
-from testbed.capture_records import CaptureConfig, CaptureRequest, RequestOutput
-from testbed.core.policy_set import PolicyConfig
+from testbed.capture_records import CaptureConfig, CaptureRequest, RequestOutput, oracle_policy
 from testbed.errors import ConfigError
 from testbed.model.checkpoint import checkpoint_hash, read_config
 from testbed.model.signals import SIGNAL_NAMES
 from testbed.runinfo import git_commit, to_jsonable
-from testbed.trace import CaptureWriter
+from testbed.trace import CaptureWriter, matches_final
 from testbed.vllm_backend.engine import VllmEngineConfig, model_runner_call, start_llm
 from testbed.vllm_backend.options import VllmEarlyExitConfig, check_supported
 from testbed.vllm_backend.records import RowRecord, StepRecord, steps_row
@@ -57,7 +56,7 @@ def settings_for(cfg: CaptureConfig) -> VllmEarlyExitConfig:
     if cfg.profile_layers:
         raise ConfigError("per-layer profiling (--profile) is not available with --engine vllm")
     if cfg.mode == "oracle":
-        return VllmEarlyExitConfig(PolicyConfig(), record="oracle")
+        return VllmEarlyExitConfig(oracle_policy(cfg.engine.policy), record="oracle")
     return VllmEarlyExitConfig(cfg.engine.policy, record="live")
 
 
@@ -98,6 +97,7 @@ def vllm_capture_meta(
         "block_size": getattr(cache_config, "block_size", None),
         "num_kv_blocks": getattr(cache_config, "num_gpu_blocks", None),
         "kv_cache_mb": None,
+        "oracle_layers": cfg.recorded_layers(model_cfg.num_hidden_layers),
         "workload": cfg.workload,
         "seed": cfg.seed,
         "git_commit": git_commit(),
@@ -199,7 +199,7 @@ def _write_token(run: _Run, state: _Request, row: RowRecord, token: int, now: fl
         "exit_layer": exit_layer, "is_forced": row.is_forced,
         "executed_layers": row.executed_layers, "filled_layers": row.filled_layers,
         **{name: row.signals.get(name) for name in SIGNAL_NAMES},
-        "matches_final": [a == token for a in row.argmax] if row.argmax is not None else None,
+        "matches_final": matches_final(row.argmax, token),
     })  # fmt: skip
     state.num_seen += 1
     state.output.token_ids.append(token)

@@ -33,11 +33,19 @@ from vllm.model_executor.layers.attention.attention import unified_kv_cache_upda
 from vllm.model_executor.models.llama import LlamaForCausalLM
 
 from policies.exit_rules import ExitSignals
+from testbed.capture_records import oracle_layers
 from testbed.core.exit_point import RowExits, StepCounters, exit_point
 from testbed.core.policy_set import build_policies
 from testbed.errors import ConfigError
 from testbed.model.llama import ExitClassifiers
-from testbed.model.signals import SIGNAL_NAMES, classifier_prob, hidden_cosine, softmax_margin
+from testbed.model.signals import (
+    SIGNAL_NAMES,
+    OracleRows,
+    classifier_prob,
+    hidden_cosine,
+    oracle_signals,
+    softmax_margin,
+)
 from testbed.vllm_backend.options import OVERRIDES_KEY, VllmEarlyExitConfig, parse_overrides
 from testbed.vllm_backend.records import RowRecord, StepRecord
 from testbed.vllm_backend.serve_log import STEP_LOG
@@ -110,6 +118,8 @@ class EarlyExitLlamaForCausalLM(LlamaForCausalLM):
         self.policies = build_policies(self.settings.policy)
         check_engine(vllm_config, self.settings)
         self.num_layers = hf.num_hidden_layers
+        # where an oracle recording takes its signals (the policy's exit points and the last)
+        self.oracle_layers = oracle_layers(self.settings.policy, self.num_layers)
         self.hidden_size, self.rms_norm_eps = hf.hidden_size, hf.rms_norm_eps
         self.exit_heads: ExitClassifiers | None = None  # set by load_weights when the file exists
         self.records: list[StepRecord] = []  # drained by the in-process capture
@@ -277,7 +287,7 @@ class EarlyExitLlamaForCausalLM(LlamaForCausalLM):
                     signals = {self.policies.exit_rule.signal: values}
             argmax = None
             if oracle_rows is not None:
-                signals, argmax = oracle_rows[0][r], oracle_rows[1][r]
+                signals, argmax = oracle_rows.signals[r], oracle_rows.argmax[r]
             out.append(RowRecord(
                 is_decode=bool(is_decode[r]), num_query_tokens=int(query_lens[r]),
                 position=int(positions[flat]), input_token_id=int(input_ids[flat]),
@@ -291,29 +301,14 @@ class EarlyExitLlamaForCausalLM(LlamaForCausalLM):
             num_layers_run=counters.layers_run, forward_s=0.0,
         )  # fmt: skip
 
-    def _oracle(self, states: list[torch.Tensor]):
-        """Every signal and the exit head's argmax at every layer, for each row's last token."""
-        stacked = torch.stack(states)  # [L + 1, rows, hidden]; index 0 is the embedding
-        deep, shallow = stacked[1:], stacked[:-1]
-        normed = self.model.norm(deep.flatten(0, 1)).view_as(deep)  # [L, rows, hidden]
-        if self.exit_heads is not None and self.exit_heads.adapter_rank is not None:
-            adapted = self.exit_heads.normed_stack(deep, self.rms_norm_eps)
-            normed = torch.cat([adapted[:-1], normed[-1:]])
-        logits = self.compute_logits(normed.flatten(0, 1)).unflatten(0, deep.shape[:2])
-        top2 = logits.float().softmax(-1).topk(2, dim=-1).values
-        per_signal = {
-            "softmax_margin": (top2[..., 0] - top2[..., 1]).T,
-            "hidden_cosine": hidden_cosine(deep, shallow).T,
-        }
-        if self.exit_heads is not None:
-            w, b = self.exit_heads.weight, self.exit_heads.bias
-            prob = torch.sigmoid(torch.einsum("lrh,lh->lr", normed, w) + b[:, None])
-            per_signal["classifier_prob"] = prob.T
-        signals = [
-            {name: values[r].tolist() for name, values in per_signal.items()}
-            for r in range(deep.shape[1])
-        ]
-        return signals, logits.argmax(-1).T.tolist()
+    def _oracle(self, states: list[torch.Tensor]) -> OracleRows:
+        """Every signal and the exit head's argmax at the oracle's layers, for each row's last
+        token (the same computation as the native engine's oracle)."""
+        return oracle_signals(
+            torch.stack(states), self.oracle_layers,
+            final_norm=lambda h: self.model.norm(h.flatten(0, 1)).view_as(h),
+            logits_of=self.compute_logits, heads=self.exit_heads, eps=self.rms_norm_eps,
+        )  # fmt: skip
 
 
 def _signals(values: dict[str, np.ndarray]) -> ExitSignals:

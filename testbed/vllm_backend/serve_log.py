@@ -18,7 +18,7 @@ from typing import Any
 
 from testbed.errors import ConfigError
 from testbed.model.signals import SIGNAL_NAMES
-from testbed.trace import CaptureWriter
+from testbed.trace import CaptureWriter, matches_final
 from testbed.vllm_backend.records import RowRecord, StepRecord, steps_row
 
 STEP_LOG = "steps.jsonl"
@@ -101,5 +101,5 @@ def _token_row(r: ServedRequest, k: int, row: RowRecord, num_layers: int) -> dic
         "is_forced": row.is_forced, "executed_layers": row.executed_layers,
         "filled_layers": row.filled_layers,
         **{name: row.signals.get(name) for name in SIGNAL_NAMES},
-        "matches_final": [a == token for a in row.argmax] if row.argmax is not None else None,
+        "matches_final": matches_final(row.argmax, token),
     }  # fmt: skip
