@@ -137,3 +137,11 @@ class RequestOutput:
         if self.finish_s is None or self.first_token_s is None or len(self.token_ids) < 2:
             return None
         return (self.finish_s - self.first_token_s) / (len(self.token_ids) - 1)
+
+
+def matches_final(argmax: list[int | None] | None, token_id: int) -> list[bool | None] | None:
+    """The ``matches_final`` cell of an oracle token: whether each layer's argmax is the emitted
+    token; None at the layers the oracle did not record, and for a live token."""
+    if argmax is None:
+        return None
+    return [None if a is None else a == token_id for a in argmax]

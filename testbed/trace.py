@@ -368,14 +368,6 @@ def validate(c: Capture) -> None:
             raise TraceError(f"tokens.parquet: row {int(owner[row])}: {col} holds NaN")
 
 
-def matches_final(argmax: list[int | None] | None, token_id: int) -> list[bool | None] | None:
-    """The ``matches_final`` cell of an oracle token: whether each layer's argmax is the emitted
-    token; None at the layers the oracle did not record, and for a live token."""
-    if argmax is None:
-        return None
-    return [None if a is None else a == token_id for a in argmax]
-
-
 def signal_matrix(tokens: pa.Table, column: str, num_layers: int) -> np.ndarray:
     """A list column as float [tokens, num_layers]; NaN where the list or an element is null."""
     arr = tokens[column].combine_chunks()

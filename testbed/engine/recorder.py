@@ -15,12 +15,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from testbed.capture_records import RequestOutput
+from testbed.capture_records import RequestOutput, matches_final
 from testbed.core.step import StepPlan, StepResult
 from testbed.engine.step_batch import StepBatch
 from testbed.model.llama import ExitClassifiers, LlamaModel
 from testbed.model.signals import SIGNAL_NAMES, oracle_signals
-from testbed.trace import CaptureWriter, matches_final
+from testbed.trace import CaptureWriter
 
 
 @dataclass

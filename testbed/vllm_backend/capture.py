@@ -17,12 +17,18 @@ from typing import Any
 import vllm
 from vllm.platforms import current_platform
 
-from testbed.capture_records import CaptureConfig, CaptureRequest, RequestOutput, oracle_policy
+from testbed.capture_records import (
+    CaptureConfig,
+    CaptureRequest,
+    RequestOutput,
+    matches_final,
+    oracle_policy,
+)
 from testbed.errors import ConfigError
 from testbed.model.checkpoint import checkpoint_hash, read_config
 from testbed.model.signals import SIGNAL_NAMES
 from testbed.runinfo import git_commit, to_jsonable
-from testbed.trace import CaptureWriter, matches_final
+from testbed.trace import CaptureWriter
 from testbed.vllm_backend.engine import VllmEngineConfig, model_runner_call, start_llm
 from testbed.vllm_backend.options import VllmEarlyExitConfig, check_supported
 from testbed.vllm_backend.records import RowRecord, StepRecord, steps_row

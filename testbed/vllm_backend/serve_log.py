@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from testbed.capture_records import matches_final
 from testbed.errors import ConfigError
 from testbed.model.signals import SIGNAL_NAMES
-from testbed.trace import CaptureWriter, matches_final
+from testbed.trace import CaptureWriter
 from testbed.vllm_backend.records import RowRecord, StepRecord, steps_row
 
 STEP_LOG = "steps.jsonl"
