@@ -100,6 +100,21 @@ def test_an_oracle_of_chosen_exit_points_and_its_trace_info(capsys, tmp_path):
     assert main(["trace", "info", str(out), "--min-exit-layer", "3"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "only at layers 4, 6, not at 3, 5, 7" in err
+    grid = tmp_path / "grid.toml"
+    grid.write_text(f"""trace = "{out}"
+workloads = ["poisson:rate=5,n=4,prompt=8,output=4"]
+cost_models = ["roofline:H100"]
+[[policies]]
+batching = "shrink"
+rules = ["hidden"]
+thresholds = [0.9]
+min_exit_layer = 4
+exit_stride = 1
+""")
+    assert main(["sweep", str(grid), "--out", str(tmp_path / "sweep")]) == 2  # before any run
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "shrink/hidden@0.9≥4/copy" in err and "not at 5, 7" in err
+    assert not (tmp_path / "sweep").exists()
     assert main(["capture", "--workload", "poisson:rate=50,n=2,prompt=8,output=2",
                  "--dataset", "synthetic", "--out", str(tmp_path / "deep"),
                  "--min-exit-layer", "8"]) == 2  # fmt: skip

@@ -15,10 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from testbed.commands.common import ProgressLine, add_data_dir, guarded, parser
+from testbed.core.policy_set import PolicyConfig, build_policies
 from testbed.errors import ConfigError
 from testbed.runinfo import write_run_info
+from testbed.sim.errors import SimulationError
 from testbed.sim.simulator import simulate
+from testbed.sim.token_source import check_exit_points
 from testbed.sweep import SweepReport, load_grid, open_executor, rank_runs, run_sweep
+from testbed.trace import read_capture
 
 EXIT_RUNS_FAILED = 1  # some runs failed; the others' results are written
 
@@ -49,8 +53,8 @@ def main(argv: list[str]) -> int:
     configs = grid.expand()
     if args.data_dir is not None:
         configs = [dataclasses.replace(c, data_dir=args.data_dir) for c in configs]
-    if args.dask in (None, "local") and not Path(grid.trace).is_dir():
-        raise ConfigError(f"{args.grid}: trace {grid.trace!r} is not a directory")
+    if args.dask in (None, "local"):  # a remote scheduler's workers may see other files
+        _check_trace(args.grid, grid.trace, [c.policy for c in configs])
     out = args.out or Path("runs") / f"sweep-{args.grid.stem}"
 
     def run_info() -> None:
@@ -69,6 +73,21 @@ def main(argv: list[str]) -> int:
             f"eetb: run {failure.key} failed ({failure.label}): {failure.message}", file=sys.stderr
         )
     return EXIT_RUNS_FAILED if report.failures else 0
+
+
+def _check_trace(grid_file: Path, trace: str, policies: list[PolicyConfig]) -> None:
+    """Refuse, before any run, a grid that its trace cannot replay: no such folder, or exit
+    points an oracle did not record (each run would fail on its own otherwise)."""
+    if not Path(trace).is_dir():
+        raise ConfigError(f"{grid_file}: trace {trace!r} is not a directory")
+    if not (Path(trace) / "meta.json").is_file():
+        return  # not a capture: each run fails on it with the reader's own message
+    capture = read_capture(trace)
+    for policy in dict.fromkeys(p for p in policies if p.is_early_exit):
+        try:
+            check_exit_points(capture, build_policies(policy).exit_points)
+        except SimulationError as exc:
+            raise ConfigError(f"{grid_file}: {policy.label()}: {exc}") from None
 
 
 def _summary(report: SweepReport) -> str:

@@ -37,8 +37,8 @@ def check_exit_points(capture: Capture, points: ExitPoints) -> None:
         raise SimulationError(
             f"{capture.path}: the oracle recorded exit signals only at layers "
             f"{_layer_list(recorded[:-1])}, not at {_layer_list(missing)}; choose exit points "
-            "among those (--min-exit-layer, --exit-stride) or capture an oracle with "
-            "exit points that cover them"
+            "among those, or capture an oracle whose exit points (--min-exit-layer, "
+            "--exit-stride) cover them"
         )
 
 
