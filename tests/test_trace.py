@@ -40,6 +40,7 @@ from testbed.trace import (
     read_capture,
     signal_matrix,
 )
+from testbed.vllm_backend.records import StepRecord, steps_row
 from tests.engine_helpers import TINY, prompts, tiny_checkpoint
 
 L = TINY.num_hidden_layers
@@ -309,6 +310,42 @@ def test_the_covering_oracle_holds_every_policy_s_exit_points_and_no_shallower(p
         assert set(ExitPoints(p.min_exit_layer, p.exit_stride).layers(24)) <= recorded
     assert cover.min_exit_layer == min(m for m, _ in points)
     assert covering_oracle([PolicyConfig()]) == PolicyConfig()  # full depth alone: every layer
+
+
+def test_an_oracle_s_steps_time_the_step_without_the_oracle_s_own_recording(
+    ckpt, tmp_path, monkeypatch
+):
+    """A cost model fitted on an oracle must see a plain full-depth step's time: on SmolLM2 the
+    oracle's LM heads made its steps 2.2x a plain step's, and a fit on them priced plain runs
+    at 2.2x. Here the oracle's work is made 0.2 s a step: none of it may reach duration_s."""
+    import testbed.engine.recorder as recorder
+
+    real = recorder.oracle_signals
+
+    def slow(*args, **kwargs):
+        time.sleep(0.2)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(recorder, "oracle_signals", slow)
+    out = tmp_path / "slow"
+    run_capture(ckpt, _at_once(2), CaptureConfig(mode="oracle"), out)
+    steps = read_capture(out).steps
+    assert steps.num_rows >= 3
+    assert max(steps["duration_s"].to_pylist()) < 0.2 * 0.5
+    starts = steps["start_s"].to_numpy()
+    assert (np.diff(starts) >= 0.2).all()  # the recording still happened between the steps
+
+
+def test_a_vllm_oracle_step_s_time_leaves_out_its_recording():
+    step = StepRecord(rows=(), num_row_layers_executed=0, num_kv_only_row_layers=0,
+                      num_rule_evals=0, num_forced_exits=0, num_exit_points=0, num_layers_run=8,
+                      forward_s=0.0, recording_s=0.3, recording_cpu_s=0.5)  # fmt: skip
+    row = steps_row(0, 1.0, 1.0, step, cpu_s=2.0)
+    assert row["duration_s"] == pytest.approx(0.7) and row["cpu_s"] == pytest.approx(1.5)
+    assert StepRecord.from_json(step.to_json()) == step  # a serve log carries it
+    old = step.to_json()
+    del old["recording_s"], old["recording_cpu_s"]  # a log written before the field
+    assert steps_row(0, 1.0, 1.0, StepRecord.from_json(old))["duration_s"] == 1.0
 
 
 def _copy_capture(src: Path, dst: Path) -> Path:

@@ -8,7 +8,9 @@ and the rule's signal where it was evaluated.
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -60,11 +62,13 @@ class TraceProbe:
         self._stamps = [time.perf_counter()]
         self._final_logits: dict[int, torch.Tensor] = {}
         self.num_layers_run = 0
+        self.recording_s = self.recording_cpu_s = 0.0  # this step's oracle work, see _timed
 
     def on_layer(self, layer: int, batch: StepBatch) -> None:
         self.num_layers_run += 1
         if self.is_oracle:
-            self._states.append(batch.hidden[self._mains].clone())
+            with self._timed():
+                self._states.append(batch.hidden[self._mains].clone())
         if self.profile_layers:
             self._stamps.append(time.perf_counter())
 
@@ -84,7 +88,20 @@ class TraceProbe:
             trace.filled_layers = int(filled[seq_to_row[s]])
         self.layer_times_s = np.diff(self._stamps).tolist() if self.profile_layers else None
         if self.is_oracle and self._seq_ids:
-            self._oracle_signals()
+            with self._timed():
+                self._oracle_signals()
+
+    @contextlib.contextmanager
+    def _timed(self) -> Iterator[None]:
+        """Count the oracle's own work (an LM head at every recorded layer): the recorder takes
+        it out of the step's time, so an oracle's steps time what a plain full-depth step does,
+        which a cost model fitted on them must see. The oracle's numpy reads synchronise."""
+        start_s, start_cpu_s = time.perf_counter(), time.process_time()
+        try:
+            yield
+        finally:
+            self.recording_s += time.perf_counter() - start_s
+            self.recording_cpu_s += time.process_time() - start_cpu_s
 
     def _oracle_signals(self) -> None:
         final = None
@@ -121,9 +138,12 @@ class TraceRecorder:
 
     def on_step(self, plan: StepPlan, result: StepResult) -> None:
         now = time.perf_counter() - self._start
+        probe = self.probe  # an oracle's own recording is not the step's work (TraceProbe._timed)
+        cpu_s = None if result.cpu_s is None else max(0.0, result.cpu_s - probe.recording_cpu_s)
         self.writer.append("steps", {
             "step_id": plan.step_id, "start_s": max(0.0, now - result.duration_s),
-            "duration_s": result.duration_s, "num_rows": len(plan.rows),
+            "duration_s": max(0.0, result.duration_s - probe.recording_s),
+            "num_rows": len(plan.rows),
             "num_prefill_tokens": plan.num_prefill_tokens, "num_decode_rows": plan.num_decode_rows,
             "num_context_tokens": plan.num_context_tokens,
             "num_row_layers_executed": result.num_row_layers_executed,
@@ -133,7 +153,7 @@ class TraceRecorder:
             "num_exit_points": result.num_exit_points,
             "layer_times_s": self.probe.layer_times_s,
             "num_attention_pairs": result.num_attention_pairs,
-            "num_sampling_layers": result.num_sampling_layers, "cpu_s": result.cpu_s,
+            "num_sampling_layers": result.num_sampling_layers, "cpu_s": cpu_s,
         })  # fmt: skip
         for row in result.rows:
             if row.token_id is not None:

@@ -271,7 +271,12 @@ class EarlyExitLlamaForCausalLM(LlamaForCausalLM):
             return None
         query_lens = np.diff(query_start)
         last, is_decode = query_start[1:] - 1, query_lens == 1
+        start_s, start_cpu_s = time.perf_counter(), time.process_time()
         oracle_rows = self._oracle(oracle) if oracle else None
+        # the oracle's own work is not the step's: the capture takes it out of the step's time
+        recording_s, recording_cpu_s = (
+            (time.perf_counter() - start_s, time.process_time() - start_cpu_s) if oracle else (0, 0)
+        )
         decode_index = np.cumsum(is_decode) - 1
         out = []
         for r, flat in enumerate(last.tolist()):
@@ -299,6 +304,7 @@ class EarlyExitLlamaForCausalLM(LlamaForCausalLM):
             num_kv_only_row_layers=counters.kv_only, num_rule_evals=counters.rule_evals,
             num_forced_exits=int(rows.exits.is_forced.sum()), num_exit_points=counters.exit_points,
             num_layers_run=counters.layers_run, forward_s=0.0,
+            recording_s=recording_s, recording_cpu_s=recording_cpu_s,
         )  # fmt: skip
 
     def _oracle(self, states: list[torch.Tensor]) -> OracleRows:

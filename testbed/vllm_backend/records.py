@@ -35,6 +35,10 @@ class StepRecord:
     num_layers_run: int  # layers at least one token ran fully
     forward_s: float  # wall time of the model forward
     start_unix_s: float = 0.0  # time.time() when the forward began (joins a `vllm serve` log)
+    # an oracle recording's own work in the forward (its LM heads), taken out of the step's time
+    # so its steps time a plain full-depth forward
+    recording_s: float = 0.0
+    recording_cpu_s: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -51,7 +55,8 @@ def steps_row(
     """One row of a capture's steps table (testbed.trace schema) from a forward's record;
     ``cpu_s`` is the process's CPU seconds over the step where the caller measured it."""
     return {
-        "step_id": step_id, "start_s": start_s, "duration_s": duration_s,
+        "step_id": step_id, "start_s": start_s,
+        "duration_s": max(0.0, duration_s - step.recording_s),
         "num_rows": len(step.rows),
         "num_prefill_tokens": sum(r.num_query_tokens for r in step.rows if not r.is_decode),
         "num_decode_rows": sum(r.is_decode for r in step.rows),
@@ -65,7 +70,7 @@ def steps_row(
         "num_attention_pairs": sum(_attention_pairs(r) for r in step.rows),
         # every row's exit layer: a prompt chunk's row counts its (full-depth) layer too
         "num_sampling_layers": len({r.exit_layer for r in step.rows}),
-        "cpu_s": cpu_s,
+        "cpu_s": None if cpu_s is None else max(0.0, cpu_s - step.recording_cpu_s),
     }  # fmt: skip
 
 
