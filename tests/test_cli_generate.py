@@ -65,7 +65,7 @@ def test_capture_and_trace_info(capsys, tmp_path):
     code = main(["capture", "--workload", "poisson:rate=50,n=3,prompt=8-16,output=4",
                  "--dataset", "synthetic", "--mode", "oracle", "--out", str(out)])  # fmt: skip
     assert code == 0
-    capsys.readouterr()
+    assert "signals at layers 1-8 (all)" in capsys.readouterr().out
     assert main(["trace", "info", str(out), "--threshold", "0.9"]) == 0
     text = capsys.readouterr().out
     assert "requests 3, tokens 12" in text
@@ -91,7 +91,7 @@ def test_an_oracle_of_chosen_exit_points_and_its_trace_info(capsys, tmp_path):
                  "--dataset", "synthetic", "--mode", "oracle", "--out", str(out),
                  "--min-exit-layer", "4", "--exit-stride", "2"])  # fmt: skip
     assert code == 0
-    capsys.readouterr()
+    assert "mode oracle, engine native, signals at layers 4, 6, 8)" in capsys.readouterr().out
     assert main(["trace", "info", str(out)]) == 0  # the capture's own exit points by default
     text = capsys.readouterr().out
     assert "(exit points 4, 6)" in text

@@ -81,8 +81,17 @@ def main(argv: list[str]) -> int:
         run_vllm_capture(model_dir, requests, cfg, args.out, on_finish=on_finish)
     else:
         run_capture(ckpt, requests, cfg, args.out, on_finish=on_finish)
-    print(f"wrote {args.out} ({len(requests)} requests, mode {args.mode}, engine {args.engine})")
+    layers = cfg.recorded_layers(ckpt.config.num_hidden_layers)
+    recorded = "" if layers is None else f", signals at layers {_layer_span(layers)}"
+    print(f"wrote {args.out} ({len(requests)} requests, mode {args.mode}, engine {args.engine}"
+          f"{recorded})")  # fmt: skip
     return 0
+
+
+def _layer_span(layers: list[int]) -> str:
+    if layers == list(range(1, len(layers) + 1)):
+        return f"1-{len(layers)} (all)"
+    return ", ".join(map(str, layers))
 
 
 if __name__ == "__main__":
