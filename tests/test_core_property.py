@@ -108,6 +108,31 @@ class FakeModel:
             parked_layer=PARK_LAYER if is_parked else None,
         )
 
+    def would_park(self, seqs: tuple[Sequence, ...]) -> bool:
+        """Whether run() would park one of these sequences' decode rows."""
+        return self.park_every is not None and any(
+            (seq.num_tokens - 1) % self.park_every == 0 for seq in seqs
+        )
+
+    def run_steady(self, scheduler: Scheduler, seqs: tuple[Sequence, ...]) -> None:
+        """run() and update() for a steady step, through Scheduler.apply_steady_step: the same
+        checks of each row's context, then its K/V written where its grown block table says."""
+        positions = [seq.num_tokens - 1 for seq in seqs]  # the position each row feeds
+        for seq, pos in zip(seqs, positions, strict=True):
+            assert seq.last_token_id == self.tokens[seq.seq_id][pos]
+            slots = slots_for_positions(seq.block_table, self.block_size, 0, pos)
+            for p in range(pos):
+                assert self.cache.get(int(slots[p])) == (seq.seq_id, p), "context lost"
+        tokens = [token_for(seq.seq_id, pos + 1) for seq, pos in zip(seqs, positions, strict=True)]
+        scheduler.apply_steady_step(seqs, tokens)
+        for seq, pos, token_id in zip(seqs, positions, tokens, strict=True):
+            stream = self.tokens[seq.seq_id]
+            if len(stream) == pos + 1:
+                stream.append(token_id)
+            if seq.block_table:  # a finished sequence's blocks are free: no one reads its K/V
+                slot = slots_for_positions(seq.block_table, self.block_size, pos, pos + 1)
+                self.cache[int(slot[0])] = (seq.seq_id, pos)
+
     def _check_and_write_cache(self, row: RowPlan) -> None:
         """The context a row attends to must still hold its own K/V; then write the fed ones."""
         slots = slots_for_positions(row.block_table, self.block_size, 0, row.end_position)
@@ -129,8 +154,12 @@ def make_sequence(seq_id: int, request: Request) -> Sequence:
     )
 
 
-def run_workload(workload: Workload) -> tuple[dict[int, list[int]], list[StepPlan]]:
-    """Run to completion; returns outputs per accepted seq_id and every plan."""
+def run_workload(
+    workload: Workload, *, use_steady: bool = False, steps: list[tuple[int, ...]] | None = None
+) -> tuple[dict[int, list[int]], list[StepPlan]]:
+    """Run to completion; returns outputs per accepted seq_id and every plan. use_steady: take
+    Scheduler.apply_steady_step wherever steady_step offers it and no row would park. steps:
+    filled with each step's (seq_id per row), plans and steady steps alike."""
     policy = None
     if workload.resume_min_parked is not None:
         policy = GatePolicy(workload.resume_min_parked, workload.resume_max_wait_steps)
@@ -154,14 +183,40 @@ def run_workload(workload: Workload) -> tuple[dict[int, list[int]], list[StepPla
             model.tokens[seq_id] = list(sequence.prompt_token_ids)
         if not scheduler.has_unfinished() and not pending:
             break
+        steady = scheduler.steady_step()
+        if use_steady and steady is not None and not model.would_park(steady):
+            model.run_steady(scheduler, steady)
+            if steps is not None:
+                steps.append(tuple(seq.seq_id for seq in steady))
+            continue
+        num_parked = scheduler.num_parked
         plan = scheduler.schedule()
         assert not plan.is_empty, "idle step with unfinished work"
         check_plan_limits(plan, scheduler)
+        check_steady_prediction(steady, plan, num_parked, scheduler)
         plans.append(plan)
+        if steps is not None:
+            steps.append(tuple(row.seq_id for row in plan.rows))
         scheduler.update(plan, model.run(plan))
     assert not scheduler.has_unfinished() and not pending, "did not finish in time"
     assert blocks.num_free_blocks == workload.num_blocks
     return {seq_id: scheduler.get(seq_id).output_token_ids for seq_id in accepted}, plans
+
+
+def check_steady_prediction(
+    steady: tuple[Sequence, ...] | None, plan: StepPlan, num_parked: int, scheduler: Scheduler
+) -> None:
+    """steady_step offers exactly the steps schedule() plans as one decode row of every running
+    sequence, with no preemption and nothing else (it may decline one while rows are parked)."""
+    is_steady_plan = (
+        plan.num_preempted == 0
+        and all(not row.is_prefill and not row.is_resume for row in plan.rows)
+        and [row.seq_id for row in plan.rows] == [seq.seq_id for seq in scheduler._queues.running]
+    )
+    if steady is not None:
+        assert is_steady_plan and [r.seq_id for r in plan.rows] == [q.seq_id for q in steady]
+    elif num_parked == 0:
+        assert not is_steady_plan, "steady_step declined a steady step"
 
 
 def check_plan_limits(plan: StepPlan, scheduler: Scheduler) -> None:
@@ -238,3 +293,32 @@ def test_random_workloads_finish_and_match_an_unconstrained_run(workload: Worklo
         assert tokens == reference[seq_id]
         assert tokens == expected_outputs(seq_id, workload.requests[seq_id])
     assert run_workload(workload)[1] == plans  # deterministic: same calls ⇒ same plans
+
+
+@settings(max_examples=150, deadline=None)
+@given(workloads())
+def test_steady_steps_run_the_same_steps_as_schedule_and_update(workload: Workload) -> None:
+    """A run that takes apply_steady_step wherever steady_step offers it runs the same rows in
+    every step, and the same outputs, as one that plans every step."""
+    planned_steps: list[tuple[int, ...]] = []
+    steady_steps: list[tuple[int, ...]] = []
+    outputs, _ = run_workload(workload, steps=planned_steps)
+    steady_outputs, plans = run_workload(workload, use_steady=True, steps=steady_steps)
+    assert steady_outputs == outputs
+    assert steady_steps == planned_steps
+
+
+def test_a_decode_stretch_is_steady_until_a_request_arrives_or_finishes() -> None:
+    """Two requests decode together; a third arrives at step 6. Only the prefills and the step
+    after each change of the running set need plans."""
+    config = SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64, max_model_len=40)
+    requests = (Request(0, 5, 12, False), Request(0, 3, 20, False), Request(6, 4, 4, False))
+    workload = Workload(num_blocks=40, block_size=4, config=config, requests=requests,
+                        park_every=None, resume_min_parked=None, resume_max_wait_steps=1)  # fmt: skip
+    steps: list[tuple[int, ...]] = []
+    _, plans = run_workload(workload, use_steady=True, steps=steps)
+    planned = [tuple(row.seq_id for row in plan.rows) for plan in plans]
+    # the prompts of 0 and 1; the arrival of 2 (its prefill); 2's last step finishes it, and 0's
+    # twelfth token finishes 0: each time the running set changes, the next step is steady again
+    assert planned == [(0, 1), (0, 1, 2)]
+    assert len(steps) == 20 and steps.count((0, 1)) == 8

@@ -123,7 +123,7 @@ def test_roofline_maps_a_shallower_trace_by_relative_depth():
         model.step_time_s(features(32, tokens=5))
     )
     with pytest.raises(CostModelError, match="differ in length"):
-        model.step_time_s(replace(features(8), layer_kv_only_tokens=(0,) * 7))
+        model.step_time_s(features(8)._replace(layer_kv_only_tokens=(0,) * 7))
 
 
 def test_model_shape_from_hf_config_and_capture_meta():
@@ -224,7 +224,7 @@ def test_fitted_recovers_known_coefficients_and_keeps_a_zero_at_zero():
 def test_fitted_clamps_at_zero_where_least_squares_would_go_negative():
     steps, durations = synthetic_steps(300, seed=1)
     noisy = durations + np.random.default_rng(2).normal(0, 2e-4, len(durations))
-    rows = [{**vars(f), "num_prefill_tokens": 0} for f in steps]  # dicts work too
+    rows = [{**f._asdict(), "num_prefill_tokens": 0} for f in steps]  # dicts work too
     rows[0]["num_prefill_tokens"] = 10_000  # an outlier pulling the prefill slope negative
     noisy[0] = 0.0
     _, report = FittedCostModel.fit(rows, noisy)
@@ -259,7 +259,7 @@ def test_fitted_on_the_sample_captures():
 def test_fitted_rejects_bad_fits(durations, match):
     steps, _ = synthetic_steps(len(durations))
     with pytest.raises(CostModelError, match=match):
-        FittedCostModel.fit([replace(s, rule="none") for s in steps], durations)
+        FittedCostModel.fit([s._replace(rule="none") for s in steps], durations)
 
 
 def test_fitted_rejects_bad_inputs(tmp_path):
@@ -349,7 +349,7 @@ def test_a_time_factor_scales_any_model_and_each_fitted_capture():
     for f in steps:
         assert slow.step_time_s(f) == pytest.approx(1.25 * base.step_time_s(f))
     roof = build_cost_model("roofline:H100:llama-2-7b")
-    f = replace(steps[0], layer_tokens=(10,) * 32, layer_context_tokens=(900,) * 32,
+    f = steps[0]._replace(layer_tokens=(10,) * 32, layer_context_tokens=(900,) * 32,
                 layer_kv_only_tokens=(0,) * 32)  # fmt: skip
     half = build_cost_model("0.5*roofline:H100:llama-2-7b").step_time_s(f)
     assert half == pytest.approx(0.5 * roof.step_time_s(f)) and half > 0

@@ -269,6 +269,62 @@ def test_replay_fast_path_equals_general_path(capture, policy, requests, num_kv_
     assert fast.num_rejected == slow.num_rejected
 
 
+def _run_unhooked(capture, policy, lengths, num_kv_blocks, *, use_fast_path):
+    """A run as simulate() makes it: no plans kept, no step hook, so steady steps are taken
+    wherever the fast path is on and the fill owes nothing."""
+    cfg = SimulationConfig(
+        trace=str(capture.path), workload="", policy=policy, cost_model="roofline:H100",
+        scheduler=SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=24, max_model_len=48),
+        block_size=4, num_kv_blocks=num_kv_blocks,
+    )  # fmt: skip
+    cost = RooflineCostModel(gpu_spec("H100"), ModelShape.preset("llama-2-7b"))
+    sim = Simulation(capture, lengths, cfg, cost)
+    sim.runner = ReplayRunner(sim.policies, sim.num_layers, use_fast_path=use_fast_path)
+    return sim, sim.run()
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    policy=st.sampled_from(POLICIES),
+    requests=st.lists(
+        st.tuples(
+            st.sampled_from([0.0, 0.0, 0.001, 0.004, 0.02]), st.integers(1, 30), st.integers(1, 18)
+        ),
+        min_size=1,
+        max_size=10,
+    ),
+    num_kv_blocks=st.integers(12, 40),
+)
+def test_steady_steps_equal_planned_steps(capture, policy, requests, num_kv_blocks):
+    """Steady decode steps (no plan, one SimPy timeout for a stretch of them) give the same
+    requests, step records and metrics, to the bit, as planning and timing every step."""
+    lengths, arrival_s = [], 0.0
+    for gap_s, num_prompt, num_output in requests:
+        arrival_s += gap_s
+        lengths.append(LengthSpec(arrival_s, num_prompt, num_output))
+    sim, steady = _run_unhooked(capture, policy, lengths, num_kv_blocks, use_fast_path=True)
+    _, planned = _run_unhooked(capture, policy, lengths, num_kv_blocks, use_fast_path=False)
+    assert sim.runner.has_steady == (policy.kv_fill in ("copy", "skip"))
+    assert steady.requests == planned.requests and steady.steps == planned.steps
+    assert steady.metrics == planned.metrics and steady.num_rejected == planned.num_rejected
+
+
+def test_a_simulation_takes_steady_steps_and_plans_the_rest(capture):
+    """Two long requests decoding together: after their prefills, every step is steady."""
+    policy = PolicyConfig(batching="consensus", threshold=0.6, min_exit_layer=2)
+    lengths = [LengthSpec(0.0, 8, 18), LengthSpec(0.0, 6, 18)]
+    cfg = SimulationConfig(trace=str(capture.path), workload="", policy=policy,
+                           cost_model="roofline:H100", num_kv_blocks=40)  # fmt: skip
+    cost = RooflineCostModel(gpu_spec("H100"), ModelShape.preset("llama-2-7b"))
+    sim = Simulation(capture, lengths, cfg, cost)
+    plans, schedule = [], sim.scheduler.schedule
+    sim.scheduler.schedule = lambda: plans.append(schedule()) or plans[-1]
+    result = sim.run()
+    assert result.metrics.num_steps == 18 and len(plans) == 1  # one prefill step, 17 steady
+
+
 # ---- roofline: plain Python against the matrix form ----------------------------------------------
 
 

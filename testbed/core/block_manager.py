@@ -61,22 +61,37 @@ class BlockManager:
         assert num_tokens >= 0, f"negative token count {num_tokens}"
         return -(-num_tokens // self._block_size)
 
-    def _num_missing_blocks(self, seq: Sequence, num_tokens: int) -> int:
+    def num_missing_blocks(self, seq: Sequence, num_tokens: int) -> int:
+        """Blocks seq's table lacks to cover positions [0, num_tokens)."""
         return max(0, self.blocks_needed(num_tokens) - len(seq.block_table))
 
     def can_allocate(self, seq: Sequence, num_tokens: int) -> bool:
         """Whether seq's table can grow to cover positions [0, num_tokens)."""
-        return self._num_missing_blocks(seq, num_tokens) <= self.num_free_blocks
+        return self.num_missing_blocks(seq, num_tokens) <= self.num_free_blocks
 
     def allocate(self, seq: Sequence, num_tokens: int) -> None:
         """Grow seq's block table to cover positions [0, num_tokens); never shrinks it."""
-        num_missing = self._num_missing_blocks(seq, num_tokens)
+        num_missing = self.num_missing_blocks(seq, num_tokens)
         if num_missing > self.num_free_blocks:
             raise OutOfBlocksError(
                 f"seq {seq.seq_id} needs {num_missing} more blocks, {self.num_free_blocks} free"
             )
         if num_missing:  # most calls (decode steps inside a block) need none
             seq.block_table.extend(heapq.heappop(self._free_heap) for _ in range(num_missing))
+
+    def num_missing_for_decode(self, seqs: Iterable[Sequence]) -> int:
+        """Blocks that one more position for each of seqs needs, each covering its computed
+        positions already (a decoding sequence's table always does): one per full table."""
+        size = self._block_size
+        return sum([len(seq.block_table) * size <= seq.num_computed_tokens for seq in seqs])
+
+    def allocate_for_decode(self, seqs: Iterable[Sequence]) -> None:
+        """allocate(seq, seq.num_computed_tokens + 1) for each of seqs, in order, after
+        num_missing_for_decode(seqs) found enough free blocks."""
+        size = self._block_size
+        for seq in seqs:
+            if len(seq.block_table) * size <= seq.num_computed_tokens:
+                seq.block_table.append(heapq.heappop(self._free_heap))
 
     def free(self, seq: Sequence) -> None:
         """Return all of seq's blocks to the free list and clear its table."""

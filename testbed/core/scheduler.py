@@ -254,6 +254,50 @@ class Scheduler:
             block_table=tuple(seq.block_table),
         )
 
+    # ---- steady decode steps: a simulator's shortcut through schedule() and update() ---------
+
+    def steady_step(self) -> tuple[Sequence, ...] | None:
+        """The running sequences, in row order, when the next schedule() would plan exactly one
+        decode row for each of them and nothing else (no parked rows, no prefill chunk, no
+        preemption, no admission); None when it would plan anything else. Changes nothing.
+        A simulator spends most of its steps in such stretches; `apply_steady_step` applies one
+        without building its plan (tests/test_sim_steady.py checks both give the same runs)."""
+        if self._in_flight is not None or self._queues.num_parked:
+            return None
+        running = self._queues.running
+        budget = self._config.max_num_batched_tokens - len(running)
+        if not running or budget < 0:
+            return None
+        if not all([seq.is_prefill_done for seq in running]):
+            return None
+        num_free = self._blocks.num_free_blocks - self._blocks.num_missing_for_decode(running)
+        if num_free < 0:
+            return None  # some row would preempt: schedule() decides who
+        head = self._queues.next_waiting
+        if head is not None and self._queues.num_in_flight < self._config.max_num_seqs:
+            num_new = self._num_new_tokens(head, budget)
+            if num_new and self._blocks.num_missing_blocks(head, num_new) <= num_free:
+                return None  # schedule() would admit it
+        return running
+
+    def apply_steady_step(self, seqs: tuple[Sequence, ...], token_ids: list[int]) -> list[Sequence]:
+        """Apply a step that `steady_step` just returned ``seqs`` for, as schedule() then update()
+        would with these sampled tokens; returns the sequences it finished."""
+        if self._in_flight is not None:
+            raise SchedulerStateError(f"step {self._in_flight.step_id} was never update()d")
+        self._next_step_id += 1
+        self._blocks.allocate_for_decode(seqs)  # all first, as schedule() precedes update()
+        finished = []
+        for seq, token_id in zip(seqs, token_ids, strict=True):
+            seq.num_computed_tokens += 1
+            seq.append_token(token_id)
+            if seq.status is SequenceStatus.FINISHED:
+                self._blocks.free(seq)
+                self._queues.finish(seq)
+                finished.append(seq)
+        self._check_invariants()
+        return finished
+
     # ---- applying a step's result ------------------------------------------------------------
 
     def update(self, plan: StepPlan, result: StepResult) -> list[Sequence]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -49,9 +49,8 @@ class RequestRecord:
             raise ValueError(f"request {self.request_id}: one agreement flag per output token")
 
 
-@dataclass(frozen=True)
-class StepRecord:
-    """One engine step of a simulated run."""
+class StepRecord(NamedTuple):
+    """One engine step of a simulated run (a NamedTuple: the simulator builds one per step)."""
 
     start_s: float  # simulated time the step began
     duration_s: float  # cost-model time charged for it

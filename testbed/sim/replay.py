@@ -8,6 +8,7 @@ the work per layer, which a cost model turns into time.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,10 +17,11 @@ from policies.fast_path import has_confident_layers
 from policies.kv_fill import Resolve
 from testbed.core.exit_point import RowExits, StepCounters, exit_point
 from testbed.core.policy_set import PolicySet
+from testbed.core.sequence import Sequence
 from testbed.core.step import StepPlan
 from testbed.sim.replay_fast import FastReplay
 from testbed.sim.replay_state import Deferred, SeqReplay, SeqReplayFactory
-from testbed.sim.step_work import StepWork
+from testbed.sim.step_work import SteadyWork, StepWork
 from testbed.sim.token_source import TokenStream
 
 __all__ = ["ReplayRunner", "StepWork"]
@@ -107,6 +109,17 @@ class ReplayRunner:
         self.seqs.pop(seq_id, None)
         self.deferred.pop(seq_id, None)
         self.parked.discard(seq_id)
+
+    @property
+    def has_steady(self) -> bool:
+        """Whether `steady` can replay steady steps: the fast path is on and the KV fill owes
+        nothing (a lazy or recompute fill defers positions, which only plans carry)."""
+        return self._fast is not None and not self._fast.fill.is_owed
+
+    def steady(self, seqs: Iterable[Sequence], rule: str) -> SteadyWork | None:
+        """One step of Scheduler.steady_step's ``seqs``, without its plan (FastReplay.steady)."""
+        assert self._fast is not None, "steady steps need has_steady"
+        return self._fast.steady(seqs, self.seqs, rule)
 
     def execute(self, plan: StepPlan, duration_s: float = 0.0) -> StepWork:
         if self._fast is not None:

@@ -14,14 +14,17 @@ either touches the runner's state. tests/test_sim_fastpath.py checks both paths 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from itertools import accumulate
 from typing import NamedTuple
 
 from policies.kv_fill import FillKind, Resolve
 from testbed.core.policy_set import PolicySet
+from testbed.core.sequence import Sequence
 from testbed.core.step import RowResult, StepPlan, StepResult
+from testbed.sim.cost_base import StepFeatures
 from testbed.sim.replay_state import Deferred, SeqReplay
-from testbed.sim.step_work import StepWork
+from testbed.sim.step_work import SteadyWork, StepWork
 
 
 class _Read(NamedTuple):
@@ -98,6 +101,49 @@ class FastReplay:
             num_attention_pairs=sum(layer_ctx), duration_s=duration_s,
         )  # fmt: skip
         return StepWork(result, layer_tokens, layer_ctx, kv_only, tuple(executed))
+
+    def steady(self, seqs: Iterable[Sequence], replays: dict[int, SeqReplay], rule: str
+               ) -> SteadyWork | None:  # fmt: skip
+        """A steady step (Scheduler.steady_step: one decode row per running sequence, nothing
+        else) without a plan. Like `execute` on that step's plan, for a run whose fill owes
+        nothing (so no positions are deferred); None, nothing touched, when a row would park."""
+        L, reads_signals = self.num_layers, self.batching.needs_signals
+        out_pos, contexts, confident, token_ids = [], [], [], []
+        for seq in seqs:
+            replay, pos = replays[seq.seq_id], len(seq.output_token_ids)
+            out_pos.append(pos)  # the output index of the token this row produces
+            contexts.append(replay.num_prompt_tokens + pos)  # it feeds position context - 1
+            token_ids.append(replay.tokens[pos])  # pos < max_tokens: see SeqReplay
+            if reads_signals:
+                confident.append(replay.confident[pos])
+        exits = self.batching.step_exits(
+            confident if reads_signals else [L] * len(out_pos), out_pos, self.exit_layers, L
+        )
+        if exits is None or (exits.parked_layer is not None and any(exits.parked_layer)):
+            return None  # parked layers are exit points, never 0
+        tokens, ctx, kv_only = [0] * (L + 1), [0] * (L + 1), [0] * (L + 1)  # difference arrays
+        num_context = sum(contexts)
+        tokens[0], ctx[0] = len(out_pos), num_context
+        is_filled_now = self.fill.is_filled_now
+        for stop, c in zip(exits.executed, contexts, strict=True):
+            tokens[stop] -= 1
+            ctx[stop] -= c
+            if stop < L and is_filled_now:
+                kv_only[stop] += 1
+                kv_only[L] -= 1
+        layer_tokens = tuple(accumulate(tokens[:L]))
+        layer_ctx = tuple(accumulate(ctx[:L]))
+        layer_kv = tuple(accumulate(kv_only[:L]))
+        features = StepFeatures(
+            num_rows=len(out_pos), num_prefill_tokens=0, num_decode_rows=len(out_pos),
+            num_context_tokens=num_context, num_row_layers_executed=sum(layer_tokens),
+            num_kv_only_row_layers=sum(layer_kv), num_rule_evals=exits.num_rule_evals,
+            rule=rule, layer_tokens=layer_tokens, layer_context_tokens=layer_ctx,
+            layer_kv_only_tokens=layer_kv, num_layers_run=L - layer_tokens.count(0),
+            num_exit_points=exits.num_exit_points, num_attention_pairs=sum(layer_ctx),
+            num_sampling_layers=len(set(exits.token_layer)),
+        )  # fmt: skip
+        return SteadyWork(token_ids, exits.token_layer, exits.is_forced, features)
 
     def _read(self, plan: StepPlan, seqs: dict[int, SeqReplay]) -> _Read | None:
         """One pass over the rows: what the step reads; None for a step with a resume row."""

@@ -23,7 +23,8 @@ class Deferred:
 @dataclass(frozen=True)
 class SeqReplay:
     """One admitted sequence's replay data; output position p reads index min(p, len - 1) of its
-    lists (positions past a trace stream's end reuse its last token)."""
+    lists (positions past a trace stream's end reuse its last token). The lists hold at least
+    max_tokens entries (padded with their last), so p < max_tokens may index them directly."""
 
     stream: TokenStream  # the general path reads its signals per exit point
     tokens: list[int]  # [n] emitted token per trace index
@@ -62,6 +63,9 @@ class SeqReplayFactory:
             if ckey not in self._confident:
                 self._confident[ckey] = self._confident_layers(stream, max_tokens)
             confident = self._confident[ckey]
+        _pad(self._tokens[key], max_tokens)
+        if confident is not None:
+            _pad(confident, max_tokens)
         return SeqReplay(stream, self._tokens[key], confident, num_prompt_tokens, max_tokens)
 
     def _confident_layers(self, stream: TokenStream, max_tokens: int) -> list[int]:
@@ -75,3 +79,10 @@ class SeqReplayFactory:
             rule, values, exit_layers=self.exit_layers, num_layers=self.num_layers,
             positions=positions, max_tokens=max_tokens,
         )  # fmt: skip
+
+
+def _pad(values: list[int], length: int) -> None:
+    """Extend a shared per-index list to ``length`` with its last entry, in place: the value
+    every index past its end reads anyway, so a steady step can index it without clamping."""
+    if values and len(values) < length:
+        values.extend([values[-1]] * (length - len(values)))

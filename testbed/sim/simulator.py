@@ -25,6 +25,7 @@ from testbed.sim.errors import SimulationError
 from testbed.sim.hardware import ModelShape
 from testbed.sim.metrics import Metrics, RequestRecord, StepRecord, compute_metrics
 from testbed.sim.replay import ReplayRunner, StepWork
+from testbed.sim.step_work import SteadyWork
 from testbed.sim.token_source import TokenStream, TraceTokens, check_exit_points
 from testbed.trace import Capture, read_capture
 from testbed.workload.lengths import workload_lengths
@@ -118,6 +119,12 @@ class Simulation:
         self._next_seq_id = 0
         self._arrivals_done = False
         self.on_step: Callable[[StepPlan, StepWork], None] | None = None
+        self._next_arrival_s = float("inf")  # when the arrivals process wakes next
+
+    @property
+    def _use_steady(self) -> bool:
+        # steady steps build no plans: a run that keeps or hooks them takes every step's
+        return self.runner.has_steady and not self.keep_plans and self.on_step is None
 
     def run(self) -> SimulationResult:
         self.env.process(self._arrivals())
@@ -131,9 +138,12 @@ class Simulation:
     def _arrivals(self):
         for request_id, spec in enumerate(self.lengths):
             if spec.arrival_s > self.env.now:  # simultaneous arrivals join before the next step
-                yield self.env.timeout(spec.arrival_s - self.env.now)
+                delay_s = spec.arrival_s - self.env.now
+                self._next_arrival_s = self.env.now + delay_s  # the time SimPy schedules it at
+                yield self.env.timeout(delay_s)
             self._admit(request_id, spec)
         self._arrivals_done = True
+        self._next_arrival_s = float("inf")
         self._wake()
 
     def _admit(self, request_id: int, spec: LengthSpec) -> None:
@@ -185,6 +195,35 @@ class Simulation:
             start_s = self.env.now
             yield self.env.timeout(duration_s)
             self._finish_step(plan, work, start_s, duration_s)
+            if self._use_steady:
+                yield from self._steady_steps()
+
+    def _steady_steps(self):
+        """Run steady decode steps (Scheduler.steady_step) back to back until one would start
+        at or after the next arrival, then let SimPy's clock catch up in one timeout. The same
+        steps as the loop above, at the same times: only their plans and SimPy events are not
+        built, which is most of a step's cost in a long simulation."""
+        start_s = now_s = self.env.now
+        durations: list[float] = []
+        while now_s < self._next_arrival_s:  # a request that arrived by now joins the next step
+            seqs = self.scheduler.steady_step()
+            work = None if seqs is None else self.runner.steady(seqs, self._rule)
+            if work is None:
+                break
+            duration_s = self.cost.step_time_s(work.features)
+            finished = self.scheduler.apply_steady_step(seqs, work.token_ids)
+            self._finish_steady(seqs, work, now_s, duration_s)
+            now_s += duration_s  # the addition SimPy makes for a timeout
+            durations.append(duration_s)
+            for seq in finished:
+                self._record(seq, now_s)
+        if not durations:
+            return
+        if start_s + (now_s - start_s) == now_s:  # exact unless the clock was near 0
+            yield self.env.timeout(now_s - start_s)
+        else:
+            for duration_s in durations:
+                yield self.env.timeout(duration_s)
 
     def _features(self, plan: StepPlan, work: StepWork) -> StepFeatures:
         num_prefill_tokens = num_decode_rows = num_context_tokens = 0
@@ -236,6 +275,26 @@ class Simulation:
             self.on_step(plan, work)
         for seq in finished:
             self._record(seq, now)
+
+    def _finish_steady(
+        self, seqs: tuple[SeqState, ...], work: SteadyWork, start_s: float, duration_s: float
+    ) -> None:
+        """_finish_step for a steady step: its tokens and its step record."""
+        tracked = self.tracked
+        for seq, layer, is_forced in zip(seqs, work.exit_layers, work.is_forced, strict=True):
+            t = tracked[seq.seq_id]
+            t.exit_layers.append(layer)
+            if is_forced:
+                t.num_forced += 1
+            t.flags.append(t.agrees[min(len(t.exit_layers), len(t.agrees)) - 1][layer - 1])
+        f = work.features
+        self.steps.append(StepRecord(
+            start_s=start_s, duration_s=duration_s,
+            num_row_layers_executed=f.num_row_layers_executed,
+            num_kv_only_row_layers=f.num_kv_only_row_layers,
+            num_blocks_used=self.blocks.num_blocks - self.blocks.num_free_blocks,
+            num_preempted=0,
+        ))  # fmt: skip
 
     def _record(self, seq: SeqState, now: float) -> None:
         t = self.tracked.pop(seq.seq_id)

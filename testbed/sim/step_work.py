@@ -4,8 +4,10 @@ cost model prices (see cost_base.StepFeatures)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from testbed.core.step import StepResult
+from testbed.sim.cost_base import StepFeatures
 
 
 @dataclass(frozen=True)
@@ -17,3 +19,14 @@ class StepWork:
     layer_context_tokens: tuple[int, ...]  # sum of the context lengths those tokens attend
     layer_kv_only_tokens: tuple[int, ...]  # tokens that only computed K/V there (copy fill)
     executed: tuple[int, ...]  # per plan row: layers computed for its newest position
+
+
+class SteadyWork(NamedTuple):
+    """A steady decode step (Scheduler.steady_step), replayed without a plan: per row, in the
+    scheduler's row order, its token and exit layer; and the step's features for the cost model.
+    A NamedTuple: the simulator builds one per step of most of its steps."""
+
+    token_ids: list[int]
+    exit_layers: list[int]
+    is_forced: list[bool]
+    features: StepFeatures
