@@ -259,10 +259,13 @@ class Scheduler:
     def steady_step(self) -> tuple[Sequence, ...] | None:
         """The running sequences, in row order, when the next schedule() would plan exactly one
         decode row for each of them and nothing else (no parked rows, no prefill chunk, no
-        preemption, no admission); None when it would plan anything else. Changes nothing.
+        preemption, no admission, no resume: parked rows may wait on); None when it would plan
+        anything else. Changes nothing.
         A simulator spends most of its steps in such stretches; `apply_steady_step` applies one
         without building its plan (tests/test_sim_steady.py checks both give the same runs)."""
-        if self._in_flight is not None or self._queues.num_parked:
+        if self._in_flight is not None:
+            return None
+        if self._queues.num_parked and self._should_resume(self._next_step_id):
             return None
         running = self._queues.running
         budget = self._config.max_num_batched_tokens - len(running)

@@ -87,7 +87,10 @@ class Sequence:
 
     def append_token(self, token_id: int) -> None:
         """Record a sampled token; finish on EOS (checked first) or on reaching max_tokens."""
-        assert not self.is_finished, f"seq {self.seq_id}: token appended after it finished"
+        # the status test inlined: a simulation appends a million tokens
+        assert self.status is not SequenceStatus.FINISHED, (
+            f"seq {self.seq_id}: appended after finish"
+        )
         self.output_token_ids.append(token_id)
         if self.eos_token_id is not None and token_id == self.eos_token_id:
             self._finish(FinishReason.EOS)

@@ -121,19 +121,10 @@ class FastReplay:
         )
         if exits is None or (exits.parked_layer is not None and any(exits.parked_layer)):
             return None  # parked layers are exit points, never 0
-        tokens, ctx, kv_only = [0] * (L + 1), [0] * (L + 1), [0] * (L + 1)  # difference arrays
         num_context = sum(contexts)
-        tokens[0], ctx[0] = len(out_pos), num_context
-        is_filled_now = self.fill.is_filled_now
-        for stop, c in zip(exits.executed, contexts, strict=True):
-            tokens[stop] -= 1
-            ctx[stop] -= c
-            if stop < L and is_filled_now:
-                kv_only[stop] += 1
-                kv_only[L] -= 1
-        layer_tokens = tuple(accumulate(tokens[:L]))
-        layer_ctx = tuple(accumulate(ctx[:L]))
-        layer_kv = tuple(accumulate(kv_only[:L]))
+        layer_tokens, layer_ctx, layer_kv = _decode_layer_counts(
+            exits.executed, contexts, num_context, L, is_filled_now=self.fill.is_filled_now
+        )
         features = StepFeatures(
             num_rows=len(out_pos), num_prefill_tokens=0, num_decode_rows=len(out_pos),
             num_context_tokens=num_context, num_row_layers_executed=sum(layer_tokens),
@@ -200,6 +191,29 @@ class FastReplay:
                     Deferred(plan.rows[r].start_position, layer)
                 )
         return tuple(accumulate(kv_only[:L]))
+
+
+def _decode_layer_counts(
+    executed: list[int], contexts: list[int], num_context: int, L: int, *, is_filled_now: bool
+) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """_layer_counts and the K/V-only tokens of `_settle`, for one-token decode rows starting
+    at layer 0 with nothing deferred: per layer, tokens run, their context, tokens only filled."""
+    rows, first = len(executed), executed[0]
+    if executed.count(first) == rows:  # every row ran alike (consensus, full): no arrays needed
+        rest = L - first  # layers the rows skipped (executed never exceeds L)
+        filled = rows if is_filled_now else 0
+        return ((rows,) * first + (0,) * rest, (num_context,) * first + (0,) * rest,
+                (0,) * first + (filled,) * rest)  # fmt: skip
+    tokens, ctx, kv_only = [0] * (L + 1), [0] * (L + 1), [0] * (L + 1)  # difference arrays
+    tokens[0], ctx[0] = rows, num_context
+    for stop, c in zip(executed, contexts, strict=True):
+        tokens[stop] -= 1
+        ctx[stop] -= c
+        if stop < L and is_filled_now:
+            kv_only[stop] += 1
+            kv_only[L] -= 1
+    return (tuple(accumulate(tokens[:L])), tuple(accumulate(ctx[:L])),
+            tuple(accumulate(kv_only[:L])))  # fmt: skip
 
 
 def _layer_counts(
