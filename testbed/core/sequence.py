@@ -89,7 +89,7 @@ class Sequence:
         """Record a sampled token; finish on EOS (checked first) or on reaching max_tokens."""
         # the status test inlined: a simulation appends a million tokens
         assert self.status is not SequenceStatus.FINISHED, (
-            f"seq {self.seq_id}: appended after finish"
+            f"seq {self.seq_id}: token appended after it finished"
         )
         self.output_token_ids.append(token_id)
         if self.eos_token_id is not None and token_id == self.eos_token_id:
