@@ -108,26 +108,23 @@ class FakeModel:
             parked_layer=PARK_LAYER if is_parked else None,
         )
 
-    def would_park(self, seqs: tuple[Sequence, ...]) -> bool:
-        """Whether run() would park one of these sequences' decode rows."""
-        return self.park_every is not None and any(
-            (seq.num_tokens - 1) % self.park_every == 0 for seq in seqs
-        )
-
     def run_steady(self, scheduler: Scheduler, seqs: tuple[Sequence, ...]) -> None:
         """run() and update() for a steady step, through Scheduler.apply_steady_step: the same
-        checks of each row's context, then its K/V written where its grown block table says."""
+        checks of each row's context and the same parking, then each fed position's K/V
+        written where its grown block table says."""
         positions = [seq.num_tokens - 1 for seq in seqs]  # the position each row feeds
         for seq, pos in zip(seqs, positions, strict=True):
             assert seq.last_token_id == self.tokens[seq.seq_id][pos]
             slots = slots_for_positions(seq.block_table, self.block_size, 0, pos)
             for p in range(pos):
                 assert self.cache.get(int(slots[p])) == (seq.seq_id, p), "context lost"
-        tokens = [token_for(seq.seq_id, pos + 1) for seq, pos in zip(seqs, positions, strict=True)]
-        scheduler.apply_steady_step(seqs, tokens)
+        parked = [self.park_every is not None and pos % self.park_every == 0 for pos in positions]
+        tokens = [None if is_parked else token_for(seq.seq_id, pos + 1)
+                  for seq, pos, is_parked in zip(seqs, positions, parked, strict=True)]  # fmt: skip
+        scheduler.apply_steady_step(seqs, tokens, [PARK_LAYER if p else None for p in parked])
         for seq, pos, token_id in zip(seqs, positions, tokens, strict=True):
             stream = self.tokens[seq.seq_id]
-            if len(stream) == pos + 1:
+            if token_id is not None and len(stream) == pos + 1:
                 stream.append(token_id)
             if seq.block_table:  # a finished sequence's blocks are free: no one reads its K/V
                 slot = slots_for_positions(seq.block_table, self.block_size, pos, pos + 1)
@@ -184,7 +181,7 @@ def run_workload(
         if not scheduler.has_unfinished() and not pending:
             break
         steady = scheduler.steady_step()
-        if use_steady and steady is not None and not model.would_park(steady):
+        if use_steady and steady is not None:
             model.run_steady(scheduler, steady)
             if steps is not None:
                 steps.append(tuple(seq.seq_id for seq in steady))

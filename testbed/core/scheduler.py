@@ -283,16 +283,25 @@ class Scheduler:
                 return None  # schedule() would admit it
         return running
 
-    def apply_steady_step(self, seqs: tuple[Sequence, ...], token_ids: list[int]) -> list[Sequence]:
+    def apply_steady_step(
+        self, seqs: tuple[Sequence, ...], token_ids: list[int | None],
+        parked_layers: list[int | None] | None = None,
+    ) -> list[Sequence]:  # fmt: skip
         """Apply a step that `steady_step` just returned ``seqs`` for, as schedule() then update()
-        would with these sampled tokens; returns the sequences it finished."""
+        would with these results: per row its sampled token, or None and the exit point where
+        it parked (rebatch); returns the sequences it finished."""
         if self._in_flight is not None:
             raise SchedulerStateError(f"step {self._in_flight.step_id} was never update()d")
+        step_id = self._next_step_id
         self._next_step_id += 1
         self._blocks.allocate_for_decode(seqs)  # all first, as schedule() precedes update()
         finished = []
-        for seq, token_id in zip(seqs, token_ids, strict=True):
+        for r, (seq, token_id) in enumerate(zip(seqs, token_ids, strict=True)):
             seq.num_computed_tokens += 1
+            if token_id is None:
+                assert parked_layers is not None, f"seq {seq.seq_id}: no token and not parked"
+                self._park(seq, parked_layers[r], step_id)
+                continue
             seq.append_token(token_id)
             if seq.status is SequenceStatus.FINISHED:
                 self._blocks.free(seq)
@@ -330,7 +339,11 @@ class Scheduler:
         if row.is_prefill and row.is_sampling:
             seq.is_prefill_done = True
         if row_result.is_parked:
-            self._park(seq, row, row_result, step_id)
+            assert not row.is_prefill, f"seq {seq.seq_id}: prefill rows run every layer"
+            assert (row_result.parked_layer or 0) > row.start_layer, (
+                f"seq {seq.seq_id}: parked at {row_result.parked_layer}, started at {row.start_layer}"
+            )
+            self._park(seq, row_result.parked_layer, step_id)
         elif row.is_sampling:
             assert row_result.token_id is not None, f"seq {seq.seq_id}: sampling row lacks a token"
             seq.append_token(row_result.token_id)
@@ -341,12 +354,9 @@ class Scheduler:
             assert row_result.token_id is None, f"seq {seq.seq_id}: token from a mid-prefill chunk"
         return seq
 
-    def _park(self, seq: Sequence, row: RowPlan, row_result: RowResult, step_id: int) -> None:
-        assert not row.is_prefill, f"seq {seq.seq_id}: prefill rows run every layer"
-        assert row_result.parked_layer is not None and row_result.parked_layer > row.start_layer, (
-            f"seq {seq.seq_id}: parked at {row_result.parked_layer}, started at {row.start_layer}"
-        )
-        seq.parked_layer = row_result.parked_layer
+    def _park(self, seq: Sequence, parked_layer: int | None, step_id: int) -> None:
+        assert parked_layer is not None, f"seq {seq.seq_id}: parked at no layer"
+        seq.parked_layer = parked_layer
         seq.parked_since_step = step_id
         self._queues.park(seq)
 

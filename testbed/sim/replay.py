@@ -89,7 +89,6 @@ class ReplayRunner:
         self.policies, self.num_layers = policies, num_layers
         self.seqs: dict[int, SeqReplay] = {}
         self.deferred: dict[int, list[Deferred]] = {}
-        self.parked: set[int] = set()
         fill = policies.kv_fill.fill_kind
         is_fast = (
             use_fast_path
@@ -108,7 +107,6 @@ class ReplayRunner:
     def release(self, seq_id: int) -> None:
         self.seqs.pop(seq_id, None)
         self.deferred.pop(seq_id, None)
-        self.parked.discard(seq_id)
 
     @property
     def has_steady(self) -> bool:
@@ -123,7 +121,7 @@ class ReplayRunner:
 
     def execute(self, plan: StepPlan, duration_s: float = 0.0) -> StepWork:
         if self._fast is not None:
-            work = self._fast.execute(plan, self.seqs, self.deferred, self.parked, duration_s)
+            work = self._fast.execute(plan, self.seqs, self.deferred, duration_s)
             if work is not None:
                 return work
         return self._execute_general(plan, duration_s)
@@ -207,9 +205,6 @@ class ReplayRunner:
                     Deferred(d.position, max(d.layer, reached))
                     for d in self.deferred[row.seq_id] if max(d.layer, reached) < L
                 ]  # fmt: skip
-        for r, row in enumerate(plan.rows):
-            if st.exits.parked_layer[r] is not None:
-                self.parked.add(row.seq_id)
         fill_rows = [r for r in range(len(plan.rows))
                      if is_decode[r] and st.exits.parked_layer[r] is None and st.exits.executed[r] < L]  # fmt: skip
         if not fill_rows:

@@ -51,7 +51,6 @@ class FastReplay:
         plan: StepPlan,
         seqs: dict[int, SeqReplay],
         deferred: dict[int, list[Deferred]],
-        parked: set[int],
         duration_s: float,
     ) -> StepWork | None:
         """Execute ``plan`` like the general path; None, state untouched, when it can't."""
@@ -73,7 +72,6 @@ class FastReplay:
                 forced[r] = exits.is_forced[i]
                 if exits.parked_layer is not None and exits.parked_layer[i] is not None:
                     parked_layer[r] = exits.parked_layer[i]
-                    parked.add(rows[r].seq_id)
             num_points, num_evals = exits.num_exit_points, exits.num_rule_evals
         for seq_id in read.restarted:  # a prefill from position 0: a re-prefill after preemption
             deferred.pop(seq_id, None)
@@ -106,7 +104,7 @@ class FastReplay:
                ) -> SteadyWork | None:  # fmt: skip
         """A steady step (Scheduler.steady_step: one decode row per running sequence, nothing
         else) without a plan. Like `execute` on that step's plan, for a run whose fill owes
-        nothing (so no positions are deferred); None, nothing touched, when a row would park."""
+        nothing (so no positions are deferred); None when the policy has no fast path."""
         L, reads_signals = self.num_layers, self.batching.needs_signals
         out_pos, contexts, confident, token_ids = [], [], [], []
         for seq in seqs:
@@ -119,12 +117,18 @@ class FastReplay:
         exits = self.batching.step_exits(
             confident if reads_signals else [L] * len(out_pos), out_pos, self.exit_layers, L
         )
-        if exits is None or (exits.parked_layer is not None and any(exits.parked_layer)):
-            return None  # parked layers are exit points, never 0
+        if exits is None:
+            return None
+        parked = exits.parked_layer
+        if parked is not None and not any(parked):  # parked layers are exit points, never 0
+            parked = None
+        if parked is not None:
+            token_ids = [None if p else t for t, p in zip(token_ids, parked, strict=True)]
         num_context = sum(contexts)
         layer_tokens, layer_ctx, layer_kv = _decode_layer_counts(
-            exits.executed, contexts, num_context, L, is_filled_now=self.fill.is_filled_now
-        )
+            exits.executed, contexts, num_context, L, parked,
+            is_filled_now=self.fill.is_filled_now,
+        )  # fmt: skip
         features = StepFeatures(
             num_rows=len(out_pos), num_prefill_tokens=0, num_decode_rows=len(out_pos),
             num_context_tokens=num_context, num_row_layers_executed=sum(layer_tokens),
@@ -132,9 +136,9 @@ class FastReplay:
             rule=rule, layer_tokens=layer_tokens, layer_context_tokens=layer_ctx,
             layer_kv_only_tokens=layer_kv, num_layers_run=L - layer_tokens.count(0),
             num_exit_points=exits.num_exit_points, num_attention_pairs=sum(layer_ctx),
-            num_sampling_layers=len(set(exits.token_layer)),
+            num_sampling_layers=len(set(exits.token_layer) - {None}),
         )  # fmt: skip
-        return SteadyWork(token_ids, exits.token_layer, exits.is_forced, features)
+        return SteadyWork(token_ids, exits.token_layer, exits.is_forced, features, parked)
 
     def _read(self, plan: StepPlan, seqs: dict[int, SeqReplay]) -> _Read | None:
         """One pass over the rows: what the step reads; None for a step with a resume row."""
@@ -194,22 +198,24 @@ class FastReplay:
 
 
 def _decode_layer_counts(
-    executed: list[int], contexts: list[int], num_context: int, L: int, *, is_filled_now: bool
-) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    executed: list[int], contexts: list[int], num_context: int, L: int,
+    parked: list[int | None] | None, *, is_filled_now: bool,
+) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:  # fmt: skip
     """_layer_counts and the K/V-only tokens of `_settle`, for one-token decode rows starting
-    at layer 0 with nothing deferred: per layer, tokens run, their context, tokens only filled."""
+    at layer 0 with nothing deferred: per layer, tokens run, their context, tokens only filled
+    (a parked row owes no fill: its deep layers run when it resumes)."""
     rows, first = len(executed), executed[0]
-    if executed.count(first) == rows:  # every row ran alike (consensus, full): no arrays needed
+    if parked is None and executed.count(first) == rows:  # all alike (consensus, full)
         rest = L - first  # layers the rows skipped (executed never exceeds L)
         filled = rows if is_filled_now else 0
         return ((rows,) * first + (0,) * rest, (num_context,) * first + (0,) * rest,
                 (0,) * first + (filled,) * rest)  # fmt: skip
     tokens, ctx, kv_only = [0] * (L + 1), [0] * (L + 1), [0] * (L + 1)  # difference arrays
     tokens[0], ctx[0] = rows, num_context
-    for stop, c in zip(executed, contexts, strict=True):
+    for r, (stop, c) in enumerate(zip(executed, contexts, strict=True)):
         tokens[stop] -= 1
         ctx[stop] -= c
-        if stop < L and is_filled_now:
+        if stop < L and is_filled_now and (parked is None or parked[r] is None):
             kv_only[stop] += 1
             kv_only[L] -= 1
     return (tuple(accumulate(tokens[:L])), tuple(accumulate(ctx[:L])),

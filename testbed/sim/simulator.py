@@ -211,7 +211,7 @@ class Simulation:
             if work is None:
                 break
             duration_s = self.cost.step_time_s(work.features)
-            finished = self.scheduler.apply_steady_step(seqs, work.token_ids)
+            finished = self.scheduler.apply_steady_step(seqs, work.token_ids, work.parked_layers)
             self._finish_steady(seqs, work, now_s, duration_s)
             now_s += duration_s  # the addition SimPy makes for a timeout
             durations.append(duration_s)
@@ -282,6 +282,8 @@ class Simulation:
         """_finish_step for a steady step: its tokens and its step record."""
         tracked = self.tracked
         for seq, layer, is_forced in zip(seqs, work.exit_layers, work.is_forced, strict=True):
+            if layer is None:  # parked: its token comes when it resumes
+                continue
             t = tracked[seq.seq_id]
             t.exit_layers.append(layer)
             if is_forced:

@@ -26,7 +26,8 @@ class SteadyWork(NamedTuple):
     scheduler's row order, its token and exit layer; and the step's features for the cost model.
     A NamedTuple: the simulator builds one per step of most of its steps."""
 
-    token_ids: list[int]
-    exit_layers: list[int]
+    token_ids: list[int | None]  # None: the row parked (rebatch)
+    exit_layers: list[int | None]
     is_forced: list[bool]
     features: StepFeatures
+    parked_layers: list[int | None] | None = None  # where rows parked; None: none did
