@@ -151,6 +151,15 @@ class BatchingPolicy:
         fast path; the caller runs the general one."""
         return None
 
+    def step_exits_from(
+        self, confident: Sequence[int], positions: Sequence[int], start_layers: Sequence[int],
+        exit_layers: Sequence[int], num_layers: int,
+    ) -> StepExits | None:  # fmt: skip
+        """`step_exits` for rows that start at ``start_layers`` (rebatch's resume rows start
+        at their parked layer; a row joins the exit points above its start, and its first
+        confident layer lies above it). None: no fast path. Only a policy that parks needs it."""
+        return None
+
     @property
     def has_step_exits(self) -> bool:
         """Whether `step_exits` is this policy's own: a subclass that overrides `decide` or
@@ -308,14 +317,27 @@ class RebatchBatching(BatchingPolicy):
         return num_parked >= self.min_deep_rows or oldest_wait_steps >= self.max_wait_steps
 
     def step_exits(self, confident, positions, exit_layers, num_layers: int) -> StepExits:
+        return self.step_exits_from(confident, positions, [0] * len(confident), exit_layers,
+                                    num_layers)  # fmt: skip
+
+    def step_exits_from(self, confident, positions, start_layers, exit_layers, num_layers: int
+                        ) -> StepExits:  # fmt: skip
         # confident rows take their token and stop (as shrink) until the rows still going are
-        # a small enough share of those at an exit point: then they all park there
+        # a small enough share of those at an exit point: then they all park there. A row
+        # joins at the first exit point above its start layer.
         rows = len(confident)
         executed, token_layer = [num_layers] * rows, [num_layers] * rows
         parked: list[int | None] = [None] * rows
-        running, num_points, num_evals = list(range(rows)), 0, 0
+        running = [r for r in range(rows) if not start_layers[r]]
+        joining = [r for r in range(rows) if start_layers[r]]
+        num_points = num_evals = 0
         for layer in exit_layers:
+            if joining:
+                running += [r for r in joining if start_layers[r] < layer]
+                joining = [r for r in joining if start_layers[r] >= layer]
             if not running:
+                if joining:
+                    continue
                 break
             num_points, num_evals = num_points + 1, num_evals + len(running)
             going = [r for r in running if confident[r] > layer]

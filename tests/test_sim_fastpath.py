@@ -42,10 +42,12 @@ from testbed.workload.spec import LengthSpec
 # ---- batching: whole-step outcome against one decide() per exit point -------------------------
 
 
-def _general_exits(policy, confident: np.ndarray, positions: np.ndarray, points: ExitPoints):
-    """The replay runner's general loop for decode rows starting at layer 0: confident is bool
-    [rows, num_layers] (column ℓ-1: confident after ℓ layers)."""
+def _general_exits(policy, confident: np.ndarray, positions: np.ndarray, points: ExitPoints,
+                   starts: np.ndarray | None = None):  # fmt: skip
+    """The replay runner's general loop for decode rows starting at ``starts`` (default layer
+    0): confident is bool [rows, num_layers] (column ℓ-1: confident after ℓ layers)."""
     rows, L = confident.shape
+    starts = np.zeros(rows, dtype=int) if starts is None else starts
     running, has_token = np.ones(rows, bool), np.zeros(rows, bool)
     executed, token_layer, forced = [L] * rows, [L] * rows, [False] * rows
     parked = [None] * rows
@@ -55,7 +57,9 @@ def _general_exits(policy, confident: np.ndarray, positions: np.ndarray, points:
             break
         if not policy.is_early_exit or not points.is_exit_point(layer, L):
             continue
-        cand = np.flatnonzero(running)
+        cand = np.flatnonzero(running & (starts < layer))
+        if len(cand) == 0:
+            continue
         conf = np.zeros(len(cand), bool)
         need = ~has_token[cand]
         if policy.needs_signals and need.any():
@@ -107,6 +111,36 @@ def test_step_exits_equal_one_decision_per_exit_point(
     got = (fast.executed, fast.token_layer, fast.is_forced, fast.num_exit_points,
            fast.num_rule_evals, fast.parked_layer or [None] * rows)  # fmt: skip
     assert got == _general_exits(policy, confident, positions, points)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    fraction=st.sampled_from([0.0, 0.3, 0.5, 0.8, 1.0]),
+    num_layers=st.integers(2, 9),
+    rows=st.integers(1, 7),
+    min_exit_layer=st.integers(1, 9),
+    stride=st.integers(1, 3),
+    seed=st.integers(0, 2**31),
+)
+def test_rebatch_resume_rows_equal_one_decision_per_exit_point(
+    fraction, num_layers, rows, min_exit_layer, stride, seed
+):
+    """Rows resuming from a parked layer join the exit points above it; each was not confident
+    up to its parked layer (that is why it parked)."""
+    rng = np.random.default_rng(seed)
+    points = ExitPoints(min_exit_layer=min_exit_layer, stride=stride)
+    exit_layers = points.layers(num_layers)
+    starts = np.where(rng.random(rows) < 0.5, rng.integers(1, num_layers, rows), 0)
+    confident = rng.random((rows, num_layers)) < rng.random()
+    confident[np.arange(num_layers)[None, :] < starts[:, None]] = False  # up to layer start
+    positions = rng.integers(0, 50, rows)
+    first = [next((e for e in exit_layers if confident[r, e - 1]), num_layers) for r in range(rows)]
+    policy = RebatchBatching(park_below_fraction=fraction)
+    fast = policy.step_exits_from(first, positions.tolist(), starts.tolist(), exit_layers,
+                                  num_layers)  # fmt: skip
+    got = (fast.executed, fast.token_layer, fast.is_forced, fast.num_exit_points,
+           fast.num_rule_evals, fast.parked_layer)  # fmt: skip
+    assert got == _general_exits(policy, confident, positions, points, starts)
 
 
 def test_subclasses_take_the_general_path():

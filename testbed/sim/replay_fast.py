@@ -6,10 +6,11 @@ most of its time in it. Here a step is settled at once: each decode row's first 
 layer was computed at admission (replay_state.py), `BatchingPolicy.step_exits` turns those into every
 row's executed layers and token layer, and the per-layer counts follow from difference arrays.
 
-It covers steps without resume rows under built-in policies (a rebatch step that parks rows is
-covered; one that resumes them is not);
-`FastReplay.execute` returns None for any other step and the caller runs the general path, before
-either touches the runner's state. tests/test_sim_fastpath.py checks both paths agree.
+It covers every step under the built-in policies (rebatch's resume rows through
+`BatchingPolicy.step_exits_from`); `FastReplay.execute` returns None for any other step and the
+caller runs the general path, before either touches the runner's state. `FastReplay.steady`
+replays a steady decode step (Scheduler.steady_step) without its plan. tests/test_sim_fastpath.py
+checks the paths agree.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from collections.abc import Iterable
 from itertools import accumulate
 from typing import NamedTuple
 
+from policies.batching import StepExits
 from policies.kv_fill import FillKind, Resolve
 from testbed.core.policy_set import PolicySet
 from testbed.core.sequence import Sequence
@@ -36,6 +38,7 @@ class _Read(NamedTuple):
     confident: list[int]
     positions: list[int]
     restarted: list[int]  # sequences re-prefilled from position 0
+    starts: list[int]  # per decode row, its first layer (a resume row's parked layer)
 
 
 class FastReplay:
@@ -64,7 +67,7 @@ class FastReplay:
         parked_layer: list[int | None] = [None] * len(rows)
         num_points = num_evals = 0
         if read.decode:
-            exits = self.batching.step_exits(read.confident, read.positions, self.exit_layers, L)
+            exits = self._exits(read)
             if exits is None:
                 return None
             for i, r in enumerate(read.decode):
@@ -141,9 +144,9 @@ class FastReplay:
         return SteadyWork(token_ids, exits.token_layer, exits.is_forced, features, parked)
 
     def _read(self, plan: StepPlan, seqs: dict[int, SeqReplay]) -> _Read | None:
-        """One pass over the rows: what the step reads; None for a step with a resume row."""
+        """One pass over the rows: what the step reads."""
         L, reads_signals = self.num_layers, self.batching.needs_signals
-        read = _Read([], [], [], [], [], [])
+        read = _Read([], [], [], [], [], [], [])
         for r, row in enumerate(plan.rows):
             seq = seqs[row.seq_id]
             pos = row.start_position + len(row.token_ids) - seq.num_prompt_tokens
@@ -153,15 +156,27 @@ class FastReplay:
                 if row.start_position == 0:
                     read.restarted.append(row.seq_id)
                 continue
-            if row.start_layer:  # a rebatch resume row: the general path's business
-                return None
             read.decode.append(r)
             read.positions.append(pos)
+            read.starts.append(row.start_layer)  # > 0: a rebatch row resuming its deep layers
             if reads_signals:  # clamped to its last entry, like SeqReplay.token_at
                 read.confident.append(seq.confident[min(pos, len(seq.confident) - 1)])
             else:
                 read.confident.append(L)
         return read
+
+    def _exits(self, read: _Read) -> StepExits | None:
+        """The policy's outcome for the step's decode rows; None: the general path's business."""
+        L, starts = self.num_layers, read.starts
+        if not any(starts):
+            return self.batching.step_exits(read.confident, read.positions, self.exit_layers, L)
+        # a resume row parked where it was not yet confident, so its first confident layer lies
+        # above its start; a row that breaks this is the general path's
+        if any(s and c <= s for s, c in zip(starts, read.confident, strict=True)):
+            return None
+        return self.batching.step_exits_from(
+            read.confident, read.positions, starts, self.exit_layers, L
+        )
 
     def _settle(
         self,
@@ -226,14 +241,14 @@ def _layer_counts(
     plan: StepPlan, executed: list[int], deferred: dict[int, list[Deferred]], L: int
 ) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Per layer: tokens that ran it and the sum of their context lengths. Every row runs layers
-    [0, executed); a deferred position rides along with its row from its first owed layer."""
+    [start_layer, executed); a deferred position rides along with its row from its first owed layer."""
     tokens, ctx = [0] * (L + 1), [0] * (L + 1)  # difference arrays
     for row, stop in zip(plan.rows, executed, strict=True):
-        n, first = len(row.token_ids), row.start_position
-        tokens[0] += n
+        n, first, start = len(row.token_ids), row.start_position, row.start_layer
+        tokens[start] += n
         tokens[stop] -= n
         span_ctx = n * first + n * (n + 1) // 2  # sum of (position + 1) over the fed tokens
-        ctx[0] += span_ctx
+        ctx[start] += span_ctx
         ctx[stop] -= span_ctx
         if row.is_prefill or not deferred:
             continue
