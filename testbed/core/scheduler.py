@@ -262,7 +262,8 @@ class Scheduler:
         preemption, no admission, no resume: parked rows may wait on); None when it would plan
         anything else. Changes nothing.
         A simulator spends most of its steps in such stretches; `apply_steady_step` applies one
-        without building its plan (tests/test_sim_steady.py checks both give the same runs)."""
+        without building its plan (tests/test_core_property.py and tests/test_sim_fastpath.py
+        check both give the same runs)."""
         if self._in_flight is not None:
             return None
         if self._queues.num_parked and self._should_resume(self._next_step_id):
