@@ -60,3 +60,20 @@ def test_num_requests_sets_every_streams_length_at_the_same_rates():
             assert ours_spec.num_requests == 16
             assert ours_spec.rate_per_s == theirs_spec.rate_per_s
     assert "rate=24," in short["demo"][0]
+
+
+def test_eos_ignore_runs_every_request_to_its_output_length(tmp_path, capsys):
+    """--eos ignore: every workload and calibration stream runs to its output length; a rerun
+    into a folder of the other rule is refused with one line, nothing removed."""
+    for _, workload, calibration in workloads(1200.0, num_requests=16, eos="ignore"):
+        assert parse_workload(workload).ignore_eos and parse_workload(calibration).ignore_eos
+    # by default only the trace replay runs to its recorded lengths
+    assert [parse_workload(w).ignore_eos for _, w, _ in workloads(1200.0)] == [False, False, True]
+    write_run_info(tmp_path, {"capacity_tokens_per_s": 901.5}, seed=0)  # run before --eos
+    (tmp_path / "capacity").mkdir()
+    (tmp_path / "capacity" / "meta.json").write_text("{}")
+    code = cli(["bench", "--suite", "validation", "--eos", "ignore", "--out", str(tmp_path)])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "run with eos=stop, not eos=ignore" in err[0]
+    assert (tmp_path / "capacity" / "meta.json").is_file()

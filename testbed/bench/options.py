@@ -31,5 +31,6 @@ class BenchOptions:
     trace: str = "traces/samples/oracle_cnndm"  # sim-speed
     sizes: str = "1000,19366,100000"  # sim-speed: numbers of Azure requests
     workloads: str | None = None  # validation: None, all of them
+    eos: str = "stop"  # validation: "ignore" runs every request to its output length
     workload: str | None = None  # noise: None, the demo's
     rounds: int = 5  # noise: interleaved rounds of every variant

@@ -23,14 +23,16 @@ LOAD_OF_CAPACITY = 0.9  # "near saturation": 90% of the capacity, in requests pe
 WORKLOAD_NAMES = ("demo", "poisson-saturated", "azure-scaled")
 
 
-def workloads(capacity_tokens_per_s: float,
-              num_requests: int | None = None) -> tuple[tuple[str, str, str], ...]:  # fmt: skip
+def workloads(capacity_tokens_per_s: float, num_requests: int | None = None,
+              eos: str = "stop") -> tuple[tuple[str, str, str], ...]:  # fmt: skip
     """(name, workload, calibration workload): the demo's own (overloaded); a Poisson load at
     90% of the capacity this machine has today (its speed differs by tens of percent from day to
     day, so a fixed rate is saturated on one day and light on another); the Azure conversation
     trace's first requests time-scaled to 3 requests/s. ``num_requests`` sets every stream's
     length (a model 13x slower than the built-in one cannot run the default lengths' 130 runs
-    in an hour); None keeps the demo's own workload and the default lengths."""
+    in an hour); None keeps the demo's own workload and the default lengths. eos="ignore"
+    runs every request to its output length, so the engine and the replay emit the same number
+    of tokens whatever the exit rule does to the text (their timing alone is then compared)."""
     rate = round(LOAD_OF_CAPACITY * capacity_tokens_per_s / OUTPUT_TOKENS, 1)
     if num_requests is None:
         demo, demo_cal, (n, n_cal), (m, m_cal) = (
@@ -39,13 +41,17 @@ def workloads(capacity_tokens_per_s: float,
     else:
         n = n_cal = m = m_cal = num_requests
         demo = demo_cal = f"poisson:rate={DEMO_RATE},n={num_requests},{SHAPE}"
-    return (
+    if eos not in ("stop", "ignore"):
+        raise ConfigError(f"eos must be stop or ignore, got {eos!r}")
+    tail = ",eos=ignore" if eos == "ignore" else ""
+    chosen = (
         ("demo", demo, demo_cal),
         ("poisson-saturated", f"poisson:rate={rate},n={n},{SHAPE}",
          f"poisson:rate={rate},n={n_cal},{SHAPE}"),
         ("azure-scaled", f"azure:path={AZURE},n={m},rate=3",
          f"azure:path={AZURE},n={m_cal},rate=3"),
     )  # fmt: skip
+    return tuple((name, w + tail, cal + tail) for name, w, cal in chosen)
 
 
 def capacity_tokens_per_s(out: Path, data_dir: str | None, model: str = "builtin") -> float:
@@ -62,10 +68,10 @@ def capacity_tokens_per_s(out: Path, data_dir: str | None, model: str = "builtin
     return compute_metrics(records, []).throughput_tokens_per_s
 
 
-def recorded_capacity(out: Path, model: str = "builtin") -> float | None:
+def recorded_capacity(out: Path, model: str = "builtin", eos: str = "stop") -> float | None:
     """The capacity an earlier run into ``out`` measured, when its burst run finished: a rerun
     then validates the same workloads and reuses every finished run. A folder of another
-    model's bench is refused (its runs would be reused for this one)."""
+    model's bench, or of another eos rule, is refused (its runs would be reused for this one)."""
     info, burst = out / "run.json", out / "capacity" / "meta.json"
     if not (info.is_file() and burst.is_file()):
         return None
@@ -75,12 +81,18 @@ def recorded_capacity(out: Path, model: str = "builtin") -> float | None:
             f"{out} holds the validation bench of model {config.get('model', 'builtin')!r}, not "
             f"{model!r}; give another --out"
         )
+    if config.get("eos", "stop") != eos:
+        raise ConfigError(
+            f"{out} holds the validation bench run with eos={config.get('eos', 'stop')}, not "
+            f"eos={eos}; give another --out"
+        )
     return config.get("capacity_tokens_per_s")
 
 
 def run(out: Path, data_dir: str | None, names: list[str] | None = None, *, say: Say = print,
         progress: Progress | None = None, model: str = "builtin",
-        repeats: int = DemoConfig.repeats, num_requests: int | None = None) -> list[tuple]:  # fmt: skip
+        repeats: int = DemoConfig.repeats, num_requests: int | None = None,
+        eos: str = "stop") -> list[tuple]:  # fmt: skip
     unknown = sorted(set(names or ()) - set(WORKLOAD_NAMES))
     if unknown or names == []:
         raise ConfigError(
@@ -88,15 +100,15 @@ def run(out: Path, data_dir: str | None, names: list[str] | None = None, *, say:
             f"(known: {', '.join(WORKLOAD_NAMES)})"
         )
     rows = []
-    capacity = recorded_capacity(out, model)
+    capacity = recorded_capacity(out, model, eos)
     if capacity is None:
         capacity = capacity_tokens_per_s(out, data_dir, model)
         say(f"capacity: {capacity:.0f} tokens/s at full depth on {BURST}")
     else:
         say(f"capacity: {capacity:.0f} tokens/s, as measured by the earlier run into {out}")
-    chosen = [w for w in workloads(capacity, num_requests) if names is None or w[0] in names]
-    write_run_info(out, {"capacity_tokens_per_s": capacity, "workloads": chosen,
-                         "model": model, "repeats": repeats, "num_requests": num_requests},
+    chosen = [w for w in workloads(capacity, num_requests, eos) if names is None or w[0] in names]
+    write_run_info(out, {"capacity_tokens_per_s": capacity, "workloads": chosen, "model": model,
+                         "repeats": repeats, "num_requests": num_requests, "eos": eos},
                    seed=0,
                    suite="validation")  # fmt: skip
     inside: dict[str, tuple[int, int]] = {}  # workload: (forecasts inside the rounds' range, pairs)

@@ -51,6 +51,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--fills", default=",".join(GRID_FILLS))
     p.add_argument("--workloads", default=None,
                    help="validation: comma list of demo, poisson-saturated, azure-scaled (default: all)")  # fmt: skip
+    p.add_argument("--eos", choices=("stop", "ignore"), default=BenchOptions.eos,
+                   help="validation: ignore runs every request to its output length, so only "
+                        "timing is compared (default stop)")  # fmt: skip
     p.add_argument("--workload", default=None, help="noise: the workload (default: the demo's)")
     p.add_argument("--rounds", type=int, default=BenchOptions.rounds,
                    help="noise: interleaved rounds of every variant; validation: rounds of runs"
@@ -91,6 +94,7 @@ def main(argv: list[str]) -> int:
             model=opts.model,
             repeats=opts.rounds,
             num_requests=opts.num_requests,
+            eos=opts.eos,
         )
         return 0
     ckpt = load_checkpoint(resolve_model_dir(opts.model))
