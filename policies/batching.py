@@ -18,11 +18,12 @@ from __future__ import annotations
 from bisect import bisect_right
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar
 
 import numpy as np
 
 from policies.errors import PolicyConfigError
+from policies.fast_path import StepExits
 
 
 @dataclass(frozen=True)
@@ -69,19 +70,6 @@ def _decision(
         park=none if park is None else park,
         stop=not keep.any(),
     )
-
-
-class StepExits(NamedTuple):
-    """A whole step's decode rows after every exit point, from each row's first confident exit
-    layer (`BatchingPolicy.step_exits`); lists are per row, in the given order. A NamedTuple
-    rather than a frozen dataclass: the simulator builds one per step."""
-
-    executed: list[int]  # layers each row computed
-    token_layer: list[int | None]  # layer whose head gives its token (None: parked, no token)
-    is_forced: list[bool]  # the policy forced the row out before it was confident
-    num_exit_points: int  # exit points at which the policy was asked
-    num_rule_evals: int  # (row, exit point) pairs where the rule was evaluated
-    parked_layer: list[int | None] | None = None  # rebatch: where a row was parked; None: none
 
 
 def _definer(cls: type, name: str) -> type:

@@ -1,5 +1,5 @@
-"""The exit rule's fast path, for the simulator's replay runner (the batching and KV-fill
-policies' own are their methods: `BatchingPolicy.step_exits`, `KvFillPolicy.fill_kind`).
+"""The exit rule's fast path, for the simulator's replay runner, and the record of the batching
+policies' own (their methods: `BatchingPolicy.step_exits`; the KV fill's: `KvFillPolicy.fill_kind`).
 
 For a whole step the outcome follows from one number per row: the first exit point at which
 the row is confident (`confident` is masked once a row holds a token, so later points never
@@ -11,10 +11,24 @@ per token; `confident_layers` computes it for a whole sequence at once. Only a r
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 
 from policies.exit_rules import ThresholdRule
+
+
+class StepExits(NamedTuple):
+    """A whole step's decode rows after every exit point, from each row's first confident exit
+    layer (`BatchingPolicy.step_exits`); lists are per row, in the given order. A NamedTuple
+    rather than a frozen dataclass: the simulator builds one per step."""
+
+    executed: list[int]  # layers each row computed
+    token_layer: list[int | None]  # layer whose head gives its token (None: parked, no token)
+    is_forced: list[bool]  # the policy forced the row out before it was confident
+    num_exit_points: int  # exit points at which the policy was asked
+    num_rule_evals: int  # (row, exit point) pairs where the rule was evaluated
+    parked_layer: list[int | None] | None = None  # rebatch: where a row was parked; None: none
 
 
 def has_confident_layers(rule: ThresholdRule) -> bool:

@@ -76,6 +76,9 @@ class Scheduler:
         self._next_step_id = 0
         self._in_flight: StepPlan | None = None  # the non-empty plan awaiting update()
         self._last_seq_id: int | None = None  # seq_ids must increase with add() calls
+        # the rows of the last steady step while nothing but steady steps that finished and
+        # parked nothing happened since: then only the free blocks can end the stretch
+        self._steady_rows: tuple[Sequence, ...] | None = None
 
     @property
     def config(self) -> SchedulerConfig:
@@ -118,6 +121,7 @@ class Scheduler:
             )
         validate_request(seq, self._config, self._blocks)
         self._last_seq_id = seq.seq_id
+        self._steady_rows = None  # it may be the waiting head now
         self._queues.add_waiting(seq)
 
     # ---- one iteration ---------------------------------------------------------------------
@@ -128,6 +132,7 @@ class Scheduler:
             raise SchedulerStateError(f"step {self._in_flight.step_id} was never update()d")
         step_id = self._next_step_id
         self._next_step_id += 1
+        self._steady_rows = None
         draft = _StepDraft(token_budget=self._config.max_num_batched_tokens)
         if self._queues.num_parked and self._should_resume(step_id):
             self._schedule_resumes(draft)
@@ -268,6 +273,11 @@ class Scheduler:
             return None
         if self._queues.num_parked and self._should_resume(self._next_step_id):
             return None
+        running = self._steady_rows
+        if running is not None:  # the same rows, and free blocks only fell: the head still waits
+            if self._blocks.num_free_blocks < self._blocks.num_missing_for_decode(running):
+                return None
+            return running
         running = self._queues.running
         budget = self._config.max_num_batched_tokens - len(running)
         if not running or budget < 0:
@@ -282,6 +292,7 @@ class Scheduler:
             num_new = self._num_new_tokens(head, budget)
             if num_new and self._blocks.num_missing_blocks(head, num_new) <= num_free:
                 return None  # schedule() would admit it
+        self._steady_rows = running
         return running
 
     def apply_steady_step(
@@ -302,12 +313,14 @@ class Scheduler:
             if token_id is None:
                 assert parked_layers is not None, f"seq {seq.seq_id}: no token and not parked"
                 self._park(seq, parked_layers[r], step_id)
+                self._steady_rows = None  # the running rows changed
                 continue
             seq.append_token(token_id)
             if seq.status is SequenceStatus.FINISHED:
                 self._blocks.free(seq)
                 self._queues.finish(seq)
                 finished.append(seq)
+                self._steady_rows = None  # the running rows changed and blocks came free
         self._check_invariants()
         return finished
 

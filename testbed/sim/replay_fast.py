@@ -19,7 +19,7 @@ from collections.abc import Iterable
 from itertools import accumulate
 from typing import NamedTuple
 
-from policies.batching import StepExits
+from policies.fast_path import StepExits
 from policies.kv_fill import FillKind, Resolve
 from testbed.core.policy_set import PolicySet
 from testbed.core.sequence import Sequence

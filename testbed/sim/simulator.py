@@ -205,13 +205,16 @@ class Simulation:
         built, which is most of a step's cost in a long simulation."""
         start_s = now_s = self.env.now
         durations: list[float] = []
+        # bound once: this loop runs most of a long simulation's steps
+        steady_step, apply_step = self.scheduler.steady_step, self.scheduler.apply_steady_step
+        replay, price, rule = self.runner.steady, self.cost.step_time_s, self._rule
         while now_s < self._next_arrival_s:  # a request that arrived by now joins the next step
-            seqs = self.scheduler.steady_step()
-            work = None if seqs is None else self.runner.steady(seqs, self._rule)
+            seqs = steady_step()
+            work = None if seqs is None else replay(seqs, rule)
             if work is None:
                 break
-            duration_s = self.cost.step_time_s(work.features)
-            finished = self.scheduler.apply_steady_step(seqs, work.token_ids, work.parked_layers)
+            duration_s = price(work.features)
+            finished = apply_step(seqs, work.token_ids, work.parked_layers)
             self._finish_steady(seqs, work, now_s, duration_s)
             now_s += duration_s  # the addition SimPy makes for a timeout
             durations.append(duration_s)
