@@ -261,6 +261,24 @@ def capture(tmp_path_factory):
     return read_capture(path)
 
 
+# (gap to the previous arrival, prompt, output); prompt + output <= 48: none is rejected
+REQUESTS = st.lists(
+    st.tuples(
+        st.sampled_from([0.0, 0.0, 0.001, 0.004, 0.02]), st.integers(1, 30), st.integers(1, 18)
+    ),
+    min_size=1,
+    max_size=10,
+)
+
+
+def _lengths(requests) -> list[LengthSpec]:
+    lengths, arrival_s = [], 0.0
+    for gap_s, num_prompt, num_output in requests:
+        arrival_s += gap_s
+        lengths.append(LengthSpec(arrival_s, num_prompt, num_output))
+    return lengths
+
+
 def _run(capture, policy, lengths, num_kv_blocks, *, use_fast_path):
     cfg = SimulationConfig(
         trace=str(capture.path), workload="", policy=policy, cost_model="roofline:H100",
@@ -280,21 +298,11 @@ def _run(capture, policy, lengths, num_kv_blocks, *, use_fast_path):
 )
 @given(
     policy=st.sampled_from(POLICIES),
-    # (gap to the previous arrival, prompt, output); prompt + output <= 48: none is rejected
-    requests=st.lists(
-        st.tuples(
-            st.sampled_from([0.0, 0.0, 0.001, 0.004, 0.02]), st.integers(1, 30), st.integers(1, 18)
-        ),
-        min_size=1,
-        max_size=10,
-    ),
+    requests=REQUESTS,
     num_kv_blocks=st.integers(12, 40),
 )
 def test_replay_fast_path_equals_general_path(capture, policy, requests, num_kv_blocks):
-    lengths, arrival_s = [], 0.0
-    for gap_s, num_prompt, num_output in requests:
-        arrival_s += gap_s
-        lengths.append(LengthSpec(arrival_s, num_prompt, num_output))
+    lengths = _lengths(requests)
     fast, fast_works = _run(capture, policy, lengths, num_kv_blocks, use_fast_path=True)
     slow, slow_works = _run(capture, policy, lengths, num_kv_blocks, use_fast_path=False)
     assert fast.plans == slow.plans
@@ -322,22 +330,13 @@ def _run_unhooked(capture, policy, lengths, num_kv_blocks, *, use_fast_path):
 )
 @given(
     policy=st.sampled_from(POLICIES),
-    requests=st.lists(
-        st.tuples(
-            st.sampled_from([0.0, 0.0, 0.001, 0.004, 0.02]), st.integers(1, 30), st.integers(1, 18)
-        ),
-        min_size=1,
-        max_size=10,
-    ),
+    requests=REQUESTS,
     num_kv_blocks=st.integers(12, 40),
 )
 def test_steady_steps_equal_planned_steps(capture, policy, requests, num_kv_blocks):
     """Steady decode steps (no plan, one SimPy timeout for a stretch of them) give the same
     requests, step records and metrics, to the bit, as planning and timing every step."""
-    lengths, arrival_s = [], 0.0
-    for gap_s, num_prompt, num_output in requests:
-        arrival_s += gap_s
-        lengths.append(LengthSpec(arrival_s, num_prompt, num_output))
+    lengths = _lengths(requests)
     sim, steady = _run_unhooked(capture, policy, lengths, num_kv_blocks, use_fast_path=True)
     _, planned = _run_unhooked(capture, policy, lengths, num_kv_blocks, use_fast_path=False)
     assert sim.runner.has_steady == (policy.kv_fill in ("copy", "skip"))
