@@ -271,6 +271,14 @@ REQUESTS = st.lists(
 )
 
 
+def _random_runs(test):
+    """Hypothesis over a policy of POLICIES, a request stream and a K/V capacity."""
+    strategies = given(policy=st.sampled_from(POLICIES), requests=REQUESTS,
+                       num_kv_blocks=st.integers(12, 40))  # fmt: skip
+    return settings(max_examples=60, deadline=None,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture])(strategies(test))  # fmt: skip
+
+
 def _lengths(requests) -> list[LengthSpec]:
     lengths, arrival_s = [], 0.0
     for gap_s, num_prompt, num_output in requests:
@@ -279,28 +287,28 @@ def _lengths(requests) -> list[LengthSpec]:
     return lengths
 
 
-def _run(capture, policy, lengths, num_kv_blocks, *, use_fast_path):
+def _simulation(capture, policy, lengths, num_kv_blocks, *, use_fast_path, keep_plans=False):
     cfg = SimulationConfig(
         trace=str(capture.path), workload="", policy=policy, cost_model="roofline:H100",
         scheduler=SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=24, max_model_len=48),
         block_size=4, num_kv_blocks=num_kv_blocks,
     )  # fmt: skip
     cost = RooflineCostModel(gpu_spec("H100"), ModelShape.preset("llama-2-7b"))
-    sim = Simulation(capture, lengths, cfg, cost, keep_plans=True)
+    sim = Simulation(capture, lengths, cfg, cost, keep_plans=keep_plans)
     sim.runner = ReplayRunner(sim.policies, sim.num_layers, use_fast_path=use_fast_path)
+    return sim
+
+
+def _run(capture, policy, lengths, num_kv_blocks, *, use_fast_path):
+    """A run that keeps its plans and hooks its steps: every step is planned."""
+    sim = _simulation(capture, policy, lengths, num_kv_blocks, use_fast_path=use_fast_path,
+                      keep_plans=True)  # fmt: skip
     works = []
     sim.on_step = lambda plan, work: works.append(work)
     return sim.run(), works
 
 
-@settings(
-    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
-)
-@given(
-    policy=st.sampled_from(POLICIES),
-    requests=REQUESTS,
-    num_kv_blocks=st.integers(12, 40),
-)
+@_random_runs
 def test_replay_fast_path_equals_general_path(capture, policy, requests, num_kv_blocks):
     lengths = _lengths(requests)
     fast, fast_works = _run(capture, policy, lengths, num_kv_blocks, use_fast_path=True)
@@ -314,25 +322,11 @@ def test_replay_fast_path_equals_general_path(capture, policy, requests, num_kv_
 def _run_unhooked(capture, policy, lengths, num_kv_blocks, *, use_fast_path):
     """A run as simulate() makes it: no plans kept, no step hook, so steady steps are taken
     wherever the fast path is on and the fill owes nothing."""
-    cfg = SimulationConfig(
-        trace=str(capture.path), workload="", policy=policy, cost_model="roofline:H100",
-        scheduler=SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=24, max_model_len=48),
-        block_size=4, num_kv_blocks=num_kv_blocks,
-    )  # fmt: skip
-    cost = RooflineCostModel(gpu_spec("H100"), ModelShape.preset("llama-2-7b"))
-    sim = Simulation(capture, lengths, cfg, cost)
-    sim.runner = ReplayRunner(sim.policies, sim.num_layers, use_fast_path=use_fast_path)
+    sim = _simulation(capture, policy, lengths, num_kv_blocks, use_fast_path=use_fast_path)
     return sim, sim.run()
 
 
-@settings(
-    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
-)
-@given(
-    policy=st.sampled_from(POLICIES),
-    requests=REQUESTS,
-    num_kv_blocks=st.integers(12, 40),
-)
+@_random_runs
 def test_steady_steps_equal_planned_steps(capture, policy, requests, num_kv_blocks):
     """Steady decode steps (no plan, one SimPy timeout for a stretch of them) give the same
     requests, step records and metrics, to the bit, as planning and timing every step."""
