@@ -93,6 +93,31 @@ class BlockManager:
             if len(seq.block_table) * size <= seq.num_computed_tokens:
                 seq.block_table.append(heapq.heappop(self._free_heap))
 
+    def decode_block_steps(self, seqs: SequenceABC[Sequence], num_steps: int) -> list[int]:
+        """Per step of num_steps decode steps of seqs (one position more each per step), the
+        blocks allocate_for_decode would hand out in it: a row needs one each time its table
+        fills, every block_size steps from the first."""
+        size, counts = self._block_size, [0] * num_steps
+        for seq in seqs:
+            for step in range(
+                len(seq.block_table) * size - seq.num_computed_tokens, num_steps, size
+            ):
+                counts[step] += 1
+        return counts
+
+    def allocate_for_decode_steps(self, seqs: SequenceABC[Sequence], num_steps: int) -> None:
+        """allocate_for_decode(seqs) num_steps times, each row one position further each time,
+        in the same order (step, then row), so each row gets the same block ids."""
+        size, needs = self._block_size, []
+        for row, seq in enumerate(seqs):
+            first = len(seq.block_table) * size - seq.num_computed_tokens
+            needs.extend((step, row) for step in range(first, num_steps, size))
+        if len(needs) > len(self._free_heap):
+            raise OutOfBlocksError(f"{num_steps} decode steps need {len(needs)} blocks, "
+                                   f"{len(self._free_heap)} free")  # fmt: skip
+        for _, row in sorted(needs):
+            seqs[row].block_table.append(heapq.heappop(self._free_heap))
+
     def free(self, seq: Sequence) -> None:
         """Return all of seq's blocks to the free list and clear its table."""
         for block_id in seq.block_table:

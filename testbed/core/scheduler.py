@@ -324,6 +324,50 @@ class Scheduler:
         self._check_invariants()
         return finished
 
+    def steady_horizon(self, seqs: tuple[Sequence, ...]) -> int:
+        """How many steady steps of ``seqs`` in a row, the one steady_step just offered first,
+        the scheduler would plan if no request were added and no row parked: until the step
+        in which a row reaches max_tokens, the last the free blocks cover, or the step before
+        parked rows resume. At least 1. Changes nothing."""
+        num_steps = min([seq.max_tokens - len(seq.output_token_ids) for seq in seqs])
+        num_free = self._blocks.num_free_blocks
+        for step, num_new in enumerate(self._blocks.decode_block_steps(seqs, num_steps)):
+            num_free -= num_new
+            if num_free < 0:  # that step would preempt (steady_step checked the first fits)
+                num_steps = step
+                break
+        if self._queues.num_parked:
+            step_id = self._next_step_id
+            num_steps = next(
+                (n for n in range(1, num_steps) if self._should_resume(step_id + n)), num_steps
+            )
+        return num_steps
+
+    def apply_steady_steps(self, seqs: tuple[Sequence, ...], token_ids: list[list[int]]
+                           ) -> list[Sequence]:  # fmt: skip
+        """apply_steady_step for each of the next n steps (n ≤ steady_horizon(seqs)), none of
+        which parks a row: per row, its n tokens in order. Returns the sequences the last
+        step finished (only it can: the caller ends a stretch at a row's first EOS)."""
+        if self._in_flight is not None:
+            raise SchedulerStateError(f"step {self._in_flight.step_id} was never update()d")
+        num_steps = len(token_ids[0]) if token_ids else 0
+        first_step_id = self._next_step_id
+        self._next_step_id += num_steps
+        self._blocks.allocate_for_decode_steps(seqs, num_steps)
+        finished = []
+        for seq, tokens in zip(seqs, token_ids, strict=True):
+            seq.num_computed_tokens += num_steps
+            seq.extend_tokens(tokens)
+            if seq.status is SequenceStatus.FINISHED:
+                self._blocks.free(seq)
+                self._queues.finish(seq)
+                finished.append(seq)
+                self._steady_rows = None  # the running rows changed and blocks came free
+        interval = self._check_interval
+        if self._next_step_id // interval > first_step_id // interval:  # a step checks them
+            self._check_invariants(force=True)
+        return finished
+
     # ---- applying a step's result ------------------------------------------------------------
 
     def update(self, plan: StepPlan, result: StepResult) -> list[Sequence]:
@@ -374,8 +418,8 @@ class Scheduler:
         seq.parked_since_step = step_id
         self._queues.park(seq)
 
-    def _check_invariants(self) -> None:
-        if self._next_step_id % self._check_interval:
+    def _check_invariants(self, *, force: bool = False) -> None:
+        if self._next_step_id % self._check_interval and not force:
             return
         self._queues.check_invariants()
         self._blocks.check_invariants(self._queues.block_owners())

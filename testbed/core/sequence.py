@@ -97,6 +97,21 @@ class Sequence:
         elif len(self.output_token_ids) >= self.max_tokens:
             self._finish(FinishReason.LENGTH)
 
+    def extend_tokens(self, token_ids: list[int]) -> None:
+        """append_token for each of token_ids, one steady stretch at once: only the last may
+        finish the sequence (the caller ends a stretch at its first EOS or at max_tokens)."""
+        assert self.status is not SequenceStatus.FINISHED, (
+            f"seq {self.seq_id}: tokens appended after it finished"
+        )
+        out, eos = self.output_token_ids, self.eos_token_id
+        assert len(out) + len(token_ids) <= self.max_tokens, f"seq {self.seq_id}: past max_tokens"
+        assert eos is None or eos not in token_ids[:-1], f"seq {self.seq_id}: tokens past EOS"
+        out.extend(token_ids)
+        if eos is not None and token_ids and token_ids[-1] == eos:
+            self._finish(FinishReason.EOS)
+        elif len(out) >= self.max_tokens:
+            self._finish(FinishReason.LENGTH)
+
     def _finish(self, reason: FinishReason) -> None:
         self.status = SequenceStatus.FINISHED
         self.finish_reason = reason

@@ -8,7 +8,6 @@ the work per layer, which a cost model turns into time.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,7 +20,8 @@ from testbed.core.sequence import Sequence
 from testbed.core.step import StepPlan
 from testbed.sim.replay_fast import FastReplay
 from testbed.sim.replay_state import Deferred, SeqReplay, SeqReplayFactory
-from testbed.sim.step_work import SteadyWork, StepWork
+from testbed.sim.steady_stretch import SteadyStretch
+from testbed.sim.step_work import StepWork
 from testbed.sim.token_source import TokenStream
 
 __all__ = ["ReplayRunner", "StepWork"]
@@ -110,14 +110,15 @@ class ReplayRunner:
 
     @property
     def has_steady(self) -> bool:
-        """Whether `steady` can replay steady steps: the fast path is on and the KV fill owes
+        """Whether `stretch` can replay steady steps: the fast path is on and the KV fill owes
         nothing (a lazy or recompute fill defers positions, which only plans carry)."""
         return self._fast is not None and not self._fast.fill.is_owed
 
-    def steady(self, seqs: Iterable[Sequence], rule: str) -> SteadyWork | None:
-        """One step of Scheduler.steady_step's ``seqs``, without its plan (FastReplay.steady)."""
+    def stretch(self, seqs: tuple[Sequence, ...], num_steps: int, rule: str) -> SteadyStretch:
+        """The next steady steps of Scheduler.steady_step's ``seqs``, at most num_steps of
+        them (Scheduler.steady_horizon), without their plans."""
         assert self._fast is not None, "steady steps need has_steady"
-        return self._fast.steady(seqs, self.seqs, rule)
+        return SteadyStretch(self._fast, seqs, self.seqs, num_steps, rule)
 
     def execute(self, plan: StepPlan, duration_s: float = 0.0) -> StepWork:
         if self._fast is not None:

@@ -8,25 +8,22 @@ row's executed layers and token layer, and the per-layer counts follow from diff
 
 It covers every step under the built-in policies (rebatch's resume rows through
 `BatchingPolicy.step_exits_from`); `FastReplay.execute` returns None for any other step and the
-caller runs the general path, before either touches the runner's state. `FastReplay.steady`
-replays a steady decode step (Scheduler.steady_step) without its plan. tests/test_sim_fastpath.py
-checks the paths agree.
+caller runs the general path, before either touches the runner's state. steady_stretch.py
+replays steady decode steps (Scheduler.steady_step) without plans on the same functions.
+tests/test_sim_fastpath.py checks the paths agree.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from itertools import accumulate
 from typing import NamedTuple
 
 from policies.fast_path import StepExits
 from policies.kv_fill import FillKind, Resolve
 from testbed.core.policy_set import PolicySet
-from testbed.core.sequence import Sequence
 from testbed.core.step import RowResult, StepPlan, StepResult
-from testbed.sim.cost_base import StepFeatures
 from testbed.sim.replay_state import Deferred, SeqReplay
-from testbed.sim.step_work import SteadyWork, StepWork
+from testbed.sim.step_work import StepWork
 
 
 class _Read(NamedTuple):
@@ -103,46 +100,6 @@ class FastReplay:
         )  # fmt: skip
         return StepWork(result, layer_tokens, layer_ctx, kv_only, tuple(executed))
 
-    def steady(self, seqs: Iterable[Sequence], replays: dict[int, SeqReplay], rule: str
-               ) -> SteadyWork | None:  # fmt: skip
-        """A steady step (Scheduler.steady_step: one decode row per running sequence, nothing
-        else) without a plan. Like `execute` on that step's plan, for a run whose fill owes
-        nothing (so no positions are deferred); None when the policy has no fast path."""
-        L, reads_signals = self.num_layers, self.batching.needs_signals
-        out_pos, contexts, confident, token_ids = [], [], [], []
-        for seq in seqs:
-            replay, pos = replays[seq.seq_id], len(seq.output_token_ids)
-            out_pos.append(pos)  # the output index of the token this row produces
-            contexts.append(replay.num_prompt_tokens + pos)  # it feeds position context - 1
-            token_ids.append(replay.tokens[pos])  # pos < max_tokens: see SeqReplay
-            if reads_signals:
-                confident.append(replay.confident[pos])
-        exits = self.batching.step_exits(
-            confident if reads_signals else [L] * len(out_pos), out_pos, self.exit_layers, L
-        )
-        if exits is None:
-            return None
-        parked = exits.parked_layer
-        if parked is not None and not any(parked):  # parked layers are exit points, never 0
-            parked = None
-        if parked is not None:
-            token_ids = [None if p else t for t, p in zip(token_ids, parked, strict=True)]
-        num_context = sum(contexts)
-        layer_tokens, layer_ctx, layer_kv = _decode_layer_counts(
-            exits.executed, contexts, num_context, L, parked,
-            is_filled_now=self.fill.is_filled_now,
-        )  # fmt: skip
-        features = StepFeatures(
-            num_rows=len(out_pos), num_prefill_tokens=0, num_decode_rows=len(out_pos),
-            num_context_tokens=num_context, num_row_layers_executed=sum(layer_tokens),
-            num_kv_only_row_layers=sum(layer_kv), num_rule_evals=exits.num_rule_evals,
-            rule=rule, layer_tokens=layer_tokens, layer_context_tokens=layer_ctx,
-            layer_kv_only_tokens=layer_kv, num_layers_run=L - layer_tokens.count(0),
-            num_exit_points=exits.num_exit_points, num_attention_pairs=sum(layer_ctx),
-            num_sampling_layers=len(set(exits.token_layer) - {None}),
-        )  # fmt: skip
-        return SteadyWork(token_ids, exits.token_layer, exits.is_forced, features, parked)
-
     def _read(self, plan: StepPlan, seqs: dict[int, SeqReplay]) -> _Read | None:
         """One pass over the rows: what the step reads."""
         L, reads_signals = self.num_layers, self.batching.needs_signals
@@ -212,25 +169,31 @@ class FastReplay:
         return tuple(accumulate(kv_only[:L]))
 
 
-def _decode_layer_counts(
+LayerCounts = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
+
+
+def uniform_layer_counts(rows: int, first: int, num_context: int, L: int, fill: FillKind
+                         ) -> LayerCounts:  # fmt: skip
+    """decode_layer_counts when every row ran the same `first` layers and none parked."""
+    rest = L - first  # layers the rows skipped (executed never exceeds L)
+    filled = rows if fill.is_filled_now else 0
+    return ((rows,) * first + (0,) * rest, (num_context,) * first + (0,) * rest,
+            (0,) * first + (filled,) * rest)  # fmt: skip
+
+
+def decode_layer_counts(
     executed: list[int], contexts: list[int], num_context: int, L: int,
-    parked: list[int | None] | None, *, is_filled_now: bool,
-) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:  # fmt: skip
+    parked: list[int | None] | None, fill: FillKind,
+) -> LayerCounts:  # fmt: skip
     """_layer_counts and the K/V-only tokens of `_settle`, for one-token decode rows starting
     at layer 0 with nothing deferred: per layer, tokens run, their context, tokens only filled
     (a parked row owes no fill: its deep layers run when it resumes)."""
-    rows, first = len(executed), executed[0]
-    if parked is None and executed.count(first) == rows:  # all alike (consensus, full)
-        rest = L - first  # layers the rows skipped (executed never exceeds L)
-        filled = rows if is_filled_now else 0
-        return ((rows,) * first + (0,) * rest, (num_context,) * first + (0,) * rest,
-                (0,) * first + (filled,) * rest)  # fmt: skip
     tokens, ctx, kv_only = [0] * (L + 1), [0] * (L + 1), [0] * (L + 1)  # difference arrays
-    tokens[0], ctx[0] = rows, num_context
+    tokens[0], ctx[0] = len(executed), num_context
     for r, (stop, c) in enumerate(zip(executed, contexts, strict=True)):
         tokens[stop] -= 1
         ctx[stop] -= c
-        if stop < L and is_filled_now and (parked is None or parked[r] is None):
+        if stop < L and fill.is_filled_now and (parked is None or parked[r] is None):
             kv_only[stop] += 1
             kv_only[L] -= 1
     return (tuple(accumulate(tokens[:L])), tuple(accumulate(ctx[:L])),

@@ -25,6 +25,7 @@ from testbed.sim.errors import SimulationError
 from testbed.sim.hardware import ModelShape
 from testbed.sim.metrics import Metrics, RequestRecord, StepRecord, compute_metrics
 from testbed.sim.replay import ReplayRunner, StepWork
+from testbed.sim.steady_stretch import SteadyStretch
 from testbed.sim.step_work import SteadyWork
 from testbed.sim.token_source import TokenStream, TraceTokens, check_exit_points
 from testbed.trace import Capture, read_capture
@@ -163,19 +164,24 @@ class Simulation:
         self._next_seq_id += 1
         self.runner.add_sequence(seq.seq_id, stream, spec.num_prompt_tokens, spec.num_output_tokens)
         self.tracked[seq.seq_id] = _Tracked(
-            request_id, self.env.now, spec.num_prompt_tokens, self._agrees(stream)
-        )
+            request_id, self.env.now, spec.num_prompt_tokens,
+            self._agrees(stream, spec.num_output_tokens),
+        )  # fmt: skip
         self._wake()
 
-    def _agrees(self, stream: TokenStream) -> list[list[bool]]:
+    def _agrees(self, stream: TokenStream, max_tokens: int) -> list[list[bool]]:
         """Per trace index and layer, whether the exit token equals the final one, as plain
-        lists, shared by every request that borrows the stream. A layer an oracle did not record
-        (NaN) counts as agreeing."""
+        lists, shared by every request that borrows the stream, and at least max_tokens long
+        (padded with the last index's, which every later output position reads). A layer an
+        oracle did not record (NaN) counts as agreeing."""
         key = id(stream)  # the streams live as long as self.tokens
         if key not in self._agree_cache:
             m = stream.matches_final
             self._agree_cache[key] = np.where(np.isnan(m), True, m == 1).tolist()
-        return self._agree_cache[key]
+        agrees = self._agree_cache[key]
+        if agrees and len(agrees) < max_tokens:
+            agrees.extend([agrees[-1]] * (max_tokens - len(agrees)))
+        return agrees
 
     def _wake(self) -> None:
         if not self._work.triggered:
@@ -202,24 +208,41 @@ class Simulation:
         """Run steady decode steps (Scheduler.steady_step) back to back until one would start
         at or after the next arrival, then let SimPy's clock catch up in one timeout. The same
         steps as the loop above, at the same times: only their plans and SimPy events are not
-        built, which is most of a step's cost in a long simulation."""
+        built, and the scheduler applies each stretch of them at its end (steady_stretch.py),
+        which is most of a step's cost in a long simulation."""
         start_s = now_s = self.env.now
         durations: list[float] = []
-        # bound once: this loop runs most of a long simulation's steps
-        steady_step, apply_step = self.scheduler.steady_step, self.scheduler.apply_steady_step
-        replay, price, rule = self.runner.steady, self.cost.step_time_s, self._rule
+        sched, blocks, price = self.scheduler, self.blocks, self.cost.step_time_s
+        add_step = self.steps.append
         while now_s < self._next_arrival_s:  # a request that arrived by now joins the next step
-            seqs = steady_step()
-            work = None if seqs is None else replay(seqs, rule)
-            if work is None:
+            seqs = sched.steady_step()
+            if seqs is None:
                 break
-            duration_s = price(work.features)
-            finished = apply_step(seqs, work.token_ids, work.parked_layers)
-            self._finish_steady(seqs, work, now_s, duration_s)
-            now_s += duration_s  # the addition SimPy makes for a timeout
-            durations.append(duration_s)
-            for seq in finished:
-                self._record(seq, now_s)
+            stretch = self.runner.stretch(seqs, sched.steady_horizon(seqs), self._rule)
+            num_used = blocks.num_blocks - blocks.num_free_blocks
+            new_blocks = blocks.decode_block_steps(seqs, stretch.num_steps)
+            works: list[SteadyWork] = []
+            while len(works) < stretch.num_steps and now_s < self._next_arrival_s:
+                work = stretch.step(len(works))
+                if work is None:
+                    break
+                duration_s = price(work.features)
+                num_used += new_blocks[len(works)]
+                works.append(work)
+                f = work.features
+                add_step(StepRecord(
+                    start_s=now_s, duration_s=duration_s,
+                    num_row_layers_executed=f.num_row_layers_executed,
+                    num_kv_only_row_layers=f.num_kv_only_row_layers,
+                    num_blocks_used=num_used, num_preempted=0,
+                ))  # fmt: skip
+                now_s += duration_s  # the addition SimPy makes for a timeout
+                durations.append(duration_s)
+                if work.parked_layers is not None:  # the rows change: the stretch ends here
+                    break
+            if not works:
+                break
+            self._finish_stretch(seqs, works, stretch, now_s)
         if not durations:
             return
         if start_s + (now_s - start_s) == now_s:  # exact unless the clock was near 0
@@ -227,6 +250,33 @@ class Simulation:
         else:
             for duration_s in durations:
                 yield self.env.timeout(duration_s)
+
+    def _finish_stretch(
+        self, seqs: tuple[SeqState, ...], works: list[SteadyWork], stretch: SteadyStretch,
+        now_s: float,
+    ) -> None:  # fmt: skip
+        """_finish_step for a stretch's steps (only its last can park or finish rows): apply
+        them to the scheduler, then each row's tokens, and the requests they finished."""
+        last = works[-1]
+        num_whole = len(works) - (last.parked_layers is not None)  # steps no row parked in
+        finished = self.scheduler.apply_steady_steps(seqs, stretch.tokens(num_whole))
+        if num_whole < len(works):
+            finished += self.scheduler.apply_steady_step(seqs, last.token_ids, last.parked_layers)
+        layers = zip(*[w.exit_layers for w in works], strict=True)  # per row, per step
+        forced = zip(*[w.is_forced for w in works], strict=True)
+        for seq, row_layers, row_forced in zip(seqs, layers, forced, strict=True):
+            if row_layers[-1] is None:  # parked: its token comes when it resumes
+                row_layers, row_forced = row_layers[:-1], row_forced[:-1]
+            t = self.tracked[seq.seq_id]
+            start, agrees = len(t.exit_layers), t.agrees  # agrees is padded: see _agrees
+            t.exit_layers.extend(row_layers)
+            t.num_forced += sum(row_forced)
+            t.flags.extend([agrees[start + i][layer - 1] for i, layer in enumerate(row_layers)])
+        if finished:  # the last step's record counts the blocks its finished rows freed
+            num_used = self.blocks.num_blocks - self.blocks.num_free_blocks
+            self.steps[-1] = self.steps[-1]._replace(num_blocks_used=num_used)
+        for seq in finished:
+            self._record(seq, now_s)
 
     def _features(self, plan: StepPlan, work: StepWork) -> StepFeatures:
         num_prefill_tokens = num_decode_rows = num_context_tokens = 0
@@ -264,7 +314,7 @@ class Simulation:
                 t.first_token_s = now
             t.exit_layers.append(row.exit_layer)
             t.num_forced += row.is_forced
-            t.flags.append(t.agrees[min(len(t.exit_layers), len(t.agrees)) - 1][row.exit_layer - 1])
+            t.flags.append(t.agrees[len(t.exit_layers) - 1][row.exit_layer - 1])  # agrees is padded
         self.steps.append(StepRecord(
             start_s=start_s, duration_s=duration_s,
             num_row_layers_executed=work.result.num_row_layers_executed,
@@ -278,28 +328,6 @@ class Simulation:
             self.on_step(plan, work)
         for seq in finished:
             self._record(seq, now)
-
-    def _finish_steady(
-        self, seqs: tuple[SeqState, ...], work: SteadyWork, start_s: float, duration_s: float
-    ) -> None:
-        """_finish_step for a steady step: its tokens and its step record."""
-        tracked = self.tracked
-        for seq, layer, is_forced in zip(seqs, work.exit_layers, work.is_forced, strict=True):
-            if layer is None:  # parked: its token comes when it resumes
-                continue
-            t = tracked[seq.seq_id]
-            t.exit_layers.append(layer)
-            if is_forced:
-                t.num_forced += 1
-            t.flags.append(t.agrees[min(len(t.exit_layers), len(t.agrees)) - 1][layer - 1])
-        f = work.features
-        self.steps.append(StepRecord(
-            start_s=start_s, duration_s=duration_s,
-            num_row_layers_executed=f.num_row_layers_executed,
-            num_kv_only_row_layers=f.num_kv_only_row_layers,
-            num_blocks_used=self.blocks.num_blocks - self.blocks.num_free_blocks,
-            num_preempted=0,
-        ))  # fmt: skip
 
     def _record(self, seq: SeqState, now: float) -> None:
         t = self.tracked.pop(seq.seq_id)

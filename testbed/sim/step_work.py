@@ -26,7 +26,7 @@ class SteadyWork(NamedTuple):
     scheduler's row order, its token and exit layer; and the step's features for the cost model.
     A NamedTuple: the simulator builds one per step of most of its steps."""
 
-    token_ids: list[int | None]  # None: the row parked (rebatch)
+    token_ids: list[int | None] | None  # None: the row parked (rebatch); the list only if any did
     exit_layers: list[int | None]
     is_forced: list[bool]
     features: StepFeatures
