@@ -108,27 +108,45 @@ class FakeModel:
             parked_layer=PARK_LAYER if is_parked else None,
         )
 
-    def run_steady(self, scheduler: Scheduler, seqs: tuple[Sequence, ...]) -> None:
-        """run() and update() for a steady step, through Scheduler.apply_steady_step: the same
-        checks of each row's context and the same parking, then each fed position's K/V
-        written where its grown block table says."""
-        positions = [seq.num_tokens - 1 for seq in seqs]  # the position each row feeds
-        for seq, pos in zip(seqs, positions, strict=True):
-            assert seq.last_token_id == self.tokens[seq.seq_id][pos]
-            slots = slots_for_positions(seq.block_table, self.block_size, 0, pos)
-            for p in range(pos):
+    def run_stretch(self, scheduler: Scheduler, seqs: tuple[Sequence, ...], max_steps: int) -> int:
+        """run() and update() for up to max_steps steady steps at once, through
+        Scheduler.steady_horizon and apply_steady_steps, ending as a simulator's stretch ends:
+        with the first step that parks a row or emits a row's EOS. The same checks of each
+        row's context, then each fed position's K/V written where its grown table says.
+        Returns the steps taken."""
+        starts = [seq.num_tokens - 1 for seq in seqs]  # the position each row feeds first
+        for seq, start in zip(seqs, starts, strict=True):
+            assert seq.last_token_id == self.tokens[seq.seq_id][start]
+            slots = slots_for_positions(seq.block_table, self.block_size, 0, start)
+            for p in range(start):
                 assert self.cache.get(int(slots[p])) == (seq.seq_id, p), "context lost"
-        parked = [self.park_every is not None and pos % self.park_every == 0 for pos in positions]
-        tokens = [None if is_parked else token_for(seq.seq_id, pos + 1)
-                  for seq, pos, is_parked in zip(seqs, positions, parked, strict=True)]  # fmt: skip
-        scheduler.apply_steady_step(seqs, tokens, [PARK_LAYER if p else None for p in parked])
-        for seq, pos, token_id in zip(seqs, positions, tokens, strict=True):
+        num_steps, parked = min(max_steps, scheduler.steady_horizon(seqs)), None
+        for step in range(num_steps):
+            is_parked = [self.park_every is not None and (p + step) % self.park_every == 0
+                         for p in starts]  # fmt: skip
+            is_eos = [seq.eos_token_id is not None
+                      and token_for(seq.seq_id, p + step + 1) == seq.eos_token_id
+                      for seq, p in zip(seqs, starts, strict=True)]  # fmt: skip
+            if any(is_parked) or any(is_eos):
+                num_steps = step + 1
+                parked = [PARK_LAYER if k else None for k in is_parked] if any(is_parked) else None
+                break
+        tokens = [[token_for(seq.seq_id, p + i + 1)
+                   for i in range(num_steps - (parked is not None and parked[r] is not None))]
+                  for r, (seq, p) in enumerate(zip(seqs, starts, strict=True))]  # fmt: skip
+        scheduler.apply_steady_steps(seqs, num_steps, tokens, parked)
+        for seq, start, row_tokens in zip(seqs, starts, tokens, strict=True):
             stream = self.tokens[seq.seq_id]
-            if token_id is not None and len(stream) == pos + 1:
-                stream.append(token_id)
+            for i, token_id in enumerate(row_tokens):
+                if len(stream) == start + i + 1:
+                    stream.append(token_id)
             if seq.block_table:  # a finished sequence's blocks are free: no one reads its K/V
-                slot = slots_for_positions(seq.block_table, self.block_size, pos, pos + 1)
-                self.cache[int(slot[0])] = (seq.seq_id, pos)
+                slots = slots_for_positions(
+                    seq.block_table, self.block_size, start, start + num_steps
+                )
+                for i in range(num_steps):
+                    self.cache[int(slots[i])] = (seq.seq_id, start + i)
+        return num_steps
 
     def _check_and_write_cache(self, row: RowPlan) -> None:
         """The context a row attends to must still hold its own K/V; then write the fed ones."""
@@ -152,11 +170,13 @@ def make_sequence(seq_id: int, request: Request) -> Sequence:
 
 
 def run_workload(
-    workload: Workload, *, use_steady: bool = False, steps: list[tuple[int, ...]] | None = None
-) -> tuple[dict[int, list[int]], list[StepPlan]]:
+    workload: Workload, *, use_steady: bool = False, use_stretches: bool = False,
+    steps: list[tuple[int, ...]] | None = None,
+) -> tuple[dict[int, list[int]], list[StepPlan]]:  # fmt: skip
     """Run to completion; returns outputs per accepted seq_id and every plan. use_steady: take
-    Scheduler.apply_steady_step wherever steady_step offers it and no row would park. steps:
-    filled with each step's (seq_id per row), plans and steady steps alike."""
+    Scheduler.apply_steady_steps one step at a time wherever steady_step offers a step;
+    use_stretches: as many steps at once as FakeModel.run_stretch takes before the next
+    arrival. steps: filled with each step's (seq_id per row), plans and steady steps alike."""
     policy = None
     if workload.resume_min_parked is not None:
         policy = GatePolicy(workload.resume_min_parked, workload.resume_max_wait_steps)
@@ -166,7 +186,8 @@ def run_workload(
     pending = list(enumerate(workload.requests))
     accepted: list[int] = []
     plans: list[StepPlan] = []
-    for step_index in range(MAX_STEPS):
+    step_index = 0
+    while step_index < MAX_STEPS:
         while pending and (
             pending[0][1].arrival_step <= step_index or not scheduler.has_unfinished()
         ):
@@ -181,10 +202,16 @@ def run_workload(
         if not scheduler.has_unfinished() and not pending:
             break
         steady = scheduler.steady_step()
-        if use_steady and steady is not None:
-            model.run_steady(scheduler, steady)
+        if (use_steady or use_stretches) and steady is not None:
+            max_steps = 1
+            if use_stretches:  # a request joins before its arrival step
+                max_steps = (
+                    max(1, pending[0][1].arrival_step - step_index) if pending else MAX_STEPS
+                )
+            num_steps = model.run_stretch(scheduler, steady, max_steps)
             if steps is not None:
-                steps.append(tuple(seq.seq_id for seq in steady))
+                steps.extend([tuple(seq.seq_id for seq in steady)] * num_steps)
+            step_index += num_steps
             continue
         plan = scheduler.schedule()
         assert not plan.is_empty, "idle step with unfinished work"
@@ -194,6 +221,7 @@ def run_workload(
         if steps is not None:
             steps.append(tuple(row.seq_id for row in plan.rows))
         scheduler.update(plan, model.run(plan))
+        step_index += 1
     assert not scheduler.has_unfinished() and not pending, "did not finish in time"
     assert blocks.num_free_blocks == workload.num_blocks
     return {seq_id: scheduler.get(seq_id).output_token_ids for seq_id in accepted}, plans
@@ -294,14 +322,16 @@ def test_random_workloads_finish_and_match_an_unconstrained_run(workload: Worklo
 @settings(max_examples=150, deadline=None)
 @given(workloads())
 def test_steady_steps_run_the_same_steps_as_schedule_and_update(workload: Workload) -> None:
-    """A run that takes apply_steady_step wherever steady_step offers it runs the same rows in
-    every step, and the same outputs, as one that plans every step."""
+    """A run that takes apply_steady_steps wherever steady_step offers a step, one step or a
+    whole stretch (steady_horizon) at a time, runs the same rows in every step, and the same
+    outputs, as one that plans every step."""
     planned_steps: list[tuple[int, ...]] = []
-    steady_steps: list[tuple[int, ...]] = []
     outputs, _ = run_workload(workload, steps=planned_steps)
-    steady_outputs, plans = run_workload(workload, use_steady=True, steps=steady_steps)
-    assert steady_outputs == outputs
-    assert steady_steps == planned_steps
+    for mode in ({"use_steady": True}, {"use_stretches": True}):
+        steady_steps: list[tuple[int, ...]] = []
+        steady_outputs, plans = run_workload(workload, steps=steady_steps, **mode)
+        assert steady_outputs == outputs
+        assert steady_steps == planned_steps
 
 
 def test_a_decode_stretch_is_steady_until_a_request_arrives_or_finishes() -> None:

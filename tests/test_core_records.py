@@ -36,6 +36,23 @@ def test_sequence_finishes_on_eos_first() -> None:
     assert seq.status is SequenceStatus.FINISHED and seq.finish_reason is FinishReason.EOS
 
 
+def test_extend_tokens_is_append_token_for_each_and_only_the_last_may_finish() -> None:
+    seq = Sequence(seq_id=0, prompt_token_ids=(1,), max_tokens=5, eos_token_id=7)
+    seq.extend_tokens([2, 3])
+    assert seq.output_token_ids == [2, 3] and not seq.is_finished
+    seq.extend_tokens([])  # a row that parked in a stretch's only step
+    assert not seq.is_finished
+    seq.extend_tokens([4, 7])
+    assert seq.finish_reason is FinishReason.EOS and seq.output_token_ids == [2, 3, 4, 7]
+    longer = Sequence(seq_id=1, prompt_token_ids=(1,), max_tokens=3, eos_token_id=7)
+    with pytest.raises(AssertionError, match="past EOS"):
+        longer.extend_tokens([7, 2])
+    with pytest.raises(AssertionError, match="past max_tokens"):
+        longer.extend_tokens([1, 2, 3, 4])
+    longer.extend_tokens([1, 2, 3])
+    assert longer.finish_reason is FinishReason.LENGTH
+
+
 def row(**overrides: object) -> RowPlan:
     fields: dict[str, object] = dict(
         seq_id=0,

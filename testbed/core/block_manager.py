@@ -105,6 +105,18 @@ class BlockManager:
                 counts[step] += 1
         return counts
 
+    def decode_steps_covered(self, seqs: SequenceABC[Sequence], num_steps: int) -> int:
+        """How many of num_steps decode steps of seqs the free blocks cover, from the first."""
+        size, num_free = self._block_size, len(self._free_heap)
+        firsts = [len(seq.block_table) * size - seq.num_computed_tokens for seq in seqs]
+        if sum([-(-(num_steps - f) // size) for f in firsts if f < num_steps]) <= num_free:
+            return num_steps  # the usual case: all of them, without counting step by step
+        for step, num_new in enumerate(self.decode_block_steps(seqs, num_steps)):
+            num_free -= num_new
+            if num_free < 0:
+                return step
+        return num_steps
+
     def allocate_for_decode_steps(self, seqs: SequenceABC[Sequence], num_steps: int) -> None:
         """allocate_for_decode(seqs) num_steps times, each row one position further each time,
         in the same order (step, then row), so each row gets the same block ids."""

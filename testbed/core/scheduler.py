@@ -23,7 +23,7 @@ from testbed.core.block_manager import BlockManager
 from testbed.core.errors import InvalidRequestError, SchedulerConfigError, SchedulerStateError
 from testbed.core.queues import SequenceQueues
 from testbed.core.sequence import Sequence, SequenceStatus
-from testbed.core.step import RowPlan, RowResult, StepPlan, StepResult
+from testbed.core.step import RowPlan, RowResult, StepDraft, StepPlan, StepResult
 
 __all__ = ["ResumePolicy", "Scheduler", "SchedulerConfig"]
 
@@ -34,24 +34,6 @@ class ResumePolicy(Protocol):
     """Decides when parked rebatch rows resume together as one deep batch."""
 
     def should_resume(self, *, num_parked: int, oldest_wait_steps: int) -> bool: ...
-
-
-class _StepDraft:
-    """Scratch state of one schedule() call (a plain slotted class: built once per step)."""
-
-    __slots__ = ("num_preempted", "rows", "scheduled_ids", "token_budget")
-
-    def __init__(self, token_budget: int) -> None:
-        self.token_budget = token_budget  # tokens still free in this step
-        self.rows: list[RowPlan] = []
-        self.scheduled_ids: set[int] = set()
-        self.num_preempted = 0
-
-    def add(self, row: RowPlan) -> None:
-        assert row.num_tokens <= self.token_budget, "row exceeds the token budget"
-        self.rows.append(row)
-        self.scheduled_ids.add(row.seq_id)
-        self.token_budget -= row.num_tokens
 
 
 class Scheduler:
@@ -133,7 +115,7 @@ class Scheduler:
         step_id = self._next_step_id
         self._next_step_id += 1
         self._steady_rows = None
-        draft = _StepDraft(token_budget=self._config.max_num_batched_tokens)
+        draft = StepDraft(token_budget=self._config.max_num_batched_tokens)
         if self._queues.num_parked and self._should_resume(step_id):
             self._schedule_resumes(draft)
         # One snapshot for both passes: the decode pass only removes (preempts) sequences, and
@@ -163,7 +145,7 @@ class Scheduler:
             num_parked=len(parked), oldest_wait_steps=step_id - oldest_since
         )
 
-    def _schedule_resumes(self, draft: _StepDraft) -> None:
+    def _schedule_resumes(self, draft: StepDraft) -> None:
         """All parked rows continue from their exit point with the token they were fed."""
         for seq in self._queues.parked:
             assert seq.parked_layer is not None and seq.num_computed_tokens == seq.num_tokens
@@ -182,7 +164,7 @@ class Scheduler:
             draft.add(row)
 
     def _schedule_running(
-        self, draft: _StepDraft, running: tuple[Sequence, ...], *, is_decode_pass: bool
+        self, draft: StepDraft, running: tuple[Sequence, ...], *, is_decode_pass: bool
     ) -> None:
         # A snapshot: preemption removes sequences from the running list while we walk it.
         for seq in running:
@@ -196,7 +178,7 @@ class Scheduler:
             if self._reserve_blocks(seq, seq.num_computed_tokens + num_new, draft):
                 draft.add(self._make_row(seq, num_new))
 
-    def _reserve_blocks(self, seq: Sequence, num_tokens: int, draft: _StepDraft) -> bool:
+    def _reserve_blocks(self, seq: Sequence, num_tokens: int, draft: StepDraft) -> bool:
         """Allocate seq's blocks for [0, num_tokens), preempting newer sequences while short.
         Returns False when seq itself had to be preempted."""
         while not self._blocks.can_allocate(seq, num_tokens):
@@ -207,7 +189,7 @@ class Scheduler:
         self._blocks.allocate(seq, num_tokens)
         return True
 
-    def _pick_victim(self, seq: Sequence, draft: _StepDraft) -> Sequence:
+    def _pick_victim(self, seq: Sequence, draft: StepDraft) -> Sequence:
         """The newest running sequence that is newer than seq and not in this step; else seq.
         Parked rows are never victims: the runner holds their exit-point hidden state."""
         for candidate in reversed(self._queues.running):
@@ -217,7 +199,7 @@ class Scheduler:
                 return candidate
         return seq
 
-    def _preempt(self, seq: Sequence, draft: _StepDraft) -> None:
+    def _preempt(self, seq: Sequence, draft: StepDraft) -> None:
         self._blocks.free(seq)
         seq.num_computed_tokens = 0
         seq.is_prefill_done = False
@@ -226,7 +208,7 @@ class Scheduler:
         draft.num_preempted += 1
         logger.debug("preempted seq %d (%d tokens to recompute)", seq.seq_id, seq.num_tokens)
 
-    def _schedule_waiting(self, draft: _StepDraft) -> None:
+    def _schedule_waiting(self, draft: StepDraft) -> None:
         """Admit FCFS; stop at the first sequence that does not fit (no overtaking)."""
         while (seq := self._queues.next_waiting) is not None:
             if self._queues.num_in_flight >= self._config.max_num_seqs:
@@ -266,9 +248,9 @@ class Scheduler:
         decode row for each of them and nothing else (no parked rows, no prefill chunk, no
         preemption, no admission, no resume: parked rows may wait on); None when it would plan
         anything else. Changes nothing.
-        A simulator spends most of its steps in such stretches; `apply_steady_step` applies one
-        without building its plan (tests/test_core_property.py and tests/test_sim_fastpath.py
-        check both give the same runs)."""
+        A simulator spends most of its steps in such stretches; `apply_steady_steps` applies
+        them without building their plans (tests/test_core_property.py and
+        tests/test_sim_fastpath.py check both give the same runs)."""
         if self._in_flight is not None:
             return None
         if self._queues.num_parked and self._should_resume(self._next_step_id):
@@ -295,70 +277,42 @@ class Scheduler:
         self._steady_rows = running
         return running
 
-    def apply_steady_step(
-        self, seqs: tuple[Sequence, ...], token_ids: list[int | None],
-        parked_layers: list[int | None] | None = None,
-    ) -> list[Sequence]:  # fmt: skip
-        """Apply a step that `steady_step` just returned ``seqs`` for, as schedule() then update()
-        would with these results: per row its sampled token, or None and the exit point where
-        it parked (rebatch); returns the sequences it finished."""
-        if self._in_flight is not None:
-            raise SchedulerStateError(f"step {self._in_flight.step_id} was never update()d")
-        step_id = self._next_step_id
-        self._next_step_id += 1
-        self._blocks.allocate_for_decode(seqs)  # all first, as schedule() precedes update()
-        finished = []
-        for r, (seq, token_id) in enumerate(zip(seqs, token_ids, strict=True)):
-            seq.num_computed_tokens += 1
-            if token_id is None:
-                assert parked_layers is not None, f"seq {seq.seq_id}: no token and not parked"
-                self._park(seq, parked_layers[r], step_id)
-                self._steady_rows = None  # the running rows changed
-                continue
-            seq.append_token(token_id)
-            if seq.status is SequenceStatus.FINISHED:
-                self._blocks.free(seq)
-                self._queues.finish(seq)
-                finished.append(seq)
-                self._steady_rows = None  # the running rows changed and blocks came free
-        self._check_invariants()
-        return finished
-
     def steady_horizon(self, seqs: tuple[Sequence, ...]) -> int:
         """How many steady steps of ``seqs`` in a row, the one steady_step just offered first,
         the scheduler would plan if no request were added and no row parked: until the step
         in which a row reaches max_tokens, the last the free blocks cover, or the step before
         parked rows resume. At least 1. Changes nothing."""
         num_steps = min([seq.max_tokens - len(seq.output_token_ids) for seq in seqs])
-        num_free = self._blocks.num_free_blocks
-        for step, num_new in enumerate(self._blocks.decode_block_steps(seqs, num_steps)):
-            num_free -= num_new
-            if num_free < 0:  # that step would preempt (steady_step checked the first fits)
-                num_steps = step
-                break
         if self._queues.num_parked:
             step_id = self._next_step_id
             num_steps = next(
                 (n for n in range(1, num_steps) if self._should_resume(step_id + n)), num_steps
             )
-        return num_steps
+        # the step after the last covered would preempt (steady_step checked the first fits)
+        return self._blocks.decode_steps_covered(seqs, num_steps)
 
-    def apply_steady_steps(self, seqs: tuple[Sequence, ...], token_ids: list[list[int]]
-                           ) -> list[Sequence]:  # fmt: skip
-        """apply_steady_step for each of the next n steps (n ≤ steady_horizon(seqs)), none of
-        which parks a row: per row, its n tokens in order. Returns the sequences the last
-        step finished (only it can: the caller ends a stretch at a row's first EOS)."""
+    def apply_steady_steps(
+        self, seqs: tuple[Sequence, ...], num_steps: int, token_ids: list[list[int]],
+        parked_layers: list[int | None] | None = None,
+    ) -> list[Sequence]:  # fmt: skip
+        """Apply the next num_steps steady steps of ``seqs`` (at most steady_horizon(seqs)) as
+        schedule() and update() would with these results: per row, its tokens in order. Only
+        the last step may park rows (rebatch): a row with a parked layer parked there, and its
+        list lacks that step's token. Returns the sequences the last step finished (only it
+        can: a stretch ends with a row's first EOS)."""
         if self._in_flight is not None:
             raise SchedulerStateError(f"step {self._in_flight.step_id} was never update()d")
-        num_steps = len(token_ids[0]) if token_ids else 0
         first_step_id = self._next_step_id
         self._next_step_id += num_steps
-        self._blocks.allocate_for_decode_steps(seqs, num_steps)
+        self._blocks.allocate_for_decode_steps(seqs, num_steps)  # as schedule() precedes update()
         finished = []
-        for seq, tokens in zip(seqs, token_ids, strict=True):
+        for r, (seq, tokens) in enumerate(zip(seqs, token_ids, strict=True)):
             seq.num_computed_tokens += num_steps
             seq.extend_tokens(tokens)
-            if seq.status is SequenceStatus.FINISHED:
+            if parked_layers is not None and parked_layers[r] is not None:
+                self._park(seq, parked_layers[r], self._next_step_id - 1)
+                self._steady_rows = None  # the running rows changed
+            elif seq.status is SequenceStatus.FINISHED:
                 self._blocks.free(seq)
                 self._queues.finish(seq)
                 finished.append(seq)

@@ -2,6 +2,7 @@
 
 The scheduler emits a `StepPlan`: which tokens of which sequences to feed, from which layer.
 A runner executes it and answers with a `StepResult`: one `RowResult` per `RowPlan`, in order.
+`StepDraft` is the scratch state schedule() builds a plan in.
 """
 
 from dataclasses import dataclass
@@ -139,3 +140,21 @@ class StepResult:
             self.num_attention_pairs,
         )
         assert min(counters) >= 0 and self.duration_s >= 0, f"step {self.step_id}: negative"
+
+
+class StepDraft:
+    """Scratch state of one schedule() call (a plain slotted class: built once per step)."""
+
+    __slots__ = ("num_preempted", "rows", "scheduled_ids", "token_budget")
+
+    def __init__(self, token_budget: int) -> None:
+        self.token_budget = token_budget  # tokens still free in this step
+        self.rows: list[RowPlan] = []
+        self.scheduled_ids: set[int] = set()
+        self.num_preempted = 0
+
+    def add(self, row: RowPlan) -> None:
+        assert row.num_tokens <= self.token_budget, "row exceeds the token budget"
+        self.rows.append(row)
+        self.scheduled_ids.add(row.seq_id)
+        self.token_budget -= row.num_tokens

@@ -212,37 +212,27 @@ class Simulation:
         which is most of a step's cost in a long simulation."""
         start_s = now_s = self.env.now
         durations: list[float] = []
-        sched, blocks, price = self.scheduler, self.blocks, self.cost.step_time_s
-        add_step = self.steps.append
+        sched, price = self.scheduler, self.cost.step_time_s
         while now_s < self._next_arrival_s:  # a request that arrived by now joins the next step
             seqs = sched.steady_step()
             if seqs is None:
                 break
             stretch = self.runner.stretch(seqs, sched.steady_horizon(seqs), self._rule)
-            num_used = blocks.num_blocks - blocks.num_free_blocks
-            new_blocks = blocks.decode_block_steps(seqs, stretch.num_steps)
+            stretch_start_s, first = now_s, len(durations)
             works: list[SteadyWork] = []
             while len(works) < stretch.num_steps and now_s < self._next_arrival_s:
                 work = stretch.step(len(works))
                 if work is None:
                     break
                 duration_s = price(work.features)
-                num_used += new_blocks[len(works)]
                 works.append(work)
-                f = work.features
-                add_step(StepRecord(
-                    start_s=now_s, duration_s=duration_s,
-                    num_row_layers_executed=f.num_row_layers_executed,
-                    num_kv_only_row_layers=f.num_kv_only_row_layers,
-                    num_blocks_used=num_used, num_preempted=0,
-                ))  # fmt: skip
-                now_s += duration_s  # the addition SimPy makes for a timeout
                 durations.append(duration_s)
+                now_s += duration_s  # the addition SimPy makes for a timeout
                 if work.parked_layers is not None:  # the rows change: the stretch ends here
                     break
             if not works:
                 break
-            self._finish_stretch(seqs, works, stretch, now_s)
+            self._finish_stretch(seqs, stretch, works, durations[first:], stretch_start_s)
         if not durations:
             return
         if start_s + (now_s - start_s) == now_s:  # exact unless the clock was near 0
@@ -252,16 +242,30 @@ class Simulation:
                 yield self.env.timeout(duration_s)
 
     def _finish_stretch(
-        self, seqs: tuple[SeqState, ...], works: list[SteadyWork], stretch: SteadyStretch,
-        now_s: float,
+        self, seqs: tuple[SeqState, ...], stretch: SteadyStretch, works: list[SteadyWork],
+        durations: list[float], start_s: float,
     ) -> None:  # fmt: skip
         """_finish_step for a stretch's steps (only its last can park or finish rows): apply
-        them to the scheduler, then each row's tokens, and the requests they finished."""
-        last = works[-1]
-        num_whole = len(works) - (last.parked_layers is not None)  # steps no row parked in
-        finished = self.scheduler.apply_steady_steps(seqs, stretch.tokens(num_whole))
-        if num_whole < len(works):
-            finished += self.scheduler.apply_steady_step(seqs, last.token_ids, last.parked_layers)
+        them to the scheduler; record the steps, each row's tokens, and the requests finished."""
+        num_used = self.blocks.num_blocks - self.blocks.num_free_blocks
+        new_blocks = self.blocks.decode_block_steps(seqs, len(works))  # before they are taken
+        parked = works[-1].parked_layers
+        finished = self.scheduler.apply_steady_steps(
+            seqs, len(works), stretch.tokens(len(works), parked), parked
+        )
+        add_step = self.steps.append
+        for work, duration_s, num_new in zip(works, durations, new_blocks, strict=True):
+            f, num_used = work.features, num_used + num_new
+            add_step(StepRecord(
+                start_s=start_s, duration_s=duration_s,
+                num_row_layers_executed=f.num_row_layers_executed,
+                num_kv_only_row_layers=f.num_kv_only_row_layers,
+                num_blocks_used=num_used, num_preempted=0,
+            ))  # fmt: skip
+            start_s += duration_s  # the same additions as the loop's clock
+        if finished:  # the last step's record counts the blocks its finished rows freed
+            num_used = self.blocks.num_blocks - self.blocks.num_free_blocks
+            self.steps[-1] = self.steps[-1]._replace(num_blocks_used=num_used)
         layers = zip(*[w.exit_layers for w in works], strict=True)  # per row, per step
         forced = zip(*[w.is_forced for w in works], strict=True)
         for seq, row_layers, row_forced in zip(seqs, layers, forced, strict=True):
@@ -272,11 +276,8 @@ class Simulation:
             t.exit_layers.extend(row_layers)
             t.num_forced += sum(row_forced)
             t.flags.extend([agrees[start + i][layer - 1] for i, layer in enumerate(row_layers)])
-        if finished:  # the last step's record counts the blocks its finished rows freed
-            num_used = self.blocks.num_blocks - self.blocks.num_free_blocks
-            self.steps[-1] = self.steps[-1]._replace(num_blocks_used=num_used)
         for seq in finished:
-            self._record(seq, now_s)
+            self._record(seq, start_s)
 
     def _features(self, plan: StepPlan, work: StepWork) -> StepFeatures:
         num_prefill_tokens = num_decode_rows = num_context_tokens = 0

@@ -19,6 +19,8 @@ from testbed.sim.replay_fast import FastReplay, decode_layer_counts, uniform_lay
 from testbed.sim.replay_state import SeqReplay
 from testbed.sim.step_work import SteadyWork
 
+_FIRST_WINDOW_STEPS = 8  # steps a stretch reads ahead first; measured: rebatch's run ~7
+
 
 class SteadyStretch:
     """Up to ``num_steps`` steady steps of ``seqs`` (at most Scheduler.steady_horizon), cut
@@ -32,21 +34,35 @@ class SteadyStretch:
         self._fast, self._rule = fast, rule
         self._rows = rows = [replays[seq.seq_id] for seq in seqs]
         self._starts = starts = [len(seq.output_token_ids) for seq in seqs]
-        self.num_steps = n = _until_eos(seqs, rows, starts, num_steps)
+        self.num_steps = _until_eos(seqs, rows, starts, num_steps)
         # [step][row]: the output index of the token each row produces (< max_tokens, which
-        # the replay lists hold: see SeqReplay), and its first confident exit layer
-        self._positions = list(zip(*[range(p, p + n) for p in starts], strict=True))
-        self._confident = None
+        # the replay lists hold: see SeqReplay), and its first confident exit layer; built in
+        # doubling windows, as a stretch often ends long before its horizon (a row parks, a
+        # request arrives)
+        self._positions: list[tuple[int, ...]] = []
+        self._confident: list[tuple[int, ...]] | None = None
         if fast.batching.needs_signals:
-            columns = [r.confident[p : p + n] for r, p in zip(rows, starts, strict=True)]
-            self._confident = list(zip(*columns, strict=True))
+            self._confident = []
         self._prompts = [r.num_prompt_tokens for r in rows]
         # each row feeds position context - 1; all grow by one a step
         self._num_context = sum(self._prompts) + sum(starts)
 
+    def _read_ahead(self, ahead: int) -> None:
+        """Extend the windows to cover step ``ahead`` (and as many steps again)."""
+        begin = len(self._positions)
+        end = min(self.num_steps, max(ahead + 1, 2 * begin, _FIRST_WINDOW_STEPS))
+        starts = self._starts
+        self._positions += zip(*[range(p + begin, p + end) for p in starts], strict=True)
+        if self._confident is not None:
+            columns = [r.confident[p + begin : p + end]
+                       for r, p in zip(self._rows, starts, strict=True)]  # fmt: skip
+            self._confident += zip(*columns, strict=True)
+
     def step(self, ahead: int) -> SteadyWork | None:
         """Step ``ahead`` of the stretch; None when the policy has no fast path."""
         fast, L = self._fast, self._fast.num_layers
+        if ahead >= len(self._positions):
+            self._read_ahead(ahead)
         positions, num_rows = self._positions[ahead], len(self._rows)
         confident = [L] * num_rows if self._confident is None else self._confident[ahead]
         exits = fast.batching.step_exits(confident, positions, fast.exit_layers, L)
@@ -71,15 +87,15 @@ class SteadyStretch:
             num_exit_points=exits.num_exit_points, num_attention_pairs=sum(layer_ctx),
             num_sampling_layers=len(set(exits.token_layer) - {None}),
         )  # fmt: skip
-        token_ids: list[int | None] | None = None  # only a step that parks needs them
-        if parked is not None:
-            token_ids = [None if k else r.tokens[p]
-                         for r, p, k in zip(self._rows, positions, parked, strict=True)]  # fmt: skip
-        return SteadyWork(token_ids, exits.token_layer, exits.is_forced, features, parked)
+        return SteadyWork(exits.token_layer, exits.is_forced, features, parked)
 
-    def tokens(self, num_steps: int) -> list[list[int]]:
-        """Per row, the tokens its first num_steps steps emit (none of them parks)."""
-        return [r.tokens[p : p + num_steps] for r, p in zip(self._rows, self._starts, strict=True)]
+    def tokens(self, num_steps: int, parked: list[int | None] | None) -> list[list[int]]:
+        """Per row, the tokens its first num_steps steps emit; a row parked in the last step
+        (``parked``: per row, where) lacks that step's."""
+        if parked is None:
+            parked = [None] * len(self._rows)
+        return [r.tokens[p : p + num_steps - (k is not None)]
+                for r, p, k in zip(self._rows, self._starts, parked, strict=True)]  # fmt: skip
 
 
 def _until_eos(

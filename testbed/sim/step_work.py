@@ -23,11 +23,11 @@ class StepWork:
 
 class SteadyWork(NamedTuple):
     """A steady decode step (Scheduler.steady_step), replayed without a plan: per row, in the
-    scheduler's row order, its token and exit layer; and the step's features for the cost model.
-    A NamedTuple: the simulator builds one per step of most of its steps."""
+    scheduler's row order, its exit layer (its token is the replay's: SteadyStretch.tokens);
+    and the step's features for the cost model. A NamedTuple: the simulator builds one per
+    step of most of its steps."""
 
-    token_ids: list[int | None] | None  # None: the row parked (rebatch); the list only if any did
-    exit_layers: list[int | None]
+    exit_layers: list[int | None]  # None: the row parked (rebatch)
     is_forced: list[bool]
     features: StepFeatures
     parked_layers: list[int | None] | None = None  # where rows parked; None: none did
