@@ -9,7 +9,7 @@ row's executed layers and token layer, and the per-layer counts follow from diff
 It covers every step under the built-in policies (rebatch's resume rows through
 `BatchingPolicy.step_exits_from`); `FastReplay.execute` returns None for any other step and the
 caller runs the general path, before either touches the runner's state. steady_stretch.py
-replays steady decode steps (Scheduler.steady_step) without plans on the same functions.
+replays steady decode steps (Scheduler.steady_step) without plans on the same policy calls.
 tests/test_sim_fastpath.py checks the paths agree.
 """
 
@@ -167,37 +167,6 @@ class FastReplay:
                     Deferred(plan.rows[r].start_position, layer)
                 )
         return tuple(accumulate(kv_only[:L]))
-
-
-LayerCounts = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
-
-
-def uniform_layer_counts(rows: int, first: int, num_context: int, L: int, fill: FillKind
-                         ) -> LayerCounts:  # fmt: skip
-    """decode_layer_counts when every row ran the same `first` layers and none parked."""
-    rest = L - first  # layers the rows skipped (executed never exceeds L)
-    filled = rows if fill.is_filled_now else 0
-    return ((rows,) * first + (0,) * rest, (num_context,) * first + (0,) * rest,
-            (0,) * first + (filled,) * rest)  # fmt: skip
-
-
-def decode_layer_counts(
-    executed: list[int], contexts: list[int], num_context: int, L: int,
-    parked: list[int | None] | None, fill: FillKind,
-) -> LayerCounts:  # fmt: skip
-    """_layer_counts and the K/V-only tokens of `_settle`, for one-token decode rows starting
-    at layer 0 with nothing deferred: per layer, tokens run, their context, tokens only filled
-    (a parked row owes no fill: its deep layers run when it resumes)."""
-    tokens, ctx, kv_only = [0] * (L + 1), [0] * (L + 1), [0] * (L + 1)  # difference arrays
-    tokens[0], ctx[0] = len(executed), num_context
-    for r, (stop, c) in enumerate(zip(executed, contexts, strict=True)):
-        tokens[stop] -= 1
-        ctx[stop] -= c
-        if stop < L and fill.is_filled_now and (parked is None or parked[r] is None):
-            kv_only[stop] += 1
-            kv_only[L] -= 1
-    return (tuple(accumulate(tokens[:L])), tuple(accumulate(ctx[:L])),
-            tuple(accumulate(kv_only[:L])))  # fmt: skip
 
 
 def _layer_counts(

@@ -12,10 +12,12 @@ positions); tests/test_sim_fastpath.py checks whole simulations agree to the bit
 from __future__ import annotations
 
 from collections.abc import Sequence as SequenceABC
+from itertools import accumulate
 
+from policies.kv_fill import FillKind
 from testbed.core.sequence import Sequence
 from testbed.sim.cost_base import StepFeatures
-from testbed.sim.replay_fast import FastReplay, decode_layer_counts, uniform_layer_counts
+from testbed.sim.replay_fast import FastReplay
 from testbed.sim.replay_state import SeqReplay
 from testbed.sim.step_work import SteadyWork
 
@@ -73,10 +75,10 @@ class SteadyStretch:
             parked = None
         executed, num_context = exits.executed, self._num_context + num_rows * ahead
         if parked is None and executed.count(executed[0]) == num_rows:  # consensus, full
-            counts = uniform_layer_counts(num_rows, executed[0], num_context, L, fast.fill)
+            counts = _uniform_layer_counts(num_rows, executed[0], num_context, L, fast.fill)
         else:
             contexts = [n + p for n, p in zip(self._prompts, positions, strict=True)]
-            counts = decode_layer_counts(executed, contexts, num_context, L, parked, fast.fill)
+            counts = _decode_layer_counts(executed, contexts, num_context, L, parked, fast.fill)
         layer_tokens, layer_ctx, layer_kv = counts
         features = StepFeatures(
             num_rows=num_rows, num_prefill_tokens=0, num_decode_rows=num_rows,
@@ -107,3 +109,35 @@ def _until_eos(
         if eos is not None and eos in row.tokens[start : start + num_steps]:
             num_steps = row.tokens.index(eos, start) - start + 1
     return num_steps
+
+
+_LayerCounts = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
+
+
+def _uniform_layer_counts(rows: int, first: int, num_context: int, L: int, fill: FillKind
+                         ) -> _LayerCounts:  # fmt: skip
+    """_decode_layer_counts when every row ran the same `first` layers and none parked."""
+    rest = L - first  # layers the rows skipped (executed never exceeds L)
+    filled = rows if fill.is_filled_now else 0
+    return ((rows,) * first + (0,) * rest, (num_context,) * first + (0,) * rest,
+            (0,) * first + (filled,) * rest)  # fmt: skip
+
+
+def _decode_layer_counts(
+    executed: list[int], contexts: list[int], num_context: int, L: int,
+    parked: list[int | None] | None, fill: FillKind,
+) -> _LayerCounts:  # fmt: skip
+    """replay_fast's _layer_counts and the K/V-only tokens of its _settle, for one-token
+    decode rows starting at layer 0 with nothing deferred: per layer, tokens run, their
+    context, tokens only filled (a parked row owes no fill: its deep layers run when it
+    resumes)."""
+    tokens, ctx, kv_only = [0] * (L + 1), [0] * (L + 1), [0] * (L + 1)  # difference arrays
+    tokens[0], ctx[0] = len(executed), num_context
+    for r, (stop, c) in enumerate(zip(executed, contexts, strict=True)):
+        tokens[stop] -= 1
+        ctx[stop] -= c
+        if stop < L and fill.is_filled_now and (parked is None or parked[r] is None):
+            kv_only[stop] += 1
+            kv_only[L] -= 1
+    return (tuple(accumulate(tokens[:L])), tuple(accumulate(ctx[:L])),
+            tuple(accumulate(kv_only[:L])))  # fmt: skip
