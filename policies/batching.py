@@ -312,9 +312,11 @@ class RebatchBatching(BatchingPolicy):
                         ) -> StepExits:  # fmt: skip
         # confident rows take their token and stop (as shrink) until the rows still going are
         # a small enough share of those at an exit point: then they all park there. A row
-        # joins at the first exit point above its start layer.
+        # joins at the first exit point above its start layer, and its confident layer (an
+        # exit point, or num_layers) is at or above each point it reaches: a row that does
+        # not park stops there.
         rows = len(confident)
-        executed, token_layer = [num_layers] * rows, [num_layers] * rows
+        executed, token_layer = list(confident), list(confident)  # parked rows: see below
         parked: list[int | None] = [None] * rows
         running = [r for r in range(rows) if not start_layers[r]]
         joining = [r for r in range(rows) if start_layers[r]]
@@ -329,9 +331,6 @@ class RebatchBatching(BatchingPolicy):
                 break
             num_points, num_evals = num_points + 1, num_evals + len(running)
             going = [r for r in running if confident[r] > layer]
-            for r in running:
-                if confident[r] <= layer:
-                    executed[r] = token_layer[r] = layer
             if going and len(going) / len(running) < self.park_below_fraction:
                 for r in going:
                     executed[r], token_layer[r], parked[r] = layer, None, layer

@@ -99,54 +99,66 @@ def test_random_allocate_free_keeps_invariants(ops: list[tuple[int, int]]) -> No
     assert manager.num_free_blocks == 10
 
 
-@settings(max_examples=80, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(
     computed=st.lists(st.integers(1, 20), min_size=1, max_size=5),
+    resumed=st.lists(st.booleans(), min_size=5, max_size=5),
     num_blocks=st.integers(6, 30),
     block_size=st.integers(1, 5),
     num_steps=st.integers(0, 25),
 )
-def test_decode_steps_at_once_equal_one_step_at_a_time(computed, num_blocks, block_size, num_steps):
+def test_decode_steps_at_once_equal_one_step_at_a_time(
+    computed, resumed, num_blocks, block_size, num_steps
+):
     """decode_block_steps, decode_steps_covered and allocate_for_decode_steps do what
-    allocate_for_decode does step by step, every row one position further each step."""
+    allocate_for_decode does step by step, every row one position further each step, in
+    seq_id order; a resume row (listed first) feeds no new position in the first step."""
+    is_resume = resumed[: len(computed)]
 
     def decoding(manager: BlockManager) -> list[Sequence]:
         seqs = [make_seq(i) for i in range(len(computed))]
         for seq, n in zip(seqs, computed, strict=True):
             manager.allocate(seq, n)
-            seq.num_computed_tokens = n
+            seq.num_computed_tokens = n  # a resume row's counts the position it parked at
         return seqs
 
     def step_by_step(manager: BlockManager, seqs: list[Sequence], steps: int) -> list[int]:
         taken = []
-        for _ in range(steps):
-            num_free = manager.num_free_blocks
-            manager.allocate_for_decode(seqs)
+        for step in range(steps):
+            num_free, growing = manager.num_free_blocks, seqs
+            if step == 0:
+                growing = [seq for seq, k in zip(seqs, is_resume, strict=True) if not k]
+            manager.allocate_for_decode(growing)
             taken.append(num_free - manager.num_free_blocks)
-            for seq in seqs:
+            for seq in growing:
                 seq.num_computed_tokens += 1
         return taken
+
+    def resumes_first(seqs: list[Sequence]) -> list[Sequence]:
+        return sorted(seqs, key=lambda seq: not is_resume[seq.seq_id])
 
     if sum(-(-n // block_size) for n in computed) > num_blocks:
         return  # the rows' own context does not fit
     plenty = BlockManager(10_000, block_size)
     counts = step_by_step(plenty, decoding(plenty), num_steps)
     many = BlockManager(num_blocks, block_size)
-    seqs = decoding(many)
+    seqs, num_resumes = resumes_first(decoding(many)), sum(is_resume)
     num_free, covered = many.num_free_blocks, num_steps
     for step, n in enumerate(counts):
         num_free -= n
         if num_free < 0:
             covered = step
             break
-    assert many.decode_block_steps(seqs, num_steps) == counts
-    assert many.decode_steps_covered(seqs, num_steps) == covered
-    many.allocate_for_decode_steps(seqs, covered)
+    assert many.decode_block_steps(seqs, num_steps, num_resumes) == counts
+    assert many.decode_steps_covered(seqs, num_steps, num_resumes) == covered
+    many.allocate_for_decode_steps(seqs, covered, num_resumes)
     one = BlockManager(num_blocks, block_size)
     one_seqs = decoding(one)
     step_by_step(one, one_seqs, covered)
     # the same ids, in the same order
-    assert [s.block_table for s in seqs] == [s.block_table for s in one_seqs]
+    assert [s.block_table for s in sorted(seqs, key=lambda seq: seq.seq_id)] == [
+        s.block_table for s in one_seqs
+    ]
     if covered < num_steps:
         with pytest.raises(OutOfBlocksError):
-            many.allocate_for_decode_steps(seqs, covered + 1)
+            many.allocate_for_decode_steps(seqs, covered + 1, num_resumes)

@@ -71,6 +71,7 @@ class FakeModel:
     park_every: int | None
     tokens: dict[int, list[int]] = field(default_factory=dict)  # seq_id → known token stream
     cache: dict[int, tuple[int, int]] = field(default_factory=dict)  # slot → (seq_id, position)
+    finished: list[int] = field(default_factory=list)  # seq_ids in the order steps finish them
 
     def run(self, plan: StepPlan) -> StepResult:
         rows = tuple(self._run_row(row) for row in plan.rows)
@@ -121,9 +122,11 @@ class FakeModel:
             for p in range(start):
                 assert self.cache.get(int(slots[p])) == (seq.seq_id, p), "context lost"
         num_steps, parked = min(max_steps, scheduler.steady_horizon(seqs)), None
+        is_resume = [seq.parked_layer is not None for seq in seqs]  # as run(): never re-parks
         for step in range(num_steps):
             is_parked = [self.park_every is not None and (p + step) % self.park_every == 0
-                         for p in starts]  # fmt: skip
+                         and not (step == 0 and resume)
+                         for p, resume in zip(starts, is_resume, strict=True)]  # fmt: skip
             is_eos = [seq.eos_token_id is not None
                       and token_for(seq.seq_id, p + step + 1) == seq.eos_token_id
                       for seq, p in zip(seqs, starts, strict=True)]  # fmt: skip
@@ -134,7 +137,9 @@ class FakeModel:
         tokens = [[token_for(seq.seq_id, p + i + 1)
                    for i in range(num_steps - (parked is not None and parked[r] is not None))]
                   for r, (seq, p) in enumerate(zip(seqs, starts, strict=True))]  # fmt: skip
-        scheduler.apply_steady_steps(seqs, num_steps, tokens, parked)
+        self.finished += [
+            q.seq_id for q in scheduler.apply_steady_steps(seqs, num_steps, tokens, parked)
+        ]
         for seq, start, row_tokens in zip(seqs, starts, tokens, strict=True):
             stream = self.tokens[seq.seq_id]
             for i, token_id in enumerate(row_tokens):
@@ -173,7 +178,8 @@ def run_workload(
     workload: Workload, *, use_steady: bool = False, use_stretches: bool = False,
     steps: list[tuple[int, ...]] | None = None,
 ) -> tuple[dict[int, list[int]], list[StepPlan]]:  # fmt: skip
-    """Run to completion; returns outputs per accepted seq_id and every plan. use_steady: take
+    """Run to completion; returns outputs per accepted seq_id (in the order they finished)
+    and every plan. use_steady: take
     Scheduler.apply_steady_steps one step at a time wherever steady_step offers a step;
     use_stretches: as many steps at once as FakeModel.run_stretch takes before the next
     arrival. steps: filled with each step's (seq_id per row), plans and steady steps alike."""
@@ -209,8 +215,9 @@ def run_workload(
                     max(1, pending[0][1].arrival_step - step_index) if pending else MAX_STEPS
                 )
             num_steps = model.run_stretch(scheduler, steady, max_steps)
-            if steps is not None:
-                steps.extend([tuple(seq.seq_id for seq in steady)] * num_steps)
+            if steps is not None:  # resume rows come first, then all run in the running order
+                steps.append(tuple(seq.seq_id for seq in steady))
+                steps.extend([tuple(sorted(steps[-1]))] * (num_steps - 1))
             step_index += num_steps
             continue
         plan = scheduler.schedule()
@@ -220,22 +227,28 @@ def run_workload(
         plans.append(plan)
         if steps is not None:
             steps.append(tuple(row.seq_id for row in plan.rows))
-        scheduler.update(plan, model.run(plan))
+        model.finished += [seq.seq_id for seq in scheduler.update(plan, model.run(plan))]
         step_index += 1
     assert not scheduler.has_unfinished() and not pending, "did not finish in time"
     assert blocks.num_free_blocks == workload.num_blocks
-    return {seq_id: scheduler.get(seq_id).output_token_ids for seq_id in accepted}, plans
+    assert sorted(model.finished) == sorted(accepted)
+    # in the order steps finished them
+    return {seq_id: scheduler.get(seq_id).output_token_ids for seq_id in model.finished}, plans
 
 
 def check_steady_prediction(
     steady: tuple[Sequence, ...] | None, plan: StepPlan, scheduler: Scheduler
 ) -> None:
     """steady_step offers exactly the steps schedule() plans as one decode row of every running
-    sequence, with no preemption and nothing else (parked rows may wait)."""
+    sequence, after a resume row of every parked one or of none (they may wait), with no
+    preemption and nothing else."""
+    num_resumes = sum(row.is_resume for row in plan.rows)
     is_steady_plan = (
         plan.num_preempted == 0
-        and all(not row.is_prefill and not row.is_resume for row in plan.rows)
-        and [row.seq_id for row in plan.rows] == [seq.seq_id for seq in scheduler._queues.running]
+        and all(not row.is_prefill for row in plan.rows)
+        and all(row.is_resume for row in plan.rows[:num_resumes])
+        and sorted(row.seq_id for row in plan.rows)
+        == [seq.seq_id for seq in scheduler._queues.running]
     )
     if steady is not None:
         assert is_steady_plan and [r.seq_id for r in plan.rows] == [q.seq_id for q in steady]
@@ -324,13 +337,13 @@ def test_random_workloads_finish_and_match_an_unconstrained_run(workload: Worklo
 def test_steady_steps_run_the_same_steps_as_schedule_and_update(workload: Workload) -> None:
     """A run that takes apply_steady_steps wherever steady_step offers a step, one step or a
     whole stretch (steady_horizon) at a time, runs the same rows in every step, and the same
-    outputs, as one that plans every step."""
+    outputs, finished in the same order, as one that plans every step."""
     planned_steps: list[tuple[int, ...]] = []
     outputs, _ = run_workload(workload, steps=planned_steps)
     for mode in ({"use_steady": True}, {"use_stretches": True}):
         steady_steps: list[tuple[int, ...]] = []
         steady_outputs, plans = run_workload(workload, steps=steady_steps, **mode)
-        assert steady_outputs == outputs
+        assert steady_outputs == outputs and list(steady_outputs) == list(outputs)
         assert steady_steps == planned_steps
 
 
@@ -348,3 +361,16 @@ def test_a_decode_stretch_is_steady_until_a_request_arrives_or_finishes() -> Non
     # twelfth token finishes 0: each time the running set changes, the next step is steady again
     assert planned == [(0, 1), (0, 1, 2)]
     assert len(steps) == 20 and steps.count((0, 1)) == 8
+
+
+def test_a_stretch_that_resumes_finishes_its_rows_in_the_running_order() -> None:
+    """Seq 1 parks and resumes first in the next step (a stretch of two steps), whose last
+    step finishes both: in the running order (0, then 1), as schedule() and update() do."""
+    config = SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64, max_model_len=40)
+    workload = Workload(num_blocks=40, block_size=4, config=config,
+                        requests=(Request(0, 1, 4, False), Request(0, 4, 3, False)),
+                        park_every=4, resume_min_parked=1, resume_max_wait_steps=1)  # fmt: skip
+    steps: list[tuple[int, ...]] = []
+    outputs, _ = run_workload(workload, use_stretches=True, steps=steps)
+    assert (1, 0) in steps  # the resume step: its resume row first
+    assert list(outputs) == list(run_workload(workload)[0]) == [0, 1]

@@ -93,42 +93,54 @@ class BlockManager:
             if len(seq.block_table) * size <= seq.num_computed_tokens:
                 seq.block_table.append(heapq.heappop(self._free_heap))
 
-    def decode_block_steps(self, seqs: SequenceABC[Sequence], num_steps: int) -> list[int]:
+    def decode_block_steps(
+        self, seqs: SequenceABC[Sequence], num_steps: int, num_resumes: int = 0
+    ) -> list[int]:
         """Per step of num_steps decode steps of seqs (one position more each per step), the
         blocks allocate_for_decode would hand out in it: a row needs one each time its table
-        fills, every block_size steps from the first."""
-        size, counts = self._block_size, [0] * num_steps
-        for seq in seqs:
-            for step in range(
-                len(seq.block_table) * size - seq.num_computed_tokens, num_steps, size
-            ):
+        fills, every block_size steps from the first. The first num_resumes rows resume in
+        the first step: they feed the position they were parked at, which has its block."""
+        counts = [0] * num_steps
+        for first in self._first_block_steps(seqs, num_resumes):
+            for step in range(first, num_steps, self._block_size):
                 counts[step] += 1
         return counts
 
-    def decode_steps_covered(self, seqs: SequenceABC[Sequence], num_steps: int) -> int:
+    def decode_steps_covered(
+        self, seqs: SequenceABC[Sequence], num_steps: int, num_resumes: int = 0
+    ) -> int:
         """How many of num_steps decode steps of seqs the free blocks cover, from the first."""
         size, num_free = self._block_size, len(self._free_heap)
-        firsts = [len(seq.block_table) * size - seq.num_computed_tokens for seq in seqs]
+        firsts = self._first_block_steps(seqs, num_resumes)
         if sum([-(-(num_steps - f) // size) for f in firsts if f < num_steps]) <= num_free:
             return num_steps  # the usual case: all of them, without counting step by step
-        for step, num_new in enumerate(self.decode_block_steps(seqs, num_steps)):
+        for step, num_new in enumerate(self.decode_block_steps(seqs, num_steps, num_resumes)):
             num_free -= num_new
             if num_free < 0:
                 return step
         return num_steps
 
-    def allocate_for_decode_steps(self, seqs: SequenceABC[Sequence], num_steps: int) -> None:
-        """allocate_for_decode(seqs) num_steps times, each row one position further each time,
-        in the same order (step, then row), so each row gets the same block ids."""
+    def allocate_for_decode_steps(
+        self, seqs: SequenceABC[Sequence], num_steps: int, num_resumes: int = 0
+    ) -> None:
+        """allocate_for_decode num_steps times, each row one position further each time, in
+        the same order (step, then seq_id: the running order), so each row gets the same
+        block ids."""
         size, needs = self._block_size, []
-        for row, seq in enumerate(seqs):
-            first = len(seq.block_table) * size - seq.num_computed_tokens
-            needs.extend((step, row) for step in range(first, num_steps, size))
+        for seq, first in zip(seqs, self._first_block_steps(seqs, num_resumes), strict=True):
+            needs.extend((step, seq.seq_id, seq) for step in range(first, num_steps, size))
         if len(needs) > len(self._free_heap):
             raise OutOfBlocksError(f"{num_steps} decode steps need {len(needs)} blocks, "
                                    f"{len(self._free_heap)} free")  # fmt: skip
-        for _, row in sorted(needs):
-            seqs[row].block_table.append(heapq.heappop(self._free_heap))
+        for _, _, seq in sorted(needs):  # seq_ids differ: sequences are never compared
+            seq.block_table.append(heapq.heappop(self._free_heap))
+
+    def _first_block_steps(self, seqs: SequenceABC[Sequence], num_resumes: int) -> list[int]:
+        """Per row, the first decode step that needs a new block (a resume row's positions
+        lag one step: it was counted when it parked)."""
+        size = self._block_size
+        return [len(seq.block_table) * size - seq.num_computed_tokens + (r < num_resumes)
+                for r, seq in enumerate(seqs)]  # fmt: skip
 
     def free(self, seq: Sequence) -> None:
         """Return all of seq's blocks to the free list and clear its table."""

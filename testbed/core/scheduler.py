@@ -16,24 +16,18 @@ The token budget counts fed tokens: a prefill chunk its length, a decode or resu
 """
 
 import logging
-from typing import Protocol
 
 from testbed.core.admission import SchedulerConfig, validate_request
 from testbed.core.block_manager import BlockManager
 from testbed.core.errors import InvalidRequestError, SchedulerConfigError, SchedulerStateError
 from testbed.core.queues import SequenceQueues
+from testbed.core.resume_gate import ResumePolicy, resume_delay
 from testbed.core.sequence import Sequence, SequenceStatus
 from testbed.core.step import RowPlan, RowResult, StepDraft, StepPlan, StepResult
 
 __all__ = ["ResumePolicy", "Scheduler", "SchedulerConfig"]
 
 logger = logging.getLogger(__name__)
-
-
-class ResumePolicy(Protocol):
-    """Decides when parked rebatch rows resume together as one deep batch."""
-
-    def should_resume(self, *, num_parked: int, oldest_wait_steps: int) -> bool: ...
 
 
 class Scheduler:
@@ -135,15 +129,7 @@ class Scheduler:
         return plan
 
     def _should_resume(self, step_id: int) -> bool:
-        if self._resume_policy is None:
-            return True
-        parked = self._queues.parked
-        oldest_since = min(
-            seq.parked_since_step for seq in parked if seq.parked_since_step is not None
-        )
-        return self._resume_policy.should_resume(
-            num_parked=len(parked), oldest_wait_steps=step_id - oldest_since
-        )
+        return resume_delay(self._resume_policy, self._queues.parked, step_id, 1) == 0
 
     def _schedule_resumes(self, draft: StepDraft) -> None:
         """All parked rows continue from their exit point with the token they were fed."""
@@ -158,9 +144,7 @@ class Scheduler:
                 start_layer=seq.parked_layer,
                 block_table=tuple(seq.block_table),
             )
-            seq.parked_layer = None
-            seq.parked_since_step = None
-            self._queues.resume(seq)
+            self._resume(seq)
             draft.add(row)
 
     def _schedule_running(
@@ -244,38 +228,48 @@ class Scheduler:
     # ---- steady decode steps: a simulator's shortcut through schedule() and update() ---------
 
     def steady_step(self) -> tuple[Sequence, ...] | None:
-        """The running sequences, in row order, when the next schedule() would plan exactly one
-        decode row for each of them and nothing else (no parked rows, no prefill chunk, no
-        preemption, no admission, no resume: parked rows may wait on); None when it would plan
-        anything else. Changes nothing.
+        """The rows, in row order, when the next schedule() would plan exactly one decode row
+        for each running sequence and, when they are due, a resume row for each parked one
+        (first, as schedule() orders them), and nothing else: no prefill chunk, no preemption,
+        no admission; parked rows that are not due wait on. None when it would plan anything
+        else. Changes nothing. A resume row is a parked sequence (its parked_layer is set).
         A simulator spends most of its steps in such stretches; `apply_steady_steps` applies
         them without building their plans (tests/test_core_property.py and
         tests/test_sim_fastpath.py check both give the same runs)."""
         if self._in_flight is not None:
             return None
-        if self._queues.num_parked and self._should_resume(self._next_step_id):
-            return None
+        if self._queues.num_parked:
+            parked, running = self._queues.parked, self._queues.running
+            if self._should_resume(self._next_step_id):
+                return parked + running if self._only_decodes(running, len(parked)) else None
+            if not running:  # an idle step resumes them anyway, after admission (schedule())
+                return parked if self._only_decodes((), 0) else None
         running = self._steady_rows
         if running is not None:  # the same rows, and free blocks only fell: the head still waits
             if self._blocks.num_free_blocks < self._blocks.num_missing_for_decode(running):
                 return None
             return running
         running = self._queues.running
-        budget = self._config.max_num_batched_tokens - len(running)
-        if not running or budget < 0:
+        if not running or not self._only_decodes(running, 0):
             return None
-        if not all([seq.is_prefill_done for seq in running]):
-            return None
+        self._steady_rows = running
+        return running
+
+    def _only_decodes(self, running: tuple[Sequence, ...], num_resumes: int) -> bool:
+        """Whether schedule() would plan num_resumes resume rows, one decode row of each of
+        ``running``, and nothing else."""
+        budget = self._config.max_num_batched_tokens - len(running) - num_resumes
+        if budget < 0 or not all([seq.is_prefill_done for seq in running]):
+            return False
         num_free = self._blocks.num_free_blocks - self._blocks.num_missing_for_decode(running)
         if num_free < 0:
-            return None  # some row would preempt: schedule() decides who
+            return False  # some row would preempt: schedule() decides who
         head = self._queues.next_waiting
         if head is not None and self._queues.num_in_flight < self._config.max_num_seqs:
             num_new = self._num_new_tokens(head, budget)
             if num_new and self._blocks.num_missing_blocks(head, num_new) <= num_free:
-                return None  # schedule() would admit it
-        self._steady_rows = running
-        return running
+                return False  # schedule() would admit it
+        return True
 
     def steady_horizon(self, seqs: tuple[Sequence, ...]) -> int:
         """How many steady steps of ``seqs`` in a row, the one steady_step just offered first,
@@ -283,13 +277,14 @@ class Scheduler:
         in which a row reaches max_tokens, the last the free blocks cover, or the step before
         parked rows resume. At least 1. Changes nothing."""
         num_steps = min([seq.max_tokens - len(seq.output_token_ids) for seq in seqs])
-        if self._queues.num_parked:
-            step_id = self._next_step_id
-            num_steps = next(
-                (n for n in range(1, num_steps) if self._should_resume(step_id + n)), num_steps
-            )
+        num_resumes = _num_resumes(seqs)
+        if num_resumes == len(seqs) and not self._only_decodes((), num_resumes):
+            return 1  # an idle step's resumes: the next step's smaller budget admits a chunk
+        if self._queues.num_parked > num_resumes:  # some wait on
+            parked, step_id = self._queues.parked, self._next_step_id + 1
+            num_steps = 1 + resume_delay(self._resume_policy, parked, step_id, num_steps - 1)
         # the step after the last covered would preempt (steady_step checked the first fits)
-        return self._blocks.decode_steps_covered(seqs, num_steps)
+        return self._blocks.decode_steps_covered(seqs, num_steps, num_resumes)
 
     def apply_steady_steps(
         self, seqs: tuple[Sequence, ...], num_steps: int, token_ids: list[list[int]],
@@ -299,15 +294,22 @@ class Scheduler:
         schedule() and update() would with these results: per row, its tokens in order. Only
         the last step may park rows (rebatch): a row with a parked layer parked there, and its
         list lacks that step's token. Returns the sequences the last step finished (only it
-        can: a stretch ends with a row's first EOS)."""
+        can: a stretch ends with a row's first EOS). Resume rows come first and resume in
+        the first step."""
         if self._in_flight is not None:
             raise SchedulerStateError(f"step {self._in_flight.step_id} was never update()d")
         first_step_id = self._next_step_id
         self._next_step_id += num_steps
-        self._blocks.allocate_for_decode_steps(seqs, num_steps)  # as schedule() precedes update()
+        num_resumes = _num_resumes(seqs)
+        # as schedule() precedes update()
+        self._blocks.allocate_for_decode_steps(seqs, num_steps, num_resumes)
         finished = []
         for r, (seq, tokens) in enumerate(zip(seqs, token_ids, strict=True)):
             seq.num_computed_tokens += num_steps
+            if r < num_resumes:  # its first step's position was counted when it parked
+                seq.num_computed_tokens -= 1
+                self._resume(seq)
+                self._steady_rows = None  # the running rows changed
             seq.extend_tokens(tokens)
             if parked_layers is not None and parked_layers[r] is not None:
                 self._park(seq, parked_layers[r], self._next_step_id - 1)
@@ -320,6 +322,8 @@ class Scheduler:
         interval = self._check_interval
         if self._next_step_id // interval > first_step_id // interval:  # a step checks them
             self._check_invariants(force=True)
+        if num_resumes and num_steps > 1:  # the last step's rows ran in the running order
+            finished.sort(key=lambda seq: seq.seq_id)
         return finished
 
     # ---- applying a step's result ------------------------------------------------------------
@@ -372,6 +376,11 @@ class Scheduler:
         seq.parked_since_step = step_id
         self._queues.park(seq)
 
+    def _resume(self, seq: Sequence) -> None:
+        seq.parked_layer = None
+        seq.parked_since_step = None
+        self._queues.resume(seq)
+
     def _check_invariants(self, *, force: bool = False) -> None:
         if self._next_step_id % self._check_interval and not force:
             return
@@ -382,3 +391,8 @@ class Scheduler:
         for seq in self._queues.parked:
             assert seq.num_computed_tokens == seq.num_tokens, f"seq {seq.seq_id} parked early"
             assert seq.parked_layer is not None and seq.parked_since_step is not None
+
+
+def _num_resumes(seqs: tuple[Sequence, ...]) -> int:
+    """The resume rows of a steady step (steady_step puts them first): the parked sequences."""
+    return sum([seq.parked_layer is not None for seq in seqs])

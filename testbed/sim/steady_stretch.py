@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence as SequenceABC
 from itertools import accumulate
 
+from policies.fast_path import StepExits
 from policies.kv_fill import FillKind
 from testbed.core.sequence import Sequence
 from testbed.sim.cost_base import StepFeatures
@@ -36,6 +37,9 @@ class SteadyStretch:
         self._fast, self._rule = fast, rule
         self._rows = rows = [replays[seq.seq_id] for seq in seqs]
         self._starts = starts = [len(seq.output_token_ids) for seq in seqs]
+        # a resume row (they come first) starts its first step at its parked layer
+        self._start_layers = [seq.parked_layer or 0 for seq in seqs]
+        self.num_resumes = len(seqs) - self._start_layers.count(0)
         self.num_steps = _until_eos(seqs, rows, starts, num_steps)
         # [step][row]: the output index of the token each row produces (< max_tokens, which
         # the replay lists hold: see SeqReplay), and its first confident exit layer; built in
@@ -67,18 +71,23 @@ class SteadyStretch:
             self._read_ahead(ahead)
         positions, num_rows = self._positions[ahead], len(self._rows)
         confident = [L] * num_rows if self._confident is None else self._confident[ahead]
-        exits = fast.batching.step_exits(confident, positions, fast.exit_layers, L)
+        is_resume = self.num_resumes and not ahead
+        if is_resume:
+            exits = _resume_exits(fast, confident, positions, self._start_layers)
+        else:
+            exits = fast.batching.step_exits(confident, positions, fast.exit_layers, L)
         if exits is None:
             return None
         parked = exits.parked_layer
         if parked is not None and not any(parked):  # parked layers are exit points, never 0
             parked = None
         executed, num_context = exits.executed, self._num_context + num_rows * ahead
-        if parked is None and executed.count(executed[0]) == num_rows:  # consensus, full
+        if not is_resume and parked is None and executed.count(executed[0]) == num_rows:
             counts = _uniform_layer_counts(num_rows, executed[0], num_context, L, fast.fill)
         else:
             contexts = [n + p for n, p in zip(self._prompts, positions, strict=True)]
-            counts = _decode_layer_counts(executed, contexts, num_context, L, parked, fast.fill)
+            starts = self._start_layers if is_resume else [0] * num_rows
+            counts = _decode_layer_counts(executed, contexts, starts, L, parked, fast.fill)
         layer_tokens, layer_ctx, layer_kv = counts
         features = StepFeatures(
             num_rows=num_rows, num_prefill_tokens=0, num_decode_rows=num_rows,
@@ -98,6 +107,19 @@ class SteadyStretch:
             parked = [None] * len(self._rows)
         return [r.tokens[p : p + num_steps - (k is not None)]
                 for r, p, k in zip(self._rows, self._starts, parked, strict=True)]  # fmt: skip
+
+
+def _resume_exits(
+    fast: FastReplay, confident: tuple[int, ...] | list[int], positions: tuple[int, ...],
+    start_layers: list[int],
+) -> StepExits | None:  # fmt: skip
+    """FastReplay._exits for a step with resume rows: None (the general path's business) when
+    a resume row's first confident layer is not above its start."""
+    if any(s and c <= s for s, c in zip(start_layers, confident, strict=True)):
+        return None
+    return fast.batching.step_exits_from(
+        confident, positions, start_layers, fast.exit_layers, fast.num_layers
+    )
 
 
 def _until_eos(
@@ -124,16 +146,16 @@ def _uniform_layer_counts(rows: int, first: int, num_context: int, L: int, fill:
 
 
 def _decode_layer_counts(
-    executed: list[int], contexts: list[int], num_context: int, L: int,
+    executed: list[int], contexts: list[int], start_layers: list[int], L: int,
     parked: list[int | None] | None, fill: FillKind,
 ) -> _LayerCounts:  # fmt: skip
     """replay_fast's _layer_counts and the K/V-only tokens of its _settle, for one-token
-    decode rows starting at layer 0 with nothing deferred: per layer, tokens run, their
-    context, tokens only filled (a parked row owes no fill: its deep layers run when it
-    resumes)."""
+    decode rows with nothing deferred: per layer, tokens run, their context, tokens only
+    filled (a parked row owes no fill: its deep layers run when it resumes)."""
     tokens, ctx, kv_only = [0] * (L + 1), [0] * (L + 1), [0] * (L + 1)  # difference arrays
-    tokens[0], ctx[0] = len(executed), num_context
-    for r, (stop, c) in enumerate(zip(executed, contexts, strict=True)):
+    for r, (start, stop, c) in enumerate(zip(start_layers, executed, contexts, strict=True)):
+        tokens[start] += 1
+        ctx[start] += c
         tokens[stop] -= 1
         ctx[stop] -= c
         if stop < L and fill.is_filled_now and (parked is None or parked[r] is None):
