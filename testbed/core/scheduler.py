@@ -275,7 +275,8 @@ class Scheduler:
         """How many steady steps of ``seqs`` in a row, the one steady_step just offered first,
         the scheduler would plan if no request were added and no row parked: until the step
         in which a row reaches max_tokens, the last the free blocks cover, or the step before
-        parked rows resume. At least 1. Changes nothing."""
+        parked rows that wait resume (resume rows resume in the first; the steps after run in
+        the running order). At least 1. Changes nothing."""
         num_steps = min([seq.max_tokens - len(seq.output_token_ids) for seq in seqs])
         num_resumes = _num_resumes(seqs)
         if num_resumes == len(seqs) and not self._only_decodes((), num_resumes):

@@ -78,8 +78,7 @@ class _Tracked:
     num_prompt_tokens: int
     agrees: list[list[bool]]  # [trace index][layer - 1]: exit token equals the final (see _agrees)
     first_token_s: float | None = None
-    exit_layers: list[int] = field(default_factory=list)
-    flags: list[bool] = field(default_factory=list)
+    exit_layers: list[int] = field(default_factory=list)  # per output position
     num_forced: int = 0
 
 
@@ -273,10 +272,8 @@ class Simulation:
             if row_layers[-1] is None:  # parked: its token comes when it resumes
                 row_layers, row_forced = row_layers[:-1], row_forced[:-1]
             t = self.tracked[seq.seq_id]
-            start, agrees = len(t.exit_layers), t.agrees  # agrees is padded: see _agrees
             t.exit_layers.extend(row_layers)
             t.num_forced += sum(row_forced)
-            t.flags.extend([agrees[start + i][layer - 1] for i, layer in enumerate(row_layers)])
         for seq in finished:
             self._record(seq, start_s)
 
@@ -316,7 +313,6 @@ class Simulation:
                 t.first_token_s = now
             t.exit_layers.append(row.exit_layer)
             t.num_forced += row.is_forced
-            t.flags.append(t.agrees[len(t.exit_layers) - 1][row.exit_layer - 1])  # agrees is padded
         self.steps.append(StepRecord(
             start_s=start_s, duration_s=duration_s,
             num_row_layers_executed=work.result.num_row_layers_executed,
@@ -334,12 +330,14 @@ class Simulation:
     def _record(self, seq: SeqState, now: float) -> None:
         t = self.tracked.pop(seq.seq_id)
         self.runner.release(seq.seq_id)
+        # per output position, whether its exit token equals the final (agrees is padded)
+        flags = tuple([t.agrees[i][layer - 1] for i, layer in enumerate(t.exit_layers)])
         self.records.append(RequestRecord(
             request_id=t.request_id, arrival_s=t.arrival_s, first_token_s=t.first_token_s,
             finish_s=now, num_prompt_tokens=t.num_prompt_tokens,
             num_output_tokens=seq.num_output_tokens, exit_layers=tuple(t.exit_layers),
             num_forced_exits=t.num_forced, num_preemptions=seq.num_preemptions,
-            agreement_flags=tuple(t.flags),
+            agreement_flags=flags,
         ))  # fmt: skip
 
 

@@ -6,7 +6,9 @@ a step costs is its per-row bookkeeping. A stretch reads its rows' replay lists 
 transposes them, so a step takes its rows' positions and signals as one tuple each; the
 scheduler then applies the whole stretch at once (Scheduler.apply_steady_steps). Like
 `FastReplay.execute` on each step's plan, for a run whose fill owes nothing (no deferred
-positions); tests/test_sim_fastpath.py checks whole simulations agree to the bit.
+positions); tests/test_sim_fastpath.py checks whole simulations agree to the bit. A stretch
+whose first step resumes parked rows (rebatch) settles that step from their parked layers
+(`step_exits_from`), as FastReplay does a planned resume step.
 """
 
 from __future__ import annotations

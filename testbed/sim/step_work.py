@@ -23,7 +23,7 @@ class StepWork:
 
 class SteadyWork(NamedTuple):
     """A steady decode step (Scheduler.steady_step), replayed without a plan: per row, in the
-    scheduler's row order, its exit layer (its token is the replay's: SteadyStretch.tokens);
+    stretch's row order (steady_step's), its exit layer (its token is the replay's: SteadyStretch.tokens);
     and the step's features for the cost model. A NamedTuple: the simulator builds one per
     step of most of its steps."""
 
