@@ -151,7 +151,7 @@ def test_decode_steps_at_once_equal_one_step_at_a_time(
             break
     assert many.decode_block_steps(seqs, num_steps, num_resumes) == counts
     assert many.decode_steps_covered(seqs, num_steps, num_resumes) == covered
-    many.allocate_for_decode_steps(seqs, covered, num_resumes)
+    assert many.allocate_for_decode_steps(seqs, covered, num_resumes) == counts[:covered]
     one = BlockManager(num_blocks, block_size)
     one_seqs = decoding(one)
     step_by_step(one, one_seqs, covered)

@@ -138,7 +138,7 @@ class FakeModel:
                    for i in range(num_steps - (parked is not None and parked[r] is not None))]
                   for r, (seq, p) in enumerate(zip(seqs, starts, strict=True))]  # fmt: skip
         self.finished += [
-            q.seq_id for q in scheduler.apply_steady_steps(seqs, num_steps, tokens, parked)
+            q.seq_id for q in scheduler.apply_steady_steps(seqs, num_steps, tokens, parked)[0]
         ]
         for seq, start, row_tokens in zip(seqs, starts, tokens, strict=True):
             stream = self.tokens[seq.seq_id]

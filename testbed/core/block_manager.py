@@ -122,18 +122,21 @@ class BlockManager:
 
     def allocate_for_decode_steps(
         self, seqs: SequenceABC[Sequence], num_steps: int, num_resumes: int = 0
-    ) -> None:
+    ) -> list[int]:
         """allocate_for_decode num_steps times, each row one position further each time, in
         the same order (step, then seq_id: the running order), so each row gets the same
-        block ids."""
+        block ids. Returns decode_block_steps: the blocks each step took."""
         size, needs = self._block_size, []
         for seq, first in zip(seqs, self._first_block_steps(seqs, num_resumes), strict=True):
             needs.extend((step, seq.seq_id, seq) for step in range(first, num_steps, size))
         if len(needs) > len(self._free_heap):
             raise OutOfBlocksError(f"{num_steps} decode steps need {len(needs)} blocks, "
                                    f"{len(self._free_heap)} free")  # fmt: skip
-        for _, _, seq in sorted(needs):  # seq_ids differ: sequences are never compared
+        counts = [0] * num_steps
+        for step, _, seq in sorted(needs):  # seq_ids differ: sequences are never compared
             seq.block_table.append(heapq.heappop(self._free_heap))
+            counts[step] += 1
+        return counts
 
     def _first_block_steps(self, seqs: SequenceABC[Sequence], num_resumes: int) -> list[int]:
         """Per row, the first decode step that needs a new block (a resume row's positions

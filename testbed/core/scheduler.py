@@ -290,20 +290,20 @@ class Scheduler:
     def apply_steady_steps(
         self, seqs: tuple[Sequence, ...], num_steps: int, token_ids: list[list[int]],
         parked_layers: list[int | None] | None = None,
-    ) -> list[Sequence]:  # fmt: skip
+    ) -> tuple[list[Sequence], list[int]]:  # fmt: skip
         """Apply the next num_steps steady steps of ``seqs`` (at most steady_horizon(seqs)) as
         schedule() and update() would with these results: per row, its tokens in order. Only
         the last step may park rows (rebatch): a row with a parked layer parked there, and its
         list lacks that step's token. Returns the sequences the last step finished (only it
-        can: a stretch ends with a row's first EOS). Resume rows come first and resume in
-        the first step."""
+        can: a stretch ends with a row's first EOS) and the blocks each step took. Resume
+        rows come first and resume in the first step."""
         if self._in_flight is not None:
             raise SchedulerStateError(f"step {self._in_flight.step_id} was never update()d")
         first_step_id = self._next_step_id
         self._next_step_id += num_steps
         num_resumes = _num_resumes(seqs)
         # as schedule() precedes update()
-        self._blocks.allocate_for_decode_steps(seqs, num_steps, num_resumes)
+        new_blocks = self._blocks.allocate_for_decode_steps(seqs, num_steps, num_resumes)
         finished = []
         for r, (seq, tokens) in enumerate(zip(seqs, token_ids, strict=True)):
             seq.num_computed_tokens += num_steps
@@ -325,7 +325,7 @@ class Scheduler:
             self._check_invariants(force=True)
         if num_resumes and num_steps > 1:  # the last step's rows ran in the running order
             finished.sort(key=lambda seq: seq.seq_id)
-        return finished
+        return finished, new_blocks
 
     # ---- applying a step's result ------------------------------------------------------------
 

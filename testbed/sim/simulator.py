@@ -247,10 +247,8 @@ class Simulation:
         """_finish_step for a stretch's steps (only its last can park or finish rows): apply
         them to the scheduler; record the steps, each row's tokens, and the requests finished."""
         num_used = self.blocks.num_blocks - self.blocks.num_free_blocks
-        # before they are taken
-        new_blocks = self.blocks.decode_block_steps(seqs, len(works), stretch.num_resumes)
         parked = works[-1].parked_layers
-        finished = self.scheduler.apply_steady_steps(
+        finished, new_blocks = self.scheduler.apply_steady_steps(
             seqs, len(works), stretch.tokens(len(works), parked), parked
         )
         add_step = self.steps.append
