@@ -138,7 +138,19 @@ def span_attention(
     v = values.index_select(0, ctx_slots).transpose(0, 1)
     key_pos = torch.arange(len(ctx_slots), device=q.device)
     mask = (key_pos[None, :] <= q_positions[:, None]) & cache.is_valid[layer][ctx_slots][None, :]
+    is_grouped = q.device.type != "cpu"
+    if not is_grouped:
+        # CPU's SDPA takes its slow math path for grouped K/V heads (enable_gqa); with the heads
+        # repeated it takes its flash kernel: 1.6-2x faster on 128-512-token prefill chunks
+        # (measured on this project's 2-core machine). One decode query per row gains nothing
+        # from it: decode_attention keeps enable_gqa.
+        rep = q.shape[1] // k.shape[0]
+        k, v = k.repeat_interleave(rep, 0), v.repeat_interleave(rep, 0)
     out = F.scaled_dot_product_attention(
-        q.transpose(0, 1), k, v, attn_mask=mask[None], enable_gqa=True
-    )  # [Hq, n, D]
+        q.transpose(0, 1)[None],
+        k[None],
+        v[None],
+        attn_mask=mask[None, None],
+        enable_gqa=is_grouped,
+    )[0]  # [Hq, n, D]
     return out.transpose(0, 1)
