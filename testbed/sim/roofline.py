@@ -177,15 +177,20 @@ class RooflineCostModel:
         if whole is not None:  # every target layer repeats one trace layer (8 → 32: 4 each)
             a_t, a_c, m_kv, m_w, f_k, g_kv, g_w = self._coefficients
             last_t = last_c = last_k = None
-            for count, i in whole:
-                t, c, k = tokens[i], context[i], kv_only[i]
+            for count, t, c, k in zip(whole, tokens, context, kv_only, strict=True):
                 if t != last_t or c != last_c or k != last_k:  # else: the previous layer's price
-                    read = min(max(n - (top - c), 0), c)  # see kv_read_tokens
-                    # _layer_s inlined: this loop runs for every simulated step
-                    layer_s = max(
-                        a_t * t + a_c * c, m_kv * t + m_kv * read + (m_w if t > 0 else 0.0)
-                    )
-                    layer_s += max(f_k * k, g_kv * k + (g_w if k > 0 else 0.0))
+                    # _layer_s and kv_read_tokens inlined, max and min as comparisons (the
+                    # same values): this loop runs for every simulated step
+                    read = n - (top - c)
+                    read = 0 if read < 0 else (read if read <= c else c)
+                    compute_s, memory_s = a_t * t + a_c * c, m_kv * t + m_kv * read
+                    if t > 0:
+                        memory_s += m_w
+                    layer_s = compute_s if compute_s >= memory_s else memory_s
+                    compute_s, memory_s = f_k * k, g_kv * k
+                    if k > 0:
+                        memory_s += g_w
+                    layer_s += compute_s if compute_s >= memory_s else memory_s
                     last_t, last_c, last_k = t, c, k
                 total_s += count * layer_s
         else:  # some target layers straddle trace layers: price each group's weighted mix
@@ -218,13 +223,14 @@ class RooflineCostModel:
             float(x) for x in (u[0, 0], u[0, 1], u[1, 0], u[1, 4], u[2, 3], u[3, 3], u[3, 5])
         )
 
-    def _whole_layers(self, num_source: int) -> tuple[tuple[int, int], ...] | None:
-        """(how many target layers, trace layer) when each target layer is one whole trace
-        layer (depths equal, or the target a multiple of the trace); else None."""
+    def _whole_layers(self, num_source: int) -> tuple[int, ...] | None:
+        """Per trace layer, how many target layers repeat it whole, when each target layer is
+        one whole trace layer (depths equal, or the target a multiple of the trace); else None."""
         if num_source not in self._whole_cache:
             groups = self._layer_groups(num_source)
             is_whole = all(len(src) == 1 and src[0][1] == 1.0 for _, src in groups)
-            whole = tuple((count, src[0][0]) for count, src in groups) if is_whole else None
+            is_whole = is_whole and [src[0][0] for _, src in groups] == list(range(num_source))
+            whole = tuple(count for count, _ in groups) if is_whole else None
             self._whole_cache[num_source] = whole
         return self._whole_cache[num_source]
 
