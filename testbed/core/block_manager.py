@@ -126,13 +126,13 @@ class BlockManager:
         """allocate_for_decode num_steps times, each row one position further each time, in
         the same order (step, then seq_id: the running order), so each row gets the same
         block ids. Returns decode_block_steps: the blocks each step took."""
-        size, needs = self._block_size, []
+        size, needs, counts = self._block_size, [], [0] * num_steps
         for seq, first in zip(seqs, self._first_block_steps(seqs, num_resumes), strict=True):
-            needs.extend((step, seq.seq_id, seq) for step in range(first, num_steps, size))
+            if first < num_steps:  # most rows of a short stretch stay inside their last block
+                needs.extend((step, seq.seq_id, seq) for step in range(first, num_steps, size))
         if len(needs) > len(self._free_heap):
             raise OutOfBlocksError(f"{num_steps} decode steps need {len(needs)} blocks, "
                                    f"{len(self._free_heap)} free")  # fmt: skip
-        counts = [0] * num_steps
         for step, _, seq in sorted(needs):  # seq_ids differ: sequences are never compared
             seq.block_table.append(heapq.heappop(self._free_heap))
             counts[step] += 1
