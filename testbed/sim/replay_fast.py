@@ -15,6 +15,7 @@ tests/test_sim_fastpath.py checks the paths agree.
 
 from __future__ import annotations
 
+from collections.abc import Sequence as SequenceABC
 from itertools import accumulate
 from typing import NamedTuple
 
@@ -64,7 +65,7 @@ class FastReplay:
         parked_layer: list[int | None] = [None] * len(rows)
         num_points = num_evals = 0
         if read.decode:
-            exits = self._exits(read)
+            exits = self.exits(read.confident, read.positions, read.starts)
             if exits is None:
                 return None
             for i, r in enumerate(read.decode):
@@ -122,18 +123,20 @@ class FastReplay:
                 read.confident.append(L)
         return read
 
-    def _exits(self, read: _Read) -> StepExits | None:
-        """The policy's outcome for the step's decode rows; None: the general path's business."""
-        L, starts = self.num_layers, read.starts
-        if not any(starts):
-            return self.batching.step_exits(read.confident, read.positions, self.exit_layers, L)
+    def exits(
+        self, confident: SequenceABC[int], positions: SequenceABC[int],
+        starts: SequenceABC[int] | None,
+    ) -> StepExits | None:  # fmt: skip
+        """The policy's outcome for decode rows that start at ``starts`` (a resume row at its
+        parked layer; None: all at layer 0); None: the general path's business."""
+        L = self.num_layers
+        if starts is None or not any(starts):
+            return self.batching.step_exits(confident, positions, self.exit_layers, L)
         # a resume row parked where it was not yet confident, so its first confident layer lies
         # above its start; a row that breaks this is the general path's
-        if any(s and c <= s for s, c in zip(starts, read.confident, strict=True)):
+        if any(s and c <= s for s, c in zip(starts, confident, strict=True)):
             return None
-        return self.batching.step_exits_from(
-            read.confident, read.positions, starts, self.exit_layers, L
-        )
+        return self.batching.step_exits_from(confident, positions, starts, self.exit_layers, L)
 
     def _settle(
         self,

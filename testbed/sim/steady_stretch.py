@@ -7,8 +7,8 @@ transposes them, so a step takes its rows' positions and signals as one tuple ea
 scheduler then applies the whole stretch at once (Scheduler.apply_steady_steps). Like
 `FastReplay.execute` on each step's plan, for a run whose fill owes nothing (no deferred
 positions); tests/test_sim_fastpath.py checks whole simulations agree to the bit. A stretch
-whose first step resumes parked rows (rebatch) settles that step from their parked layers
-(`step_exits_from`), as FastReplay does a planned resume step.
+whose first step resumes parked rows (rebatch) settles that step from their parked layers,
+through `FastReplay.exits` as a planned resume step.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from __future__ import annotations
 from collections.abc import Sequence as SequenceABC
 from itertools import accumulate
 
-from policies.fast_path import StepExits
 from policies.kv_fill import FillKind
 from testbed.core.sequence import Sequence
 from testbed.sim.cost_base import StepFeatures
@@ -74,10 +73,7 @@ class SteadyStretch:
         positions, num_rows = self._positions[ahead], len(self._rows)
         confident = [L] * num_rows if self._confident is None else self._confident[ahead]
         is_resume = self.num_resumes and not ahead
-        if is_resume:
-            exits = _resume_exits(fast, confident, positions, self._start_layers)
-        else:
-            exits = fast.batching.step_exits(confident, positions, fast.exit_layers, L)
+        exits = fast.exits(confident, positions, self._start_layers if is_resume else None)
         if exits is None:
             return None
         parked = exits.parked_layer
@@ -109,19 +105,6 @@ class SteadyStretch:
             parked = [None] * len(self._rows)
         return [r.tokens[p : p + num_steps - (k is not None)]
                 for r, p, k in zip(self._rows, self._starts, parked, strict=True)]  # fmt: skip
-
-
-def _resume_exits(
-    fast: FastReplay, confident: tuple[int, ...] | list[int], positions: tuple[int, ...],
-    start_layers: list[int],
-) -> StepExits | None:  # fmt: skip
-    """FastReplay._exits for a step with resume rows: None (the general path's business) when
-    a resume row's first confident layer is not above its start."""
-    if any(s and c <= s for s, c in zip(start_layers, confident, strict=True)):
-        return None
-    return fast.batching.step_exits_from(
-        confident, positions, start_layers, fast.exit_layers, fast.num_layers
-    )
 
 
 def _until_eos(
