@@ -306,9 +306,9 @@ class Scheduler:
         new_blocks = self._blocks.allocate_for_decode_steps(seqs, num_steps, num_resumes)
         finished = []
         for r, (seq, tokens) in enumerate(zip(seqs, token_ids, strict=True)):
-            seq.num_computed_tokens += num_steps
-            if r < num_resumes:  # its first step's position was counted when it parked
-                seq.num_computed_tokens -= 1
+            is_resume = r < num_resumes  # its first step's position was counted when it parked
+            seq.num_computed_tokens += num_steps - is_resume
+            if is_resume:
                 self._resume(seq)
                 self._steady_rows = None  # the running rows changed
             seq.extend_tokens(tokens)

@@ -40,7 +40,7 @@ class SteadyStretch:
         self._starts = starts = [len(seq.output_token_ids) for seq in seqs]
         # a resume row (they come first) starts its first step at its parked layer
         self._start_layers = [seq.parked_layer or 0 for seq in seqs]
-        self.num_resumes = len(seqs) - self._start_layers.count(0)
+        self._has_resumes = any(self._start_layers)  # parked layers are exit points, never 0
         self.num_steps = _until_eos(seqs, rows, starts, num_steps)
         # [step][row]: the output index of the token each row produces (< max_tokens, which
         # the replay lists hold: see SeqReplay), and its first confident exit layer; built in
@@ -72,7 +72,7 @@ class SteadyStretch:
             self._read_ahead(ahead)
         positions, num_rows = self._positions[ahead], len(self._rows)
         confident = [L] * num_rows if self._confident is None else self._confident[ahead]
-        is_resume = self.num_resumes and not ahead
+        is_resume = self._has_resumes and not ahead
         exits = fast.exits(confident, positions, self._start_layers if is_resume else None)
         if exits is None:
             return None
