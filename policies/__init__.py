@@ -6,13 +6,11 @@ Imports numpy only, so the scheduler, the simulator and the vLLM backend can all
 """
 
 from policies.batching import (
-    BATCHING_POLICIES,
     BatchDecision,
     BatchingPolicy,
     ConsensusBatching,
     FullBatching,
     QuorumBatching,
-    RebatchBatching,
     ShrinkBatching,
     SkipDecodeBatching,
 )
@@ -36,7 +34,15 @@ from policies.kv_fill import (
     SkipFill,
     skipped_layers,
 )
-from policies.registry import ENTRY_POINT_GROUP, KINDS, Registry, available, create
+from policies.rebatch import RebatchBatching
+from policies.registry import (
+    BATCHING_POLICIES,
+    ENTRY_POINT_GROUP,
+    KINDS,
+    Registry,
+    available,
+    create,
+)
 
 __all__ = [
     "BATCHING_POLICIES",

@@ -18,12 +18,28 @@ import typing
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
-from policies.batching import BATCHING_POLICIES
+from policies.batching import (
+    BatchingPolicy,
+    ConsensusBatching,
+    FullBatching,
+    QuorumBatching,
+    ShrinkBatching,
+    SkipDecodeBatching,
+)
 from policies.errors import PolicyConfigError, UnknownPolicyError
 from policies.exit_rules import EXIT_RULES
 from policies.kv_fill import KV_FILL_POLICIES
+from policies.rebatch import RebatchBatching
 
 ENTRY_POINT_GROUP = "testbed.policies"
+BATCHING_POLICIES: tuple[type[BatchingPolicy], ...] = (
+    FullBatching,
+    ConsensusBatching,
+    QuorumBatching,
+    ShrinkBatching,
+    RebatchBatching,
+    SkipDecodeBatching,
+)
 KINDS = ("batching", "exit_rule", "kv_fill")
 _KIND_LABELS = {
     "batching": "batching policy",
