@@ -76,6 +76,9 @@ def test_check_invariants_catches_double_ownership_leaks_and_free_owned() -> Non
     second.block_table[-1] = second.block_table[0]  # listed twice in one table
     with pytest.raises(AssertionError, match="owned by 1 and 1"):
         manager.check_invariants([first, second])
+    second.block_table[-1] = 4  # past the last block
+    with pytest.raises(AssertionError, match="seq 1: bad block 4"):
+        manager.check_invariants([first, second])
 
 
 @settings(max_examples=50, deadline=None)

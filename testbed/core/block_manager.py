@@ -8,6 +8,7 @@ p % block_size. The manager never touches K/V tensors; runners map slots to memo
 import heapq
 from collections.abc import Iterable
 from collections.abc import Sequence as SequenceABC
+from itertools import chain
 
 import numpy as np
 
@@ -159,18 +160,29 @@ class BlockManager:
         """Every block is free or owned by exactly one of seqs (all block owners must be passed)."""
         free_ids = set(self._free_heap)
         assert len(free_ids) == len(self._free_heap), "a block is on the free list twice"
-        owner_of: dict[int, int] = {}
-        for seq in seqs:
-            for block_id in seq.block_table:
-                assert 0 <= block_id < self._num_blocks, f"seq {seq.seq_id}: bad block {block_id}"
-                assert block_id not in free_ids, (
-                    f"block {block_id} is free and owned by {seq.seq_id}"
-                )
-                # Also catches one table listing a block twice, which would alias two positions.
-                assert block_id not in owner_of, (
-                    f"block {block_id} owned by {owner_of[block_id]} and {seq.seq_id}"
-                )
-                owner_of[block_id] = seq.seq_id
-        assert len(owner_of) + len(free_ids) == self._num_blocks, (
-            f"{len(owner_of)} owned + {len(free_ids)} free != {self._num_blocks} blocks (leak)"
+        seqs = list(seqs)
+        # set operations at C speed (a simulation checks thousands of blocks); a broken block
+        # is then named by the walk below
+        owned = list(chain.from_iterable(seq.block_table for seq in seqs))
+        owned_ids = set(owned)
+        in_range = not owned or (min(owned) >= 0 and max(owned) < self._num_blocks)
+        if len(owned_ids) != len(owned) or not in_range or not owned_ids.isdisjoint(free_ids):
+            _name_broken_block(seqs, free_ids, self._num_blocks)
+        assert len(owned_ids) + len(free_ids) == self._num_blocks, (
+            f"{len(owned_ids)} owned + {len(free_ids)} free != {self._num_blocks} blocks (leak)"
         )
+
+
+def _name_broken_block(seqs: list[Sequence], free_ids: set[int], num_blocks: int) -> None:
+    """Raise AssertionError naming the first block that is out of range, free and owned, or
+    owned twice (two tables, or one table listing it twice, which would alias two positions)."""
+    owner_of: dict[int, int] = {}
+    for seq in seqs:
+        for block_id in seq.block_table:
+            assert 0 <= block_id < num_blocks, f"seq {seq.seq_id}: bad block {block_id}"
+            assert block_id not in free_ids, f"block {block_id} is free and owned by {seq.seq_id}"
+            assert block_id not in owner_of, (
+                f"block {block_id} owned by {owner_of[block_id]} and {seq.seq_id}"
+            )
+            owner_of[block_id] = seq.seq_id
+    raise AssertionError("a block is broken, but the walk found none")  # the sets disagree

@@ -148,8 +148,13 @@ def compute_metrics(requests: Sequence[RequestRecord], steps: Sequence[StepRecor
         raise SimulationError("the run took no simulated time: check the cost model")
     has_gap = num_out >= 2
     tpot_s = (finish_s[has_gap] - first_s[has_gap]) / (num_out[has_gap] - 1)
-    exit_layers = np.concatenate([np.asarray(r.exit_layers, dtype=np.int64) for r in requests])
-    flags = [flag for r in requests for flag in r.agreement_flags]
+    # means as exact integer sums over a division, the value numpy's means give, without
+    # building arrays of every token (an hour holds millions)
+    num_tokens = sum(map(len, (r.exit_layers for r in requests)))
+    sum_exit_layers = sum(map(sum, (r.exit_layers for r in requests)))
+    mean_exit_layer = sum_exit_layers / num_tokens if num_tokens else float("nan")
+    num_flags = sum(map(len, (r.agreement_flags for r in requests)))
+    num_agree = sum(map(sum, (r.agreement_flags for r in requests)))
     return Metrics(
         num_requests=len(requests),
         num_output_tokens=int(num_out.sum()),
@@ -160,11 +165,11 @@ def compute_metrics(requests: Sequence[RequestRecord], steps: Sequence[StepRecor
         **_latency_fields("ttft", first_s - arrival_s),
         **_latency_fields("tpot", tpot_s),
         **_latency_fields("e2e", finish_s - arrival_s),
-        mean_exit_layer=float(exit_layers.mean()),
+        mean_exit_layer=mean_exit_layer,
         num_involuntary_exits=sum(r.num_forced_exits for r in requests),
         num_filled_row_layers=sum(s.num_kv_only_row_layers for s in steps),
         num_executed_row_layers=sum(s.num_row_layers_executed for s in steps),
-        est_agreement=float(np.mean(flags)) if flags else None,
+        est_agreement=num_agree / num_flags if num_flags else None,
         peak_kv_blocks=max((s.num_blocks_used for s in steps), default=0),
         num_preemptions=sum(r.num_preemptions for r in requests),
     )
