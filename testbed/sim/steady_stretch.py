@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence as SequenceABC
 from itertools import accumulate
 
+from policies.fast_path import StepExits
 from policies.kv_fill import FillKind
 from testbed.core.sequence import Sequence
 from testbed.sim.cost_base import StepFeatures
@@ -80,22 +81,20 @@ class SteadyStretch:
         if parked is not None and not any(parked):  # parked layers are exit points, never 0
             parked = None
         executed, num_context = exits.executed, self._num_context + num_rows * ahead
+        num_sampling = len(set(exits.token_layer) - {None})
         if not is_resume and parked is None and executed.count(executed[0]) == num_rows:
-            counts = _uniform_layer_counts(num_rows, executed[0], num_context, L, fast.fill)
+            features = _uniform_features(num_rows, executed[0], num_context, L, fast.fill,
+                                         exits, self._rule, num_sampling)  # fmt: skip
         else:
             contexts = [n + p for n, p in zip(self._prompts, positions, strict=True)]
             starts = self._start_layers if is_resume else [0] * num_rows
             counts = _decode_layer_counts(executed, contexts, starts, L, parked, fast.fill)
-        layer_tokens, layer_ctx, layer_kv = counts
-        features = StepFeatures(
-            num_rows=num_rows, num_prefill_tokens=0, num_decode_rows=num_rows,
-            num_context_tokens=num_context, num_row_layers_executed=sum(layer_tokens),
-            num_kv_only_row_layers=sum(layer_kv), num_rule_evals=exits.num_rule_evals,
-            rule=self._rule, layer_tokens=layer_tokens, layer_context_tokens=layer_ctx,
-            layer_kv_only_tokens=layer_kv, num_layers_run=L - layer_tokens.count(0),
-            num_exit_points=exits.num_exit_points, num_attention_pairs=sum(layer_ctx),
-            num_sampling_layers=len(set(exits.token_layer) - {None}),
-        )  # fmt: skip
+            layer_tokens, layer_ctx, layer_kv = counts
+            features = StepFeatures(
+                num_rows, 0, num_rows, num_context, sum(layer_tokens), sum(layer_kv),
+                exits.num_rule_evals, self._rule, layer_tokens, layer_ctx, layer_kv,
+                L - layer_tokens.count(0), exits.num_exit_points, sum(layer_ctx), num_sampling,
+            )  # fmt: skip
         return SteadyWork(exits.token_layer, exits.is_forced, features, parked)
 
     def tokens(self, num_steps: int, parked: list[int | None] | None) -> list[list[int]]:
@@ -121,13 +120,21 @@ def _until_eos(
 _LayerCounts = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
 
 
-def _uniform_layer_counts(rows: int, first: int, num_context: int, L: int, fill: FillKind
-                         ) -> _LayerCounts:  # fmt: skip
-    """_decode_layer_counts when every row ran the same `first` layers and none parked."""
+def _uniform_features(
+    rows: int, first: int, num_context: int, L: int, fill: FillKind, exits: StepExits, rule: str,
+    num_sampling: int,
+) -> StepFeatures:  # fmt: skip
+    """A step's features when every row ran the same ``first`` layers and none parked: its
+    per-layer counts (those of _decode_layer_counts) and their sums in closed form."""
     rest = L - first  # layers the rows skipped (executed never exceeds L)
     filled = rows if fill.is_filled_now else 0
-    return ((rows,) * first + (0,) * rest, (num_context,) * first + (0,) * rest,
-            (0,) * first + (filled,) * rest)  # fmt: skip
+    # positional, in StepFeatures' field order: most steps of a long simulation come here
+    return StepFeatures(
+        rows, 0, rows, num_context, rows * first, filled * rest, exits.num_rule_evals, rule,
+        (rows,) * first + (0,) * rest, (num_context,) * first + (0,) * rest,
+        (0,) * first + (filled,) * rest, first, exits.num_exit_points, num_context * first,
+        num_sampling,
+    )  # fmt: skip
 
 
 def _decode_layer_counts(
