@@ -18,6 +18,7 @@ from __future__ import annotations
 from bisect import bisect_right
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import repeat
 from typing import Any, ClassVar
 
 import numpy as np
@@ -192,7 +193,7 @@ class ConsensusBatching(BatchingPolicy):
     def step_exits(self, confident, positions, exit_layers, num_layers: int) -> StepExits:
         # the batch runs until its last row is confident; each row keeps its first confident token
         stop = max(confident)
-        num_evals = sum([bisect_right(exit_layers, c) for c in confident])
+        num_evals = sum(map(bisect_right, repeat(exit_layers), confident))
         return StepExits([stop] * len(confident), list(confident), [False] * len(confident),
                          bisect_right(exit_layers, stop), num_evals)  # fmt: skip
 
@@ -251,7 +252,7 @@ class ShrinkBatching(BatchingPolicy):
 
     def step_exits(self, confident, positions, exit_layers, num_layers: int) -> StepExits:
         # every row leaves at its own first confident exit point
-        num_evals = sum([bisect_right(exit_layers, c) for c in confident])
+        num_evals = sum(map(bisect_right, repeat(exit_layers), confident))
         return StepExits(list(confident), list(confident), [False] * len(confident),
                          bisect_right(exit_layers, max(confident)), num_evals)  # fmt: skip
 

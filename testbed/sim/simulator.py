@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from itertools import accumulate, islice, repeat
+from operator import attrgetter
 
 import numpy as np
 import simpy
@@ -38,6 +40,8 @@ from testbed.workload.transforms import ClipReport
 # and the property tests check every step).
 INVARIANT_CHECK_INTERVAL = 1024
 DEFAULT_NUM_KV_BLOCKS = 4096
+_ROW_LAYERS = attrgetter("num_row_layers_executed")
+_KV_ONLY_ROW_LAYERS = attrgetter("num_kv_only_row_layers")
 
 
 @dataclass(frozen=True)
@@ -254,14 +258,16 @@ class Simulation:
         finished, new_blocks = self.scheduler.apply_steady_steps(
             seqs, len(works), stretch.tokens(len(works), parked), parked
         )
-        add_step = self.steps.append
-        for work, duration_s, num_new in zip(works, durations, new_blocks, strict=True):
-            f, num_used = work.features, num_used + num_new
-            # positional (start_s, duration_s, row-layers, K/V-only row-layers, blocks used,
-            # preempted): a million of these make an hour
-            add_step(StepRecord(start_s, duration_s, f.num_row_layers_executed,
-                                f.num_kv_only_row_layers, num_used, 0))  # fmt: skip
-            start_s += duration_s  # the same additions as the loop's clock
+        # positional (start_s, duration_s, row-layers, K/V-only row-layers, blocks used,
+        # preempted), by map: a million of these make an hour. The start times are the same
+        # additions as the loop's clock.
+        assert len(new_blocks) == len(works) == len(durations), "one count per step"
+        starts_s = list(accumulate(durations, initial=start_s))
+        features = [w.features for w in works]
+        used = islice(accumulate(new_blocks, initial=num_used), 1, None)  # after each step
+        self.steps.extend(map(StepRecord, starts_s, durations, map(_ROW_LAYERS, features),
+                              map(_KV_ONLY_ROW_LAYERS, features), used, repeat(0)))  # fmt: skip
+        start_s = starts_s[-1]
         if finished:  # the last step's record counts the blocks its finished rows freed
             num_used = self.blocks.num_blocks - self.blocks.num_free_blocks
             self.steps[-1] = self.steps[-1]._replace(num_blocks_used=num_used)
