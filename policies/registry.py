@@ -18,27 +18,21 @@ import typing
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
-from policies.batching import (
-    BatchingPolicy,
-    ConsensusBatching,
-    FullBatching,
-    QuorumBatching,
-    ShrinkBatching,
-    SkipDecodeBatching,
-)
+from policies import batching
 from policies.errors import PolicyConfigError, UnknownPolicyError
 from policies.exit_rules import EXIT_RULES
 from policies.kv_fill import KV_FILL_POLICIES
 from policies.rebatch import RebatchBatching
 
 ENTRY_POINT_GROUP = "testbed.policies"
-BATCHING_POLICIES: tuple[type[BatchingPolicy], ...] = (
-    FullBatching,
-    ConsensusBatching,
-    QuorumBatching,
-    ShrinkBatching,
+# the built-in batching policies; rebatch, which parks rows across steps, has its own module
+BATCHING_POLICIES: tuple[type[batching.BatchingPolicy], ...] = (
+    batching.FullBatching,
+    batching.ConsensusBatching,
+    batching.QuorumBatching,
+    batching.ShrinkBatching,
     RebatchBatching,
-    SkipDecodeBatching,
+    batching.SkipDecodeBatching,
 )
 KINDS = ("batching", "exit_rule", "kv_fill")
 _KIND_LABELS = {
