@@ -150,14 +150,14 @@ def compute_metrics(requests: Sequence[RequestRecord], steps: Sequence[StepRecor
     tpot_s = (finish_s[has_gap] - first_s[has_gap]) / (num_out[has_gap] - 1)
     # means as exact integer sums over a division, the value numpy's means give, without
     # building arrays of every token (an hour holds millions)
-    num_tokens = sum(map(len, (r.exit_layers for r in requests)))
+    num_tokens = int(num_out.sum())  # one exit layer per output token (RequestRecord checks)
     sum_exit_layers = sum(map(sum, (r.exit_layers for r in requests)))
     mean_exit_layer = sum_exit_layers / num_tokens if num_tokens else float("nan")
     num_flags = sum(map(len, (r.agreement_flags for r in requests)))
     num_agree = sum(map(sum, (r.agreement_flags for r in requests)))
     return Metrics(
         num_requests=len(requests),
-        num_output_tokens=int(num_out.sum()),
+        num_output_tokens=num_tokens,
         num_steps=len(steps),
         duration_s=duration_s,
         throughput_tokens_per_s=float(num_out.sum()) / duration_s,
